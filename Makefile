@@ -1,0 +1,31 @@
+# Two commands on a fresh clone:  `make demo` (install + run the embedded default) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The embedded default needs no hub; without these, hub lookups time out (~70 s) offline.
+# dvc runs each stage's `shed ...` through the shell, so the venv's bin goes on PATH.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+# torch first and pinned: 2.13.0 is the CPU build these machines carry; an unpinned torch
+# would pull several GB of CUDA packages. Everything else from constraints.txt.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+demo: install
+	$(OFFLINE) $(BIN)/dvc repro
+	@echo "curated dataset: data/curated/dataset.jsonl; metrics: metrics/; pictures: plots/*.png"
+
+test: install
+	$(OFFLINE) $(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV)

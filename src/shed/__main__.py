@@ -1,0 +1,5 @@
+import sys
+
+from shed.cli import main
+
+sys.exit(main())

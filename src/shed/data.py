@@ -1,0 +1,205 @@
+"""Instruction pools and multiple-choice sets: loading, schema mapping, validation, stable ids.
+
+A pool record becomes `{id, instruction, input, output}`; `id` is a content hash, so it is the
+same on every machine and every run, and nothing downstream is keyed by text.
+A multiple-choice record becomes `{id, question, choices, answer}` with `answer` a 0-based index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from shed.io import ShedError, log, read_json, read_jsonl
+
+POOL_FORMATS = {
+    # format -> (instruction, input, output) field names
+    "alpaca": ("instruction", "input", "output"),
+    "dolly": ("instruction", "context", "response"),
+}
+CHAT_KEYS = ("conversations", "messages")
+USER_ROLES = {"user", "human"}
+ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model"}
+
+
+def record_id(*parts: str) -> str:
+    """A stable 16-hex-digit id from the record's content."""
+    blob = json.dumps(list(parts), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_rows(source: str, split: str = "train") -> list[dict]:
+    """Raw rows from a local file (.json/.jsonl/.csv/.parquet) or a hub dataset `hf:<id>`."""
+    if source.startswith("hf:"):
+        return _load_hub(source[3:], split)
+    path = Path(source)
+    if not path.exists():
+        raise ShedError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix in {".json", ".jsonl"}:
+        return _load_json_any(path)
+    if suffix == ".csv":
+        import pandas as pd
+
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ShedError(f"{path}: not UTF-8") from None
+        except pd.errors.EmptyDataError:
+            raise ShedError(f"{path}: empty file") from None
+        except pd.errors.ParserError as exc:
+            raise ShedError(f"{path}: not valid CSV ({str(exc).strip().splitlines()[-1]})") from None
+        return frame.to_dict(orient="records")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise ShedError(f"{path}: not a readable Parquet file ({type(exc).__name__})") from None
+    raise ShedError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl, .csv or .parquet)")
+
+
+def _load_json_any(path: Path) -> list[dict]:
+    """A JSON array, or JSON Lines, whatever the suffix says (real files mislabel both)."""
+    head = path.read_bytes()[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head:
+        raise ShedError(f"{path}: empty file")
+    if head.startswith(b"["):
+        rows = read_json(path)
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise ShedError(f"{path}: record {i}: expected a JSON object, got {type(row).__name__}")
+        return rows
+    rows = read_jsonl(path)
+    if not rows:
+        raise ShedError(f"{path}: empty file")
+    return rows
+
+
+def _load_hub(dataset_id: str, split: str) -> list[dict]:
+    import datasets
+
+    log.info("loading hub dataset %s (split %s)", dataset_id, split)
+    try:
+        return list(datasets.load_dataset(dataset_id, split=split))
+    except Exception as exc:
+        raise ShedError(f"hf:{dataset_id}: could not load split {split!r} from the hub "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        "offline, download it first or point prepare.pool at a local file") from None
+
+
+def detect_format(row: dict, source: str) -> str:
+    if any(k in row for k in CHAT_KEYS):
+        return "chat"
+    if "response" in row and "instruction" in row:
+        return "dolly"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    raise ShedError(f"{source}: record 0: cannot detect the schema from fields {sorted(row)[:8]} "
+                    "(expected instruction/input/output, instruction/context/response, or conversations/messages); "
+                    "set prepare.format")
+
+
+def _text(row: dict, key: str, source: str, index: int, required: bool) -> str:
+    value = row.get(key)
+    if value is None:
+        if required:
+            what = "missing" if key not in row else "null"
+            raise ShedError(f"{source}: record {index}: field {key!r} is {what}")
+        return ""
+    if not isinstance(value, str):
+        raise ShedError(f"{source}: record {index}: field {key!r} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise ShedError(f"{source}: record {index}: field {key!r} is empty")
+    return value
+
+
+def _chat_record(row: dict, source: str, index: int) -> tuple[str, str]:
+    key = next(k for k in CHAT_KEYS if k in row)
+    turns = row[key]
+    if not isinstance(turns, list) or not turns:
+        raise ShedError(f"{source}: record {index}: field {key!r} must be a non-empty list of turns")
+    user = assistant = None
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ShedError(f"{source}: record {index}: field {key}[{t}] must be an object")
+        role = turn.get("role", turn.get("from"))
+        text = turn.get("content", turn.get("value"))
+        if not isinstance(role, str) or not isinstance(text, str):
+            raise ShedError(f"{source}: record {index}: field {key}[{t}] needs string role/from and content/value")
+        if user is None and role.lower() in USER_ROLES:
+            user = text
+        elif user is not None and role.lower() in ASSISTANT_ROLES:
+            assistant = text
+            break
+    if not user or not assistant:
+        raise ShedError(f"{source}: record {index}: field {key!r} has no user turn followed by an assistant turn")
+    return user, assistant
+
+
+def normalize_pool(rows: list[dict], source: str, fmt: str = "auto", duplicates: str = "drop") -> list[dict]:
+    """Map raw rows to `{id, instruction, input, output}`; report and handle exact duplicates."""
+    if not rows:
+        raise ShedError(f"{source}: empty pool (no records)")
+    if fmt == "auto":
+        fmt = detect_format(rows[0], source)
+        log.info("%s: detected %s schema", source, fmt)
+    records, seen, dropped = [], set(), 0
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ShedError(f"{source}: record {i}: expected an object, got {type(row).__name__}")
+        if fmt == "chat":
+            if not any(k in row for k in CHAT_KEYS):
+                raise ShedError(f"{source}: record {i}: field 'conversations' or 'messages' is missing")
+            instruction, output = _chat_record(row, source, i)
+            inp = ""
+        else:
+            k_ins, k_inp, k_out = POOL_FORMATS[fmt]
+            instruction = _text(row, k_ins, source, i, required=True)
+            inp = _text(row, k_inp, source, i, required=False)
+            output = _text(row, k_out, source, i, required=True)
+        rid = record_id(instruction, inp, output)
+        if rid in seen:
+            if duplicates == "error":
+                raise ShedError(f"{source}: record {i}: exact duplicate of an earlier record (id {rid})")
+            if duplicates == "drop":
+                dropped += 1
+                continue
+            rid = record_id(instruction, inp, output, str(i))  # keep: disambiguate by position
+        seen.add(rid)
+        records.append({"id": rid, "instruction": instruction, "input": inp, "output": output})
+    if dropped:
+        log.info("%s: dropped %d exact duplicate records (prepare.duplicates=drop)", source, dropped)
+    return records
+
+
+def normalize_choice_set(rows: list[dict], source: str) -> list[dict]:
+    """Validate multiple-choice rows `{question, choices, answer}`; `answer` is an index or a letter."""
+    if not rows:
+        raise ShedError(f"{source}: empty file (no questions)")
+    out, seen = [], set()
+    for i, row in enumerate(rows):
+        question = _text(row, "question", source, i, required=True)
+        choices = row.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise ShedError(f"{source}: record {i}: field 'choices' must be a list of at least 2 strings")
+        answer = _answer_index(row.get("answer"), len(choices), source, i)
+        qid = row.get("id") if isinstance(row.get("id"), str) else record_id(question, *choices)
+        if qid in seen:
+            continue
+        seen.add(qid)
+        out.append({"id": qid, "question": question, "choices": choices, "answer": answer})
+    return out
+
+
+def _answer_index(answer: Any, n_choices: int, source: str, index: int) -> int:
+    if isinstance(answer, str) and len(answer) == 1 and answer.isalpha():
+        answer = ord(answer.upper()) - ord("A")
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise ShedError(f"{source}: record {index}: field 'answer' must be a choice index or letter, got {answer!r}")
+    if not 0 <= answer < n_choices:
+        raise ShedError(f"{source}: record {index}: field 'answer' is {answer}, out of range for {n_choices} choices")
+    return answer

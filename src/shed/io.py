@@ -1,0 +1,113 @@
+"""File I/O at the stage edges: atomic writes, JSONL, and the one error type users see.
+
+Every output is written to a temporary sibling and renamed into place, so a crash or a bad
+record never leaves a half-written file where DVC (or the next stage) would pick it up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("shed")
+
+
+class ShedError(Exception):
+    """A user-facing error: printed as one line (file, record, field, what is wrong), exit 1."""
+
+
+def _json_line(obj: Any) -> str:
+    # Sorted keys and no ASCII escaping: byte-identical output for identical content.
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds.
+
+    Works for files and directories alike (whatever the block creates at the temporary path).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    count = 0
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(_json_line(row) + "\n")
+            count += 1
+    return count
+
+
+def write_csv(path: str | Path, frame: Any) -> None:
+    """Write a pandas DataFrame as CSV (atomic, no index, fixed float format for stable bytes)."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.8g", lineterminator="\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file; a bad line raises ShedError naming the file and line."""
+    path = Path(path)
+    rows = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ShedError(f"{path}: line {lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ShedError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise ShedError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise ShedError(f"{path}: file not found")
+    if path.is_dir():
+        raise ShedError(f"{path}: is a directory, expected a file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ShedError(f"{path}: line {line}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("SHED_LOG_LEVEL", "INFO"), format="%(asctime)s shed %(message)s",
+                        datefmt="%H:%M:%S")

@@ -1,0 +1,96 @@
+"""Deterministic scores of a model on multiple-choice sets: lm-eval accuracy and gold log-likelihood.
+
+Both use the ARC-style prompt of `tasks/shed_mc.yaml` ("Question: ...\nAnswer:" then " choice"),
+so the value function of the Shapley stage and the evaluate stage measure the same thing.
+Nothing is sampled: v(S) is a function of S alone (the authors scored sampled generations).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import yaml
+
+TASK_DIR = Path(__file__).parent / "tasks"
+LOCAL_TASKS = {"shed_embedded": "shed_mc.yaml", "shed_eval": "shed_mc.yaml"}
+
+
+@lru_cache
+def _task_template(name: str) -> dict:
+    return yaml.safe_load((TASK_DIR / name).read_text(encoding="utf-8"))
+
+
+def mc_task_config(task_name: str, data_file: str | Path) -> dict:
+    """An lm-eval task config (a dict) for a local multiple-choice JSONL file."""
+    config = copy.deepcopy(_task_template("shed_mc.yaml"))
+    config["task"] = task_name
+    config["dataset_kwargs"] = {"data_files": {"test": str(Path(data_file).resolve())}}
+    return config
+
+
+def context_and_choices(question: dict) -> tuple[str, list[str]]:
+    """The same strings lm-eval builds from shed_mc.yaml (doc_to_text, target_delimiter + choice)."""
+    return f"Question: {question['question']}\nAnswer:", [" " + c for c in question["choices"]]
+
+
+class LmEvalScorer:
+    """lm-eval log-likelihood multiple-choice scoring of an in-memory model (PEFT or not)."""
+
+    def __init__(self, tokenizer, tasks: list[str | dict], batch_size: int = 32, limit: int = 0):
+        from lm_eval.tasks import TaskManager
+
+        self.tokenizer = tokenizer
+        self.tasks = tasks
+        self.batch_size = batch_size
+        self.limit = limit or None
+        # Indexing lm-eval's ~10k built-in tasks takes ~30 s: only do it when a built-in is named.
+        builtin = any(isinstance(t, str) for t in tasks)
+        self.task_manager = TaskManager(include_path=str(TASK_DIR), include_defaults=builtin)
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+    def __call__(self, model) -> dict[str, dict[str, float]]:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
+        out = lm_eval.simple_evaluate(model=lm, tasks=self.tasks, task_manager=self.task_manager,
+                                      limit=self.limit, bootstrap_iters=0, log_samples=False,
+                                      random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                      fewshot_random_seed=0)
+        scores = {}
+        for task, metrics in out["results"].items():
+            scores[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
+                            if k.split(",")[0] in {"acc", "acc_norm"} and isinstance(v, (int, float))}
+            scores[task]["n"] = int(out["n-samples"].get(task, {}).get("effective", 0)) if "n-samples" in out else 0
+        return scores
+
+
+@torch.no_grad()
+def gold_loglik(model, tokenizer, questions: list[dict], batch_size: int = 64) -> float:
+    """Mean per-token log-likelihood of each question's correct choice (the negative dev loss)."""
+    device = next(model.parameters()).device
+    rows = []
+    for q in questions:
+        context, choices = context_and_choices(q)
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        cont = tokenizer(choices[q["answer"]], add_special_tokens=False)["input_ids"]
+        rows.append((ctx, cont))
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(c) + len(t) for c, t in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (c, t) in enumerate(chunk):
+            ids[i, : len(c) + len(t)] = torch.tensor(c + t)
+            mask[i, : len(c) + len(t)] = 1
+        logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        for i, (c, t) in enumerate(chunk):
+            positions = torch.arange(len(c) - 1, len(c) + len(t) - 1, device=logprobs.device)
+            total += logprobs[i, positions, torch.tensor(t, device=logprobs.device)].sum().item()
+            count += len(t)
+    return total / max(count, 1)

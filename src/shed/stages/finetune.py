@@ -1,0 +1,39 @@
+"""finetune: LoRA fine-tune finetune.model on the curated dataset -> models/finetuned (a PEFT adapter).
+
+    shed finetune                      # params.yaml: finetune.*, train.*
+    # finetune.model may differ from shapley.model: the paper's transferability experiment.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tqdm import tqdm
+
+from shed.config import Params
+from shed.io import ShedError, atomic_path, log, read_jsonl, write_json
+from shed.models import load_causal_lm
+from shed.training import LoraTrainer
+
+DATASET = "data/curated/dataset.jsonl"
+OUT_DIR = "models/finetuned"
+METRICS = "metrics/finetune.json"
+
+
+def main(params: Params) -> None:
+    cfg, train = params.finetune, params.train
+    dataset = read_jsonl(DATASET)
+    if not dataset:
+        raise ShedError(f"{DATASET}: the curated dataset is empty")
+    model, tokenizer = load_causal_lm(cfg.model, cfg.device, cfg.dtype)
+    trainer = LoraTrainer(model, tokenizer, train)
+    steps = math.ceil(len(dataset) / train.batch_size) * train.epochs
+    log.info("fine-tuning %s on %d records (%d steps)", cfg.model, len(dataset), steps)
+    with tqdm(total=steps, desc="finetune", unit="step") as bar:
+        fit = trainer.fit(dataset, seed=train.seed, progress=bar)
+    with atomic_path(OUT_DIR) as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    write_json(METRICS, {"records": len(dataset), "steps": fit["steps"], "train_loss": round(fit["loss"], 5),
+                         "seconds": round(fit["seconds"], 1)})
+    log.info("adapter -> %s/", OUT_DIR)

@@ -1,0 +1,58 @@
+"""prepare: an instruction pool -> normalized records with stable ids, plus the dev and eval sets.
+
+    shed prepare                       # params.yaml: prepare.*
+    # prepare.pool: embedded | data/my_pool.jsonl | hf:tatsu-lab/alpaca
+
+Outputs (data/prepared/): pool.jsonl `{id, instruction, input, output}`, dev.jsonl and eval.jsonl
+`{id, question, choices, answer}`, and for the embedded default truth.jsonl (which records were
+planted as harmful: read by benchmarks only, never by the method).
+"""
+
+from __future__ import annotations
+
+from shed import synthetic
+from shed.config import Params
+from shed.data import load_rows, normalize_choice_set, normalize_pool
+from shed.io import ShedError, atomic_path, log, read_jsonl, write_json, write_jsonl
+
+OUT_DIR = "data/prepared"
+METRICS = "metrics/prepare.json"
+
+
+def build(params: Params) -> dict[str, list[dict]]:
+    """All prepared tables, in memory (nothing written)."""
+    cfg = params.prepare
+    emb = cfg.embedded
+    tables: dict[str, list[dict]] = {}
+    if cfg.pool == "embedded":
+        tables["pool"], tables["truth"] = synthetic.generate_pool(emb.size, emb.corrupt_fraction, emb.seed)
+    else:
+        tables["pool"] = normalize_pool(load_rows(cfg.pool, cfg.split), cfg.pool, cfg.format, cfg.duplicates)
+    if cfg.max_records:
+        tables["pool"] = tables["pool"][: cfg.max_records]
+    tables["dev"] = (synthetic.generate_questions(emb.dev_size, emb.seed, salt=11) if cfg.dev == "embedded"
+                     else normalize_choice_set(read_jsonl(cfg.dev), cfg.dev))
+    tables["eval"] = (synthetic.generate_questions(emb.eval_size, emb.seed, salt=12) if cfg.eval == "embedded"
+                      else normalize_choice_set(read_jsonl(cfg.eval), cfg.eval))
+    # Never evaluate on questions the value function saw.
+    dev_ids = {q["id"] for q in tables["dev"]}
+    overlap = sum(q["id"] in dev_ids for q in tables["eval"])
+    if overlap:
+        log.info("removing %d eval questions that also appear in the dev set", overlap)
+        tables["eval"] = [q for q in tables["eval"] if q["id"] not in dev_ids]
+    if not tables["eval"]:
+        raise ShedError(f"{cfg.eval}: no eval question left after removing those in the dev set")
+    return tables
+
+
+def main(params: Params) -> None:
+    tables = build(params)
+    with atomic_path(OUT_DIR) as tmp:
+        tmp.mkdir()
+        for name, rows in tables.items():
+            write_jsonl(tmp / f"{name}.jsonl", rows)
+    counts = {name: len(rows) for name, rows in tables.items() if name != "truth"}
+    if "truth" in tables:
+        counts["planted_harmful"] = sum(r["corrupted"] for r in tables["truth"])
+    write_json(METRICS, counts)
+    log.info("prepared %s -> %s/", ", ".join(f"{v} {k}" for k, v in counts.items()), OUT_DIR)

@@ -1,0 +1,35 @@
+import pytest
+
+from shed.config import load_params
+from shed.io import ShedError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_fill_missing_blocks(tmp_path):
+    params = load_params(write(tmp_path, "cluster:\n  C: 10\n"))
+    assert params.cluster.C == 10 and params.sample.method == "qocs"
+
+
+def test_shipped_params_file_is_valid():
+    params = load_params("params.yaml")
+    assert params.prepare.pool == "embedded"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("sample:\n  method: best\n", "sample.method: unknown value 'best'"),
+    ("shapley:\n  n: 0\n", "shapley.n: must be at least 1"),
+    ("cluster:\n  C: 5\nshapley:\n  n: 6\n", "shapley.n: must not exceed cluster.C=5"),
+    ("sample:\n  size: -1\n", "sample.size: must be positive"),
+    ("cluster:\n  C: ten\n", "cluster.C: expected an integer"),
+    ("clutser:\n  C: 10\n", "clutser: unknown key"),
+    ("train:\n  template: pirate\n", "train.template: unknown value 'pirate'"),
+    ("sample: [1, 2\n", "not valid YAML"),
+])
+def test_bad_params_name_the_key(tmp_path, text, message):
+    with pytest.raises(ShedError, match=message):
+        load_params(write(tmp_path, text))

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from shed.data import load_rows, normalize_choice_set, normalize_pool, record_id
+from shed.io import ShedError
+
+
+def test_record_ids_are_stable_content_hashes():
+    assert record_id("a", "", "b") == record_id("a", "", "b")
+    assert record_id("a", "", "b") != record_id("a", "b", "")
+    assert len(record_id("x")) == 16
+
+
+def test_alpaca_dolly_and_chat_map_to_one_schema():
+    alpaca = normalize_pool([{"instruction": "i", "input": "x", "output": "o"}], "a.json")
+    dolly = normalize_pool([{"instruction": "i", "context": "x", "response": "o"}], "d.json")
+    chat = normalize_pool([{"messages": [{"role": "user", "content": "i"}, {"role": "assistant", "content": "o"}]}],
+                          "c.json")
+    assert alpaca[0] == dolly[0] == {"id": record_id("i", "x", "o"), "instruction": "i", "input": "x", "output": "o"}
+    assert chat[0]["instruction"] == "i" and chat[0]["output"] == "o"
+
+
+def test_duplicates_dropped_kept_or_refused():
+    rows = [{"instruction": "i", "output": "o"}, {"instruction": "i", "output": "o"}]
+    assert len(normalize_pool(rows, "p.json", duplicates="drop")) == 1
+    kept = normalize_pool(rows, "p.json", duplicates="keep")
+    assert len(kept) == 2 and kept[0]["id"] != kept[1]["id"]
+    with pytest.raises(ShedError, match="record 1: exact duplicate"):
+        normalize_pool(rows, "p.json", duplicates="error")
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"instruction": "i"}, "record 0: field 'output' is missing"),
+    ({"instruction": None, "output": "o"}, "record 0: field 'instruction' is null"),
+    ({"instruction": "i", "output": 3}, "record 0: field 'output' must be a string"),
+    ({"instruction": " ", "output": "o"}, "record 0: field 'instruction' is empty"),
+])
+def test_bad_pool_records_name_record_and_field(row, message):
+    with pytest.raises(ShedError, match=message):
+        normalize_pool([row], "pool.json", fmt="alpaca")
+
+
+def test_jsonl_line_that_is_not_json_names_file_and_line(tmp_path):
+    path = tmp_path / "pool.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{not json}\n', encoding="utf-8")
+    with pytest.raises(ShedError, match=r"pool.jsonl: line 2: not valid JSON"):
+        load_rows(str(path))
+
+
+def test_json_array_in_a_jsonl_named_file_is_read(tmp_path):
+    path = tmp_path / "dev.jsonl"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}]), encoding="utf-8")
+    assert load_rows(str(path)) == [{"instruction": "a", "output": "b"}]
+
+
+def test_choice_sets_validate_answer_range():
+    ok = normalize_choice_set([{"question": "q", "choices": ["a", "b"], "answer": "B"}], "e.jsonl")
+    assert ok[0]["answer"] == 1
+    with pytest.raises(ShedError, match="record 0: field 'answer' is 4, out of range for 2 choices"):
+        normalize_choice_set([{"question": "q", "choices": ["a", "b"], "answer": 4}], "e.jsonl")
