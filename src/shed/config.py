@@ -113,7 +113,7 @@ class ShapleyConfig:
 
 @dataclass
 class SampleConfig:
-    method: str = "qocs"  # qocs | qwcs | random | full
+    method: str = "qocs"  # qocs | qwcs | random | dsir | full
     size: float = 0.1  # a fraction of the pool (<= 1) or a record count (> 1)
     temperature: float = 0.01  # QWCS: p(cluster) ∝ exp(score / T)
     seed: int = 0
@@ -157,7 +157,7 @@ CHOICES = {
     "shapley.estimator": {"group_permutation"},
     "shapley.value": {"loglik", "accuracy"},
     "shapley.executor": {"local", "ray"},
-    "sample.method": {"qocs", "qwcs", "random", "full"},
+    "sample.method": {"qocs", "qwcs", "random", "dsir", "full"},
 }
 POSITIVE = [
     "prepare.embedded.size", "prepare.embedded.dev_size", "prepare.embedded.eval_size",

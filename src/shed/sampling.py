@@ -77,3 +77,10 @@ def qwcs(scores: dict[int, float], members: dict[int, list[str]], size: int, tem
 def random_sample(ids: list[str], size: int, seed: int) -> list[str]:
     rng = np.random.default_rng([seed, 3])
     return [ids[i] for i in rng.choice(len(ids), size=size, replace=False)]
+
+
+def dsir_sample(ids: list[str], log_weights: np.ndarray, size: int, seed: int) -> list[str]:
+    """Importance resampling without replacement (Gumbel top-k, as DSIR's `resample`), heaviest key first."""
+    rng = np.random.default_rng([seed, 4])
+    keys = np.asarray(log_weights, dtype=float) + rng.gumbel(size=len(ids))
+    return [ids[i] for i in np.argsort(-keys, kind="stable")[:size]]
