@@ -32,7 +32,7 @@ METHODS ?= qocs qwcs random dsir
 SIZES   ?= 0.05 0.1 0.3
 grid: install
 	for m in $(METHODS); do for s in $(SIZES); do \
-	  $(BIN)/dvc exp run --queue -S sample.method=$$m -S sample.size=$$s || exit 1; done; done
+	  $(BIN)/dvc exp run --queue -S sample.method=$$m -S sample.subset_size=$$s || exit 1; done; done
 	$(BIN)/dvc exp run --queue -S sample.method=full
 	$(OFFLINE) $(BIN)/dvc queue start -j 1
 	while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
 TINY = {
-    "prepare": {"embedded": {"size": 200, "dev_size": 30, "eval_size": 40}},
+    "prepare": {"embedded": {"pool_size": 200, "dev_size": 30, "eval_size": 40}},
     "base": {"vocab_size": 512, "hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128,
              "pretrain_steps": 10},
     "cluster": {"C": 8},
@@ -36,3 +36,21 @@ def sh(cwd, *cmd):
 
 def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
+
+
+def restore_head(ws) -> None:
+    """Put the workspace back at its commit (earlier tests' `dvc exp run`s leave theirs applied)."""
+    sh(ws, "git", "checkout", "-q", "HEAD", "--", "params.yaml", "dvc.lock")
+    sh(ws, DVC, "checkout", "-q", "--force")
+
+
+def wait_for_queue(ws, timeout: float = 900) -> str:
+    """Poll `dvc queue status` until nothing is queued or running; return the last status."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status = sh(ws, DVC, "queue", "status")
+        if not re.search(r"\b(Queued|Running)\b", status) or time.monotonic() > deadline:
+            return status
+        time.sleep(5)

@@ -37,7 +37,7 @@ def test_sample_stage_selects_dsir_at_the_requested_size():
     from shed.stages.sample import select
 
     params = Params()
-    params.sample.method, params.sample.size = "dsir", 0.5
+    params.sample.method, params.sample.subset_size = "dsir", 0.5
     pool = [{"id": f"r{i}", "instruction": t.split("\n")[0], "input": "", "output": t.split("\n")[1]}
             for i, t in enumerate(RAW)]
     dev = [{"question": t.split("\n")[0], "choices": [t.split("\n")[1]], "answer": 0} for t in TARGET]

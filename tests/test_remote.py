@@ -4,7 +4,7 @@ import hashlib
 import json
 
 import pytest
-from helpers import DVC, sh
+from helpers import DVC, restore_head, sh
 
 
 def sha256(path):
@@ -14,8 +14,7 @@ def sha256(path):
 @pytest.mark.slow
 def test_push_clone_pull_gives_the_same_curated_dataset(workspace, tmp_path):
     ws, _ = workspace
-    sh(ws, "git", "checkout", "-q", "HEAD", "--", "params.yaml", "dvc.lock")  # undo earlier `dvc exp run`s
-    sh(ws, DVC, "checkout", "-q", "--force")
+    restore_head(ws)
     remote = tmp_path / "remote"
     sh(ws, DVC, "remote", "add", "-f", "--local", "shared", str(remote))
     sh(ws, DVC, "push", "-r", "shared", "data/curated")

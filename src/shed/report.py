@@ -58,7 +58,7 @@ def runs(exp_show: list) -> list[dict]:
         sample, sampled = params.get("sample", {}), _file_data(data.get("metrics"), SAMPLE)
         rows.append({
             "name": name, "method": sample.get("method", "?"),
-            "fraction": float(sampled.get("fraction", sample.get("size", 0.0))), "records": sampled.get("size"),
+            "fraction": float(sampled.get("fraction", sample.get("subset_size", 0.0))), "records": sampled.get("size"),
             "model": params.get("finetune", {}).get("model", "?"), "valued_with": params.get("shapley", {}).get("model", "?"),
             "acc": {t: m["acc"] for t, m in evals["finetuned"].items() if "acc" in m},
             "base": {t: m["acc"] for t, m in (evals.get("base") or {}).items() if "acc" in m},

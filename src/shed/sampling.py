@@ -15,9 +15,9 @@ def resolve_size(size: float, pool_size: int) -> int:
     """A fraction (<= 1) of the pool or a record count (> 1), as a record count."""
     n = int(round(size * pool_size)) if size <= 1 else int(size)
     if n < 1:
-        raise ShedError(f"sample.size: {size} of a {pool_size}-record pool selects no record")
+        raise ShedError(f"sample.subset_size: {size} of a {pool_size}-record pool selects no record")
     if n > pool_size:
-        raise ShedError(f"sample.size: {n} records asked for, but the pool has only {pool_size}")
+        raise ShedError(f"sample.subset_size: {n} records asked for, but the pool has only {pool_size}")
     return n
 
 

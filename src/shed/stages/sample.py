@@ -1,7 +1,7 @@
 """sample: clusters and their Shapley scores -> the curated dataset, data/curated/dataset.jsonl.
 
     shed sample                        # params.yaml: sample.*
-    # sample.method: qocs | qwcs | random | dsir | full;  sample.size: 0.1 (fraction) or 5000 (records)
+    # sample.method: qocs | qwcs | random | dsir | full;  sample.subset_size: 0.1 (fraction) or 5000 (records)
 
 dsir (baseline) resamples the pool toward the dev questions' n-gram distribution (shed.dsir).
 
@@ -31,7 +31,7 @@ def select(params: Params, pool: list[dict], assignments: pd.DataFrame, scores: 
            dev: list[dict] | None = None) -> list[str]:
     """Record ids chosen by sample.method (pure: no I/O); dsir needs the dev questions."""
     cfg = params.sample
-    size = sampling.resolve_size(cfg.size, len(pool))
+    size = sampling.resolve_size(cfg.subset_size, len(pool))
     ids = [r["id"] for r in pool]
     if cfg.method == "full":
         return ids
