@@ -10,14 +10,17 @@ from helpers import DVC, restore_head, sh, wait_for_queue
 
 from shed import report
 
+# `dvc exp show --json` of the README's grid on the embedded default (params and metrics kept).
 FIXTURE = Path(__file__).parent / "fixtures" / "exp_show.json"
 
 
 def test_recorded_grid_gives_one_row_per_model_method_and_size():
     summary = report.table(report.runs(json.loads(FIXTURE.read_text())))
     keys = [(s["model"], s["method"], s["fraction"]) for s in summary]
-    assert len(keys) == len(set(keys)) and summary[-1]["method"] == "full"
-    assert {m for _, m, _ in keys} >= {"qocs", "dsir", "full"}
+    assert len(keys) == len(set(keys)) == 13 and summary[-1]["method"] == "full"  # 4 methods x 3 sizes + full
+    assert {m for _, m, _ in keys} == {"qocs", "qwcs", "random", "dsir", "full"}
+    qocs = next(s for s in summary if s["method"] == "qocs" and s["fraction"] == 0.1)
+    assert qocs["records"] == 120 and qocs["acc"]["shed_embedded"][0] == pytest.approx(71 / 240)
     for s in summary:
         for mean, std in s["acc"].values():
             assert 0 <= mean <= 1 and std >= 0
