@@ -80,3 +80,11 @@ def test_queued_grid_runs_downstream_stages_and_reports(workspace, tmp_path):
     sh(ws, sys.executable, "-m", "shed", "report", "--out", str(tmp_path))
     md = (tmp_path / "report.md").read_text()
     assert "| dsir | 0.2 | 40 |" in md and "| dsir | 0.1 | 20 |" in md
+
+
+def test_the_workspace_counts_only_when_nothing_else_was_evaluated():
+    data = json.loads(FIXTURE.read_text())
+    evaluated = data[1]["experiments"][0]["revs"][0]["data"]  # a finished experiment's params and metrics
+    workspace = {"rev": "workspace", "data": evaluated, "experiments": None}
+    assert len(report.runs([workspace, *data[1:]])) == 13
+    assert [r["name"] for r in report.runs([workspace])] == ["workspace"]

@@ -27,16 +27,18 @@ SAMPLE = "metrics/sample.json"
 
 
 def _entries(exp_show: list) -> list[tuple[str, dict]]:
-    """(name, data) of the workspace, each baseline commit and each experiment (dvc 3.x layout)."""
-    out = []
+    """(name, data) of each baseline commit, each experiment, then the workspace (dvc 3.x layout)."""
+    out, workspace = [], []
     for commit in exp_show:
-        if commit.get("data"):
+        if commit.get("rev") == "workspace":
+            workspace = [("workspace", commit["data"])] if commit.get("data") else []
+        elif commit.get("data"):
             out.append((commit.get("name") or commit.get("rev", "?")[:7], commit["data"]))
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs") or []:
                 if rev.get("data"):
                     out.append((rev.get("name") or exp.get("name") or rev.get("rev", "?")[:7], rev["data"]))
-    return out
+    return out + workspace
 
 
 def _file_data(section: dict | None, path: str) -> dict:
@@ -49,8 +51,8 @@ def runs(exp_show: list) -> list[dict]:
     for name, data in _entries(exp_show):
         params = _file_data(data.get("params"), PARAMS)
         evals = _file_data(data.get("metrics"), EVAL)
-        if not params or not evals.get("finetuned"):
-            continue  # queued, failed, or never evaluated
+        if not params or not evals.get("finetuned") or (name == "workspace" and rows):
+            continue  # queued, failed, never evaluated; the workspace (metrics may predate params) only alone
         key = json.dumps(params, sort_keys=True)
         if key in seen:
             continue
