@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench grid clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,18 @@ demo: install
 
 test: install
 	$(OFFLINE) $(BIN)/pytest -q
+
+# The README's grid: methods x sizes and the full pool, queued from HEAD (commit first), then the report.
+METHODS ?= qocs qwcs random dsir
+SIZES   ?= 0.05 0.1 0.3
+grid: install
+	for m in $(METHODS); do for s in $(SIZES); do \
+	  $(BIN)/dvc exp run --queue -S sample.method=$$m -S sample.subset_size=$$s || exit 1; done; done
+	$(BIN)/dvc exp run --queue -S sample.method=full
+	$(OFFLINE) $(BIN)/dvc queue start -j 1
+	while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done
+	$(BIN)/dvc queue status
+	$(BIN)/shed report
 
 clean:
 	rm -rf $(VENV)

@@ -1,6 +1,29 @@
 import os
+import shutil
+
+import pytest
+import yaml
 
 # The tests never reach a hub; without these, library lookups time out offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from helpers import DVC, ROOT, TINY, merge, sh  # noqa: E402  (tests/ is on sys.path under pytest)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    """The tiny pipeline reproduced once in a temporary git repository, committed: (path, repro output)."""
+    ws = tmp_path_factory.mktemp("ws")
+    shutil.copytree(ROOT / "src", ws / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(ROOT / "dvc.yaml", ws / "dvc.yaml")
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(ws, "git", "init", "-q", "-b", "main")
+    sh(ws, DVC, "init", "-q")
+    sh(ws, DVC, "config", "core.analytics", "false")
+    out = sh(ws, DVC, "repro")
+    sh(ws, "git", "add", "-A")
+    sh(ws, "git", "commit", "-q", "-m", "tiny pipeline")
+    return ws, out

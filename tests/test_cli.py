@@ -21,7 +21,7 @@ def test_malformed_pool_stops_prepare_with_one_line_and_no_output(tmp_path):
 
 
 def test_prepare_keeps_earlier_outputs_when_the_new_input_is_bad(tmp_path):
-    (tmp_path / "params.yaml").write_text("prepare:\n  embedded: {size: 50, dev_size: 10, eval_size: 10}\n")
+    (tmp_path / "params.yaml").write_text("prepare:\n  embedded: {pool_size: 50, dev_size: 10, eval_size: 10}\n")
     assert run_shed(tmp_path, "prepare").returncode == 0
     before = (tmp_path / "data/prepared/pool.jsonl").read_bytes()
     (tmp_path / "bad.json").write_text('[{"instruction": "x", "output": null}]')
@@ -32,7 +32,7 @@ def test_prepare_keeps_earlier_outputs_when_the_new_input_is_bad(tmp_path):
 
 
 def test_embedded_prepare_is_byte_identical_across_runs(tmp_path):
-    (tmp_path / "params.yaml").write_text("prepare:\n  embedded: {size: 300, dev_size: 20, eval_size: 20}\n")
+    (tmp_path / "params.yaml").write_text("prepare:\n  embedded: {pool_size: 300, dev_size: 20, eval_size: 20}\n")
     run_shed(tmp_path, "prepare")
     first = (tmp_path / "data/prepared/pool.jsonl").read_bytes()
     run_shed(tmp_path, "prepare")

@@ -24,7 +24,7 @@ def test_shipped_params_file_is_valid():
     ("sample:\n  method: best\n", "sample.method: unknown value 'best'"),
     ("shapley:\n  n: 0\n", "shapley.n: must be at least 1"),
     ("cluster:\n  C: 5\nshapley:\n  n: 6\n", "shapley.n: must not exceed cluster.C=5"),
-    ("sample:\n  size: -1\n", "sample.size: must be positive"),
+    ("sample:\n  subset_size: -1\n", "sample.subset_size: must be positive"),
     ("cluster:\n  C: ten\n", "cluster.C: expected an integer"),
     ("clutser:\n  C: 10\n", "clutser: unknown key"),
     ("train:\n  template: pirate\n", "train.template: unknown value 'pirate'"),
@@ -33,3 +33,15 @@ def test_shipped_params_file_is_valid():
 def test_bad_params_name_the_key(tmp_path, text, message):
     with pytest.raises(ShedError, match=message):
         load_params(write(tmp_path, text))
+
+
+def test_no_param_is_named_like_a_key_the_dvc_run_cache_ignores():
+    from shed.config import Params, as_dict
+
+    def keys(d):
+        for k, v in d.items():
+            yield k
+            if isinstance(v, dict):
+                yield from keys(v)
+
+    assert not {"size", "nfiles"} & set(keys(as_dict(Params())))

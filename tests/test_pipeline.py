@@ -1,64 +1,9 @@
 """End to end: the DVC pipeline on a tiny config in a temporary git repository."""
 
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-DVC = str(Path(sys.executable).with_name("dvc"))
-TINY = {
-    "prepare": {"embedded": {"size": 200, "dev_size": 30, "eval_size": 40}},
-    "base": {"vocab_size": 512, "hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128,
-             "pretrain_steps": 10},
-    "cluster": {"C": 8},
-    "train": {"epochs": 1},
-    "shapley": {"k": 2, "n": 4},
-    "evaluate": {"include_base": False},
-}
-
-
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
-# dvc runs each stage's `shed ...` through the shell: the venv's bin must be on PATH.
-ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def sh(cwd, *cmd):
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=ENV)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
-
-
-def ran_stages(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("ws")
-    shutil.copytree(ROOT / "src", ws / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copy(ROOT / "dvc.yaml", ws / "dvc.yaml")
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(ws, "git", "init", "-q", "-b", "main")
-    sh(ws, DVC, "init", "-q")
-    sh(ws, DVC, "config", "core.analytics", "false")
-    out = sh(ws, DVC, "repro")
-    sh(ws, "git", "add", "-A")
-    sh(ws, "git", "commit", "-q", "-m", "tiny pipeline")
-    return ws, out
+from helpers import DVC, ran_stages, sh
 
 
 @pytest.mark.slow

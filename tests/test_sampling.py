@@ -65,5 +65,5 @@ def test_resolve_size(size, expected):
 
 @pytest.mark.parametrize("size", [101, 0.001])
 def test_resolve_size_rejects_impossible_sizes(size):
-    with pytest.raises(ShedError, match="sample.size"):
+    with pytest.raises(ShedError, match="sample.subset_size"):
         resolve_size(size, 100)

@@ -1,5 +1,6 @@
 """`shed <stage>`: run one pipeline stage with params.yaml (what dvc.yaml's cmds call).
 
+    shed report                                # experiments' accuracies -> reports/ (shed.report)
     shed prepare && shed base && shed embed && shed cluster && shed shapley && shed sample \
         && shed finetune && shed evaluate        # or simply: dvc repro
 """
@@ -16,7 +17,11 @@ STAGES = ["prepare", "base", "embed", "cluster", "shapley", "sample", "finetune"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shed", description="SHED data curation, one DVC stage at a time.")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        return _report(argv[1:])
+    parser = argparse.ArgumentParser(prog="shed", description="SHED data curation, one DVC stage at a time "
+                                     "(`shed report`: the experiments' table and plot).")
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
@@ -32,6 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"shed {args.stage}: interrupted", file=sys.stderr)
         return 130
+    return 0
+
+
+def _report(argv: list[str]) -> int:
+    setup_logging()
+    try:
+        from shed import report
+
+        report.main(argv)
+    except ShedError as exc:
+        print(f"shed report: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -23,7 +23,7 @@ PARAMS_FILE = "params.yaml"
 class EmbeddedConfig:
     """The generated default pool (see shed.synthetic)."""
 
-    size: int = 1200  # records in the pool
+    pool_size: int = 1200  # records in the pool
     corrupt_fraction: float = 0.25  # share of planted harmful records
     dev_size: int = 160  # multiple-choice questions for the value function
     eval_size: int = 240  # held-out multiple-choice questions for the evaluate stage
@@ -113,8 +113,8 @@ class ShapleyConfig:
 
 @dataclass
 class SampleConfig:
-    method: str = "qocs"  # qocs | qwcs | random | full
-    size: float = 0.1  # a fraction of the pool (<= 1) or a record count (> 1)
+    method: str = "qocs"  # qocs | qwcs | random | dsir | full
+    subset_size: float = 0.1  # a fraction of the pool (<= 1) or a record count (> 1)
     temperature: float = 0.01  # QWCS: p(cluster) ∝ exp(score / T)
     seed: int = 0
 
@@ -136,6 +136,8 @@ class EvaluateConfig:
     arc_file: str = ""  # offline ARC: an AI2 ARC JSONL file
 
 
+# No key may be named "size" or "nfiles": DVC's run-cache key drops keys of those names at any
+# depth (dvc.stage.cache._get_cache_hash), so a run with another value would restore stale outputs.
 @dataclass
 class Params:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -157,10 +159,10 @@ CHOICES = {
     "shapley.estimator": {"group_permutation"},
     "shapley.value": {"loglik", "accuracy"},
     "shapley.executor": {"local", "ray"},
-    "sample.method": {"qocs", "qwcs", "random", "full"},
+    "sample.method": {"qocs", "qwcs", "random", "dsir", "full"},
 }
 POSITIVE = [
-    "prepare.embedded.size", "prepare.embedded.dev_size", "prepare.embedded.eval_size",
+    "prepare.embedded.pool_size", "prepare.embedded.dev_size", "prepare.embedded.eval_size",
     "base.vocab_size", "base.hidden_size", "base.layers", "base.heads", "base.intermediate_size",
     "base.max_length", "base.pretrain_batch_size", "embed.batch_size", "cluster.C",
     "train.epochs", "train.batch_size", "train.max_length", "train.lora.r", "train.lora.alpha",
@@ -241,10 +243,12 @@ def validate(params: Params, source: str = PARAMS_FILE) -> Params:
             raise ShedError(f"{source}: {key}: must be at least 1, got {_get(params, key)}")
     if params.shapley.n > params.cluster.C:
         raise ShedError(f"{source}: shapley.n: must not exceed cluster.C={params.cluster.C}, got {params.shapley.n}")
-    if params.sample.size <= 0:
-        raise ShedError(f"{source}: sample.size: must be positive (a fraction <= 1 or a count), got {params.sample.size}")
-    if params.sample.size > 1 and params.sample.size != int(params.sample.size):
-        raise ShedError(f"{source}: sample.size: a count must be a whole number, got {params.sample.size}")
+    if params.sample.subset_size <= 0:
+        raise ShedError(f"{source}: sample.subset_size: must be positive (a fraction <= 1 or a count), "
+                        f"got {params.sample.subset_size}")
+    if params.sample.subset_size > 1 and params.sample.subset_size != int(params.sample.subset_size):
+        raise ShedError(f"{source}: sample.subset_size: a count must be a whole number, "
+                        f"got {params.sample.subset_size}")
     if params.sample.temperature <= 0:
         raise ShedError(f"{source}: sample.temperature: must be positive, got {params.sample.temperature}")
     if not 0 <= params.prepare.embedded.corrupt_fraction < 1:

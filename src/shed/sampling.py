@@ -15,9 +15,9 @@ def resolve_size(size: float, pool_size: int) -> int:
     """A fraction (<= 1) of the pool or a record count (> 1), as a record count."""
     n = int(round(size * pool_size)) if size <= 1 else int(size)
     if n < 1:
-        raise ShedError(f"sample.size: {size} of a {pool_size}-record pool selects no record")
+        raise ShedError(f"sample.subset_size: {size} of a {pool_size}-record pool selects no record")
     if n > pool_size:
-        raise ShedError(f"sample.size: {n} records asked for, but the pool has only {pool_size}")
+        raise ShedError(f"sample.subset_size: {n} records asked for, but the pool has only {pool_size}")
     return n
 
 
@@ -77,3 +77,10 @@ def qwcs(scores: dict[int, float], members: dict[int, list[str]], size: int, tem
 def random_sample(ids: list[str], size: int, seed: int) -> list[str]:
     rng = np.random.default_rng([seed, 3])
     return [ids[i] for i in rng.choice(len(ids), size=size, replace=False)]
+
+
+def dsir_sample(ids: list[str], log_weights: np.ndarray, size: int, seed: int) -> list[str]:
+    """Importance resampling without replacement (Gumbel top-k, as DSIR's `resample`), heaviest key first."""
+    rng = np.random.default_rng([seed, 4])
+    keys = np.asarray(log_weights, dtype=float) + rng.gumbel(size=len(ids))
+    return [ids[i] for i in np.argsort(-keys, kind="stable")[:size]]

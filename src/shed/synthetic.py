@@ -152,7 +152,7 @@ def generate_pool(size: int, corrupt_fraction: float, seed: int) -> tuple[list[d
     while len(records) < size:
         attempts += 1
         if attempts > 50 * size:
-            raise RuntimeError("could not generate enough distinct records; lower prepare.embedded.size")
+            raise RuntimeError("could not generate enough distinct records; lower prepare.embedded.pool_size")
         s = int(rng.integers(n_sources))
         family, template = SOURCES[s]
         item = _make_item(rng, family, template)

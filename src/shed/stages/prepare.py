@@ -25,7 +25,7 @@ def build(params: Params) -> dict[str, list[dict]]:
     emb = cfg.embedded
     tables: dict[str, list[dict]] = {}
     if cfg.pool == "embedded":
-        tables["pool"], tables["truth"] = synthetic.generate_pool(emb.size, emb.corrupt_fraction, emb.seed)
+        tables["pool"], tables["truth"] = synthetic.generate_pool(emb.pool_size, emb.corrupt_fraction, emb.seed)
     else:
         tables["pool"] = normalize_pool(load_rows(cfg.pool, cfg.split), cfg.pool, cfg.format, cfg.duplicates)
     if cfg.max_records:

@@ -1,7 +1,9 @@
 """sample: clusters and their Shapley scores -> the curated dataset, data/curated/dataset.jsonl.
 
     shed sample                        # params.yaml: sample.*
-    # sample.method: qocs | qwcs | random | full;  sample.size: 0.1 (fraction) or 5000 (records)
+    # sample.method: qocs | qwcs | random | dsir | full;  sample.subset_size: 0.1 (fraction) or 5000 (records)
+
+dsir (baseline) resamples the pool toward the dev questions' n-gram distribution (shed.dsir).
 
 Outputs (data/curated/): dataset.jsonl (records `{id, instruction, input, output}`, in selection
 order) and manifest.json (method, size, seed, sha256 of the dataset, per-cluster counts).
@@ -13,26 +15,32 @@ import hashlib
 
 import pandas as pd
 
-from shed import sampling
+from shed import dsir, sampling
 from shed.config import Params
 from shed.io import ShedError, atomic_path, log, read_jsonl, write_json, write_jsonl
 from shed.stages.cluster import load_clusters
 
 POOL = "data/prepared/pool.jsonl"
+DEV = "data/prepared/dev.jsonl"
 SCORES = "data/shapley/scores.csv"
 OUT_DIR = "data/curated"
 METRICS = "metrics/sample.json"
 
 
-def select(params: Params, pool: list[dict], assignments: pd.DataFrame, scores: pd.DataFrame) -> list[str]:
-    """Record ids chosen by sample.method (pure: no I/O)."""
+def select(params: Params, pool: list[dict], assignments: pd.DataFrame, scores: pd.DataFrame,
+           dev: list[dict] | None = None) -> list[str]:
+    """Record ids chosen by sample.method (pure: no I/O); dsir needs the dev questions."""
     cfg = params.sample
-    size = sampling.resolve_size(cfg.size, len(pool))
+    size = sampling.resolve_size(cfg.subset_size, len(pool))
     ids = [r["id"] for r in pool]
     if cfg.method == "full":
         return ids
     if cfg.method == "random":
         return sampling.random_sample(ids, size, cfg.seed)
+    if cfg.method == "dsir":
+        texts = ["\n".join(r[f] for f in ("instruction", "input", "output") if r.get(f)) for r in pool]
+        weights = dsir.log_importance_weights(texts, [dsir.question_text(q) for q in dev or []])
+        return sampling.dsir_sample(ids, weights, size, cfg.seed)
     ordered = assignments.sort_values(["cluster", "distance", "id"], kind="stable")
     members = {int(c): list(g["id"]) for c, g in ordered.groupby("cluster", sort=True)}
     cluster_scores = {int(c): float(s) for c, s in zip(scores["cluster"], scores["score"])}
@@ -49,7 +57,8 @@ def main(params: Params) -> None:
     pool = read_jsonl(POOL)
     assignments, _ = load_clusters()
     scores = pd.read_csv(SCORES)
-    chosen = select(params, pool, assignments, scores)
+    dev = read_jsonl(DEV) if cfg.method == "dsir" else None
+    chosen = select(params, pool, assignments, scores, dev)
     by_id = {r["id"]: r for r in pool}
     dataset = [by_id[i] for i in chosen]
     cluster_of = dict(zip(assignments["id"], assignments["cluster"].astype(int)))

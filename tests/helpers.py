@@ -1,0 +1,56 @@
+"""Shared by the end-to-end tests: a tiny config, and running commands in a DVC workspace."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = str(Path(sys.executable).with_name("dvc"))
+TINY = {
+    "prepare": {"embedded": {"pool_size": 200, "dev_size": 30, "eval_size": 40}},
+    "base": {"vocab_size": 512, "hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128,
+             "pretrain_steps": 10},
+    "cluster": {"C": 8},
+    "train": {"epochs": 1},
+    "shapley": {"k": 2, "n": 4},
+    "evaluate": {"include_base": False},
+}
+# dvc runs each stage's `shed ...` through the shell: the venv's bin must be on PATH.
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def sh(cwd, *cmd):
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def restore_head(ws) -> None:
+    """Put the workspace back at its commit (earlier tests' `dvc exp run`s leave theirs applied)."""
+    sh(ws, "git", "checkout", "-q", "HEAD", "--", "params.yaml", "dvc.lock")
+    sh(ws, DVC, "checkout", "-q", "--force")
+
+
+def wait_for_queue(ws, timeout: float = 900) -> str:
+    """Poll `dvc queue status` until nothing is queued or running; return the last status."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status = sh(ws, DVC, "queue", "status")
+        if not re.search(r"\b(Queued|Running)\b", status) or time.monotonic() > deadline:
+            return status
+        time.sleep(5)
