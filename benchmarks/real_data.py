@@ -39,7 +39,7 @@ def write_params(shared: Path, args) -> None:
     Path("params.yaml").write_text(json.dumps({
         "prepare": {"pool": str(data / "instruction_pools/alpaca_5000.json"), "dev": str(data / "mmlu/val"),
                     "eval": str(data / "arc/ARC-Challenge/ARC-Challenge-Test.jsonl")},
-        "embed": {"batch_size": args.embed_batch_size},
+        "embed": {"batch_size": args.embed_batch_size, "max_seq_length": args.embed_max_seq_length},
         "cluster": {"C": args.clusters},
         "evaluate": {"tasks": TASKS, "batch_size": args.batch_size, "limit": args.limit,
                      "mmlu_dir": str(data / "mmlu"), "arc_file": str(data / "arc/ARC-Challenge/ARC-Challenge-Test.jsonl")},
@@ -52,18 +52,33 @@ def timed(fn, *args):
     return out, round(time.perf_counter() - start, 2)
 
 
+def token_stats(pool: list[dict], params) -> dict:
+    """How long the embedded texts are in MiniLM tokens: what the embedding time scales with."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from shed.stages.embed import record_text, resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(params.embed.model))
+    lengths = np.array([len(ids) for ids in tok([record_text(r, params.embed.fields) for r in pool])["input_ids"]])
+    limit = params.embed.max_seq_length or 256
+    return {"tokens_mean": round(float(lengths.mean()), 1), "tokens_p90": int(np.percentile(lengths, 90)),
+            "tokens_embedded_mean": round(float(np.minimum(lengths, limit).mean()), 1), "max_seq_length": limit}
+
+
 def data_stages(params) -> dict:
     from shed.stages import cluster, embed, prepare
 
     _, t_prepare = timed(prepare.main, params)
-    records = len(read_jsonl(prepare.OUT_DIR + "/pool.jsonl"))
+    pool = read_jsonl(prepare.OUT_DIR + "/pool.jsonl")
+    records = len(pool)
     _, t_embed = timed(embed.main, params)
     _, t_cluster = timed(cluster.main, params)
     total = t_prepare + t_embed + t_cluster
     return {"records": records, "dev_questions": len(read_jsonl(prepare.OUT_DIR + "/dev.jsonl")),
             "prepare_s": t_prepare, "embed_s": t_embed, "embed_records_per_s": round(records / t_embed, 1),
             "cluster_s": t_cluster, "clusters": params.cluster.C, "data_total_s": round(total, 2),
-            "data_records_per_s": round(records / total, 1)}
+            "data_records_per_s": round(records / total, 1), **token_stats(pool, params)}
 
 
 def project_scores(params, model_dir: Path) -> tuple[dict, float]:
@@ -102,6 +117,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=10, help="questions per task (CPU: ~2 s each, twice)")
     parser.add_argument("--clusters", type=int, default=500)
     parser.add_argument("--embed-batch-size", type=int, default=64)
+    parser.add_argument("--embed-max-seq-length", type=int, default=0, help="0 = MiniLM's own 256 tokens")
     parser.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size")
     parser.add_argument("--skip-model", action="store_true", help="only the data stages")
     args = parser.parse_args()

@@ -38,6 +38,12 @@ def sample_inputs(tmp_path):
     (tmp_path / "data/shapley/scores.csv").write_text("cluster,score\n0,0.1\n1,0.2\n")
 
 
+def mmlu_dev(tmp_path):
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    (tmp_path / "data/prepared/dev.jsonl").write_text(jsonl([{"id": "d0", "question": "What is 1+1?",
+                                                              "choices": ["1", "2", "3", "4"], "answer": 1}]))
+
+
 def pool(name, content):
     return {name: content}, f"prepare:\n  pool: {name}\n"
 
@@ -115,6 +121,11 @@ CASES = {
     "eval_arc_missing_stem": ("evaluate", {"arc.jsonl": jsonl([ARC_OK, {**ARC_OK, "question": {"choices": []}}])},
                               "evaluate:\n  tasks: [arc_challenge_local]\n  arc_file: arc.jsonl\n", None,
                               "arc.jsonl: record 1: field 'question.stem' is missing"),
+    "eval_overlaps_dev": ("evaluate", {"mmlu/test/x_test.csv": MMLU_OK},
+                          "evaluate:\n  tasks: [mmlu_local]\n  mmlu_dir: mmlu\n", mmlu_dev,
+                          "data/prepared/dev.jsonl: 1 dev questions also appear in the eval set mmlu"),
+    "hub_dataset_offline": ("prepare", {}, "prepare:\n  pool: hf:nobody/no-such-dataset\n", None,
+                            "hf:nobody/no-such-dataset: could not load split 'train' from the hub"),
     "eval_mmlu_dir_unset": ("evaluate", {}, "evaluate:\n  tasks: [mmlu_local]\n", None,
                             "params.yaml: evaluate.mmlu_dir: needed by task mmlu_local"),
 }

@@ -74,3 +74,25 @@ def test_jsonl_strings_with_unicode_line_separators_round_trip(tmp_path):
     rows = [{"question": "a\u2028b\x85c\u2029d\x1ce", "answer": 0}]
     write_jsonl(tmp_path / "q.jsonl", rows)
     assert read_jsonl(tmp_path / "q.jsonl") == rows
+
+
+@pytest.mark.parametrize("suffix", ["json", "jsonl", "csv", "parquet"])
+def test_every_file_format_gives_the_same_records(tmp_path, suffix):
+    import pandas as pd
+
+    rows = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+            {"instruction": "Name a color, please", "input": "warm\nones", "output": "Red"}]
+    path = tmp_path / f"pool.{suffix}"
+    frame = pd.DataFrame(rows)
+    {"json": lambda: path.write_text(json.dumps(rows)),
+     "jsonl": lambda: path.write_text("".join(json.dumps(r) + "\n" for r in rows)),
+     "csv": lambda: frame.to_csv(path, index=False),
+     "parquet": lambda: frame.to_parquet(path)}[suffix]()
+    records = normalize_pool(load_rows(str(path)), str(path))
+    assert [r["id"] for r in records] == [record_id(r["instruction"], r["input"], r["output"]) for r in rows]
+
+
+def test_detected_schema_is_logged(caplog):
+    with caplog.at_level("INFO", logger="shed"):
+        normalize_pool([{"instruction": "i", "context": "", "response": "o"}], "d.jsonl")
+    assert "prepare.format=auto: detected the dolly schema" in caplog.text
