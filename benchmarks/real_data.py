@@ -2,8 +2,8 @@
 
     python benchmarks/real_data.py [--shared ../shared] [--limit 10] [--clusters 500]
 
-1. prepare + embed + cluster the 5,000-record Alpaca pool (dev set: MMLU val; eval: ARC-Challenge
-   test), read in place from <shared>/data, with wall-clock time and throughput per stage.
+1. prepare + embed + cluster the 5,000-record Alpaca pool (dev set: MMLU val minus the questions
+   that also appear in MMLU test; eval: ARC-Challenge test), read in place from <shared>/data, with wall-clock time and throughput per stage.
 2. SmolLM2-135M-Instruct (`shed fetch-model`) scored by the project on the offline tasks
    mmlu_local (MMLU test CSVs) and arc_challenge_local (ARC-Challenge test JSONL), first --limit
    questions of each.
@@ -38,7 +38,8 @@ def write_params(shared: Path, args) -> None:
     data = shared / "data"
     Path("params.yaml").write_text(json.dumps({
         "prepare": {"pool": str(data / "instruction_pools/alpaca_5000.json"), "dev": str(data / "mmlu/val"),
-                    "eval": str(data / "arc/ARC-Challenge/ARC-Challenge-Test.jsonl")},
+                    "eval": str(data / "arc/ARC-Challenge/ARC-Challenge-Test.jsonl"),
+                    "dev_exclude": [str(data / "mmlu")]},  # MMLU val repeats 27 MMLU test questions
         "embed": {"batch_size": args.embed_batch_size, "max_seq_length": args.embed_max_seq_length},
         "cluster": {"C": args.clusters},
         "evaluate": {"tasks": TASKS, "batch_size": args.batch_size, "limit": args.limit,

@@ -96,3 +96,21 @@ def test_real_files_parse_with_official_counts():
     arc = arc_rows(SHARED / "arc/ARC-Challenge/ARC-Challenge-Test.jsonl")
     assert len(arc) == 1172 and sum(r["answerKey"].isdigit() for r in arc) == 22
     assert {len(r["choices"]["text"]) for r in arc} >= {3, 4, 5}
+
+
+def test_dev_set_may_be_a_json_array_in_a_jsonl_named_file(tmp_path):
+    (tmp_path / "dev.jsonl").write_text(json.dumps([{"question": "q", "choices": ["a", "b"], "answer": "B"}]))
+    assert load_choice_set(str(tmp_path / "dev.jsonl"))[0]["answer"] == 1
+
+
+def test_dev_exclude_drops_questions_of_the_eval_files(tmp_path):
+    from shed.config import Params
+    from shed.stages.prepare import build
+
+    root = mmlu_tree(tmp_path / "mmlu")
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(q) + "\n" for q in [
+        {"question": "Q1 test,  with a comma", "choices": ["d", "c", "b", "a"], "answer": 0},
+        {"question": "Fresh question", "choices": ["x", "y"], "answer": 1}]))
+    params = Params()
+    params.prepare.dev, params.prepare.dev_exclude = str(tmp_path / "dev.jsonl"), [str(root)]
+    assert [q["question"] for q in build(params)["dev"]] == ["Fresh question"]

@@ -37,6 +37,7 @@ class PrepareConfig:
     split: str = "train"  # split of a hub dataset
     dev: str = "embedded"  # multiple-choice file (JSONL {question, choices, answer}) or "embedded"
     eval: str = "embedded"
+    dev_exclude: list[str] = field(default_factory=list)  # eval files (e.g. the MMLU dir) whose questions leave the dev set
     duplicates: str = "drop"  # drop | keep | error  (exact duplicates share an id)
     empty: str = "drop"  # drop | error  (records with a blank instruction or output)
     max_records: int = 0  # 0 = all; otherwise the first N records after normalisation

@@ -14,7 +14,7 @@ import io
 import re
 from pathlib import Path
 
-from shed.data import normalize_choice_set
+from shed.data import load_rows, normalize_choice_set
 from shed.io import ShedError, _read_text, read_jsonl
 
 MMLU_LETTERS = ("A", "B", "C", "D")
@@ -88,7 +88,7 @@ def load_choice_set(source: str) -> list[dict]:
     if path.is_dir() or path.suffix.lower() == ".csv":
         rows = mmlu_rows(path) if path.is_dir() else read_mmlu_csv(path)
         return normalize_choice_set([{k: r[k] for k in ("question", "choices", "answer")} for r in rows], source)
-    rows = read_jsonl(path)
+    rows = load_rows(source)  # JSON Lines or a JSON array, whatever the suffix
     if rows and isinstance(rows[0].get("question"), dict):
         rows = [{"question": r["question"], "choices": r["choices"]["text"],
                  "answer": r["choices"]["label"].index(r["answerKey"])} for r in arc_rows(path)]
@@ -106,4 +106,4 @@ def refuse_overlap(dev: list[dict], eval_keys: set[tuple], dev_source: str, eval
     shared = [q for q in dev if question_key(q["question"], q["choices"]) in eval_keys]
     if shared:
         raise ShedError(f"{dev_source}: {len(shared)} dev questions also appear in the eval set {eval_source} "
-                        f"(first: record id {shared[0]['id']}); build the dev set from another split")
+                        f"(first: record id {shared[0]['id']}); set prepare.dev_exclude to {eval_source} or use another split")

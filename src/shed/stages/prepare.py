@@ -21,6 +21,16 @@ OUT_DIR = "data/prepared"
 METRICS = "metrics/prepare.json"
 
 
+def exclude(dev: list[dict], sources: list[str]) -> list[dict]:
+    """The dev set without any question that appears in `sources` (the files the evaluate stage uses)."""
+    keys = {question_key(q["question"], q["choices"]) for source in sources for q in load_choice_set(source)}
+    kept = [q for q in dev if question_key(q["question"], q["choices"]) not in keys]
+    log.info("prepare.dev_exclude: dropped %d dev questions found in %s", len(dev) - len(kept), ", ".join(sources))
+    if not kept:
+        raise ShedError(f"prepare.dev_exclude: no dev question left after removing those in {', '.join(sources)}")
+    return kept
+
+
 def build(params: Params) -> dict[str, list[dict]]:
     """All prepared tables, in memory (nothing written)."""
     cfg = params.prepare
@@ -37,6 +47,8 @@ def build(params: Params) -> dict[str, list[dict]]:
                      else load_choice_set(cfg.dev))
     tables["eval"] = (synthetic.generate_questions(emb.eval_size, emb.seed, salt=12) if cfg.eval == "embedded"
                       else load_choice_set(cfg.eval))
+    if cfg.dev_exclude:
+        tables["dev"] = exclude(tables["dev"], cfg.dev_exclude)
     # Never evaluate on questions the value function saw: refused for given files, dropped for generated ones.
     if cfg.dev != "embedded" or cfg.eval != "embedded":
         refuse_overlap(tables["dev"], {question_key(q["question"], q["choices"]) for q in tables["eval"]},
