@@ -47,9 +47,13 @@ def write_params(shared: Path, args) -> None:
     }), encoding="utf-8")  # JSON is YAML
 
 
+CPU_SECONDS: dict[str, float] = {}  # process CPU time per step: on a shared machine, wall time also counts the others
+
+
 def timed(fn, *args):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn(*args)
+    CPU_SECONDS[fn.__module__.rsplit(".", 1)[-1]] = round(time.process_time() - cpu, 2)
     return out, round(time.perf_counter() - start, 2)
 
 
@@ -60,7 +64,7 @@ def token_stats(pool: list[dict], params) -> dict:
 
     from shed.stages.embed import record_text, resolve_model
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(params.embed.model))
+    tok = AutoTokenizer.from_pretrained(resolve_model(params.embed.model), model_max_length=1 << 20)
     lengths = np.array([len(ids) for ids in tok([record_text(r, params.embed.fields) for r in pool])["input_ids"]])
     limit = params.embed.max_seq_length or 256
     return {"tokens_mean": round(float(lengths.mean()), 1), "tokens_p90": int(np.percentile(lengths, 90)),
@@ -79,7 +83,8 @@ def data_stages(params) -> dict:
     return {"records": records, "dev_questions": len(read_jsonl(prepare.OUT_DIR + "/dev.jsonl")),
             "prepare_s": t_prepare, "embed_s": t_embed, "embed_records_per_s": round(records / t_embed, 1),
             "cluster_s": t_cluster, "clusters": params.cluster.C, "data_total_s": round(total, 2),
-            "data_records_per_s": round(records / total, 1), **token_stats(pool, params)}
+            "data_records_per_s": round(records / total, 1), "cpu_s": dict(CPU_SECONDS), "cpu_cores": os.cpu_count(),
+            "load_average_1m": round(os.getloadavg()[0], 2), **token_stats(pool, params)}
 
 
 def project_scores(params, model_dir: Path) -> tuple[dict, float]:
