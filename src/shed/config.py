@@ -37,7 +37,9 @@ class PrepareConfig:
     split: str = "train"  # split of a hub dataset
     dev: str = "embedded"  # multiple-choice file (JSONL {question, choices, answer}) or "embedded"
     eval: str = "embedded"
+    dev_exclude: list[str] = field(default_factory=list)  # eval files (e.g. the MMLU dir) whose questions leave the dev set
     duplicates: str = "drop"  # drop | keep | error  (exact duplicates share an id)
+    empty: str = "drop"  # drop | error  (records with a blank instruction or output)
     max_records: int = 0  # 0 = all; otherwise the first N records after normalisation
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
 
@@ -64,6 +66,7 @@ class EmbedConfig:
     batch_size: int = 128
     fields: list[str] = field(default_factory=lambda: ["instruction", "input", "output"])
     device: str = "auto"
+    max_seq_length: int = 0  # tokens embedded per record; 0 = the model's own limit (MiniLM: 256)
 
 
 @dataclass
@@ -154,6 +157,7 @@ class Params:
 CHOICES = {
     "prepare.format": {"auto", "alpaca", "dolly", "chat"},
     "prepare.duplicates": {"drop", "keep", "error"},
+    "prepare.empty": {"drop", "error"},
     "cluster.algorithm": {"auto", "kmeans", "minibatch"},
     "train.template": {"qa", "alpaca", "vicuna", "chat"},
     "shapley.estimator": {"group_permutation"},
@@ -262,6 +266,8 @@ def validate(params: Params, source: str = PARAMS_FILE) -> Params:
         raise ShedError(f"{source}: base.hidden_size: must be a multiple of base.heads={params.base.heads}")
     if params.prepare.max_records < 0:
         raise ShedError(f"{source}: prepare.max_records: must be 0 (all) or positive")
+    if params.embed.max_seq_length < 0:
+        raise ShedError(f"{source}: embed.max_seq_length: must be 0 (the model's own) or positive")
     if params.evaluate.limit < 0:
         raise ShedError(f"{source}: evaluate.limit: must be 0 (all) or positive")
     return params

@@ -112,8 +112,6 @@ def _text(row: dict, key: str, source: str, index: int, required: bool) -> str:
         return ""
     if not isinstance(value, str):
         raise ShedError(f"{source}: record {index}: field {key!r} must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise ShedError(f"{source}: record {index}: field {key!r} is empty")
     return value
 
 
@@ -140,14 +138,17 @@ def _chat_record(row: dict, source: str, index: int) -> tuple[str, str]:
     return user, assistant
 
 
-def normalize_pool(rows: list[dict], source: str, fmt: str = "auto", duplicates: str = "drop") -> list[dict]:
-    """Map raw rows to `{id, instruction, input, output}`; report and handle exact duplicates."""
+def normalize_pool(rows: list[dict], source: str, fmt: str = "auto", duplicates: str = "drop",
+                   empty: str = "drop") -> list[dict]:
+    """Map raw rows to `{id, instruction, input, output}`; report and handle exact duplicates and
+    records whose instruction or output is blank (real Alpaca has a few)."""
     if not rows:
         raise ShedError(f"{source}: empty pool (no records)")
     if fmt == "auto":
         fmt = detect_format(rows[0], source)
-        log.info("%s: detected %s schema", source, fmt)
-    records, seen, dropped = [], set(), 0
+        log.info("%s: prepare.format=auto: detected the %s schema from fields %s (set prepare.format to override)",
+                 source, fmt, sorted(rows[0])[:8])
+    records, seen, dropped, blank = [], set(), 0, 0
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ShedError(f"{source}: record {i}: expected an object, got {type(row).__name__}")
@@ -161,6 +162,12 @@ def normalize_pool(rows: list[dict], source: str, fmt: str = "auto", duplicates:
             instruction = _text(row, k_ins, source, i, required=True)
             inp = _text(row, k_inp, source, i, required=False)
             output = _text(row, k_out, source, i, required=True)
+        if not instruction.strip() or not output.strip():
+            if empty == "error":
+                field = "instruction" if not instruction.strip() else "output"
+                raise ShedError(f"{source}: record {i}: field {field!r} is empty (prepare.empty=error)")
+            blank += 1
+            continue
         rid = record_id(instruction, inp, output)
         if rid in seen:
             if duplicates == "error":
@@ -173,6 +180,10 @@ def normalize_pool(rows: list[dict], source: str, fmt: str = "auto", duplicates:
         records.append({"id": rid, "instruction": instruction, "input": inp, "output": output})
     if dropped:
         log.info("%s: dropped %d exact duplicate records (prepare.duplicates=drop)", source, dropped)
+    if blank:
+        log.info("%s: dropped %d records with an empty instruction or output (prepare.empty=drop)", source, blank)
+    if not records:
+        raise ShedError(f"{source}: no usable records (all empty or duplicates)")
     return records
 
 

@@ -74,7 +74,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """Read a JSONL file; a bad line raises ShedError naming the file and line."""
     path = Path(path)
     rows = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    # Only "\n" ends a record: str.splitlines() would also split at U+2028, U+0085, ... inside strings.
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -13,14 +13,15 @@ ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-# The paper's template (the SHED authors' utils/vicuna.json).
+# The paper's template, byte for byte (the SHED authors' utils/vicuna.json; note: no space after
+# the last "ASSISTANT:" without input). The response follows directly, as in their Prompter.
 VICUNA_INPUT = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the user's questions. USER: {instruction} {input} ASSISTANT: "
 )
 VICUNA_NO_INPUT = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the user's questions. USER: {instruction} ASSISTANT: "
+    "detailed, and polite answers to the user's questions. USER: {instruction} ASSISTANT:"
 )
 # Compact, and identical to the ARC-style "Question: ...\nAnswer:" format the eval tasks use,
 # so what the tiny default model learns transfers to the log-likelihood scoring.

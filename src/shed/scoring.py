@@ -17,6 +17,8 @@ import yaml
 
 TASK_DIR = Path(__file__).parent / "tasks"
 LOCAL_TASKS = {"shed_embedded": "shed_mc.yaml", "shed_eval": "shed_mc.yaml"}
+# Offline copies of lm-eval's mmlu / arc_challenge (tasks/*.yaml), and the evaluate.* key giving their data.
+FILE_TASKS = {"mmlu_local": "mmlu_dir", "arc_challenge_local": "arc_file"}
 
 
 @lru_cache
@@ -40,7 +42,8 @@ def context_and_choices(question: dict) -> tuple[str, list[str]]:
 class LmEvalScorer:
     """lm-eval log-likelihood multiple-choice scoring of an in-memory model (PEFT or not)."""
 
-    def __init__(self, tokenizer, tasks: list[str | dict], batch_size: int = 32, limit: int = 0):
+    def __init__(self, tokenizer, tasks: list[str | dict], batch_size: int = 32, limit: int = 0,
+                 metadata: dict | None = None):
         from lm_eval.tasks import TaskManager
 
         self.tokenizer = tokenizer
@@ -48,8 +51,8 @@ class LmEvalScorer:
         self.batch_size = batch_size
         self.limit = limit or None
         # Indexing lm-eval's ~10k built-in tasks takes ~30 s: only do it when a built-in is named.
-        builtin = any(isinstance(t, str) for t in tasks)
-        self.task_manager = TaskManager(include_path=str(TASK_DIR), include_defaults=builtin)
+        builtin = any(isinstance(t, str) and t not in FILE_TASKS for t in tasks)
+        self.task_manager = TaskManager(include_path=str(TASK_DIR), include_defaults=builtin, metadata=metadata)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
     def __call__(self, model) -> dict[str, dict[str, float]]:

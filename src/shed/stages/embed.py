@@ -39,7 +39,8 @@ def record_text(record: dict, fields: list[str]) -> str:
     return "\n".join(record[f] for f in fields if record.get(f))
 
 
-def embed_texts(texts: list[str], model_name: str, batch_size: int, device: str = "auto") -> np.ndarray:
+def embed_texts(texts: list[str], model_name: str, batch_size: int, device: str = "auto",
+                max_seq_length: int = 0) -> np.ndarray:
     from sentence_transformers import SentenceTransformer
 
     path = resolve_model(model_name)
@@ -47,7 +48,9 @@ def embed_texts(texts: list[str], model_name: str, batch_size: int, device: str 
         model = SentenceTransformer(path, device=resolve_device(device))
     except OSError as exc:
         raise ShedError(f"embed.model: could not load {model_name!r} ({str(exc).splitlines()[0]})") from None
-    log.info("embedding %d records with %s", len(texts), path)
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    log.info("embedding %d records with %s (at most %d tokens each)", len(texts), path, model.max_seq_length)
     vectors = model.encode(texts, batch_size=batch_size, show_progress_bar=True, normalize_embeddings=True,
                            convert_to_numpy=True)
     return vectors.astype(np.float32)
@@ -59,7 +62,8 @@ def main(params: Params) -> None:
     unknown = [f for f in cfg.fields if f not in {"instruction", "input", "output"}]
     if unknown:
         raise ShedError(f"params.yaml: embed.fields: unknown field {unknown[0]!r} (instruction, input, output)")
-    vectors = embed_texts([record_text(r, cfg.fields) for r in pool], cfg.model, cfg.batch_size, cfg.device)
+    vectors = embed_texts([record_text(r, cfg.fields) for r in pool], cfg.model, cfg.batch_size, cfg.device,
+                          cfg.max_seq_length)
     with atomic_path(OUT_DIR) as tmp:
         tmp.mkdir()
         np.save(tmp / "embeddings.npy", vectors)
