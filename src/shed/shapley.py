@@ -163,20 +163,24 @@ def regression(players: Sequence[Player], utility: Utility, k: int, n: int, seed
     players = list(players)
     index = {p: i for i, p in enumerate(players)}
     v = utility if isinstance(utility, MemoUtility) else MemoUtility(utility)
-    v_full, v_empty = v(frozenset(players)), v(frozenset())
-    rows, iteration, gains = [], [], []
-    estimates, made = [], []
+    rows, iteration, values = [], [], []
+    made = []
     for it in range(k):
-        for subset in iteration_subsets(antithetic_permutation(players, seed, it), n)[1:-1]:
+        subsets = iteration_subsets(antithetic_permutation(players, seed, it), n)
+        walk = [v(s) for s in subsets]  # in the schedule's order
+        for subset, value in zip(subsets[1:-1], walk[1:-1]):  # v(P), v(∅) enter as constraints
             row = np.zeros(len(players))
             row[[index[p] for p in subset]] = 1.0
             rows.append(row)
             iteration.append(it)
-            gains.append(v(subset) - v_empty)
+            values.append(value)
         made.append(len(v.cache))
+    v_full, v_empty = v(frozenset(players)), v(frozenset())
+    gains = np.array(values) - v_empty
     design = np.array(rows).reshape(-1, len(players))
-    iteration, gains = np.array(iteration), np.array(gains)
+    iteration = np.array(iteration)
     sizes = design.sum(1).astype(int)
+    estimates = []
 
     def fit(mask: np.ndarray) -> np.ndarray:
         return _kernel_fit(design[mask], sizes[mask], gains[mask], v_full - v_empty)
