@@ -1,11 +1,26 @@
-"""The estimator on toy games with known Shapley values: no model involved."""
+"""The estimators on toy games with known Shapley values: no model involved."""
 
 import itertools
 import math
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from shed.shapley import MemoUtility, group_permutation, job_count, permutation
+from shed.shapley import (
+    ESTIMATORS,
+    MemoUtility,
+    all_subsets,
+    antithetic,
+    antithetic_permutation,
+    exact_shapley,
+    group_permutation,
+    job_count,
+    permutation,
+    regression,
+    schedule,
+)
 
 
 def additive(weights):
@@ -100,3 +115,111 @@ def test_rejects_bad_k_and_n():
         group_permutation([0, 1], lambda s: 0.0, k=0, n=1)
     with pytest.raises(ValueError):
         group_permutation([0, 1], lambda s: 0.0, k=1, n=0)
+
+
+def random_game(players, seed):
+    """A game with every kind of interaction: a random value per subset, plus a size trend."""
+    rng = np.random.default_rng(seed)
+    table = {s: float(rng.normal(scale=0.3) + math.sqrt(len(s)) + sum(0.2 * p for p in s)) for s in all_subsets(players)}
+    return table.__getitem__
+
+
+def spearman(a: dict, b: dict) -> float:
+    keys = sorted(a)
+    ra, rb = (np.argsort(np.argsort([d[k] for k in keys])) for d in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_exact_shapley_on_additive_and_glove_games():
+    weights = {0: 1.0, 1: -2.0, 2: 0.5}
+    assert exact_shapley(list(weights), additive(weights)) == pytest.approx(weights)
+    # Glove game: player 0 holds a left glove, 1 and 2 right gloves; a pair is worth 1.
+    glove = lambda s: float(0 in s and bool({1, 2} & s))  # noqa: E731
+    assert exact_shapley([0, 1, 2], glove) == pytest.approx({0: 2 / 3, 1: 1 / 6, 2: 1 / 6})
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_every_estimator_is_exact_on_additive_games_with_single_removals(name):
+    weights = {p: float(p) - 2.5 for p in range(6)}
+    result = ESTIMATORS[name](list(weights), additive(weights), k=4, n=1, seed=2)
+    assert result.values == pytest.approx(weights)
+
+
+def test_regression_splits_a_group_drop_between_its_members():
+    # Crediting the whole drop gives both members of a removed pair their sum; least squares over
+    # orders that separate them recovers each player's own weight.
+    weights = {p: float(p) for p in range(8)}
+    result = regression(list(weights), additive(weights), k=16, n=2, seed=0)
+    assert result.values == pytest.approx(weights, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_every_estimator_approaches_exact_values_on_a_random_eleven_player_game(name):
+    players = list(range(11))
+    game = random_game(players, seed=4)
+    exact = exact_shapley(players, game)
+    result = ESTIMATORS[name](players, game, k=300, n=1, seed=1)
+    assert spearman(result.values, exact) > 0.97
+    assert max(abs(result.values[p] - exact[p]) for p in players) < 0.1
+
+
+def test_antithetic_pairs_each_order_with_its_reverse():
+    players = list(range(7))
+    first, second = antithetic_permutation(players, 3, 4), antithetic_permutation(players, 3, 5)
+    assert second == first[::-1] and first == permutation(players, 3, 2)
+
+
+def test_antithetic_stderr_is_over_pairs():
+    game = random_game(list(range(5)), seed=1)
+    result = antithetic(list(range(5)), game, k=6, n=1, seed=0)
+    credits = result.credits[0]
+    pairs = [np.mean(credits[i:i + 2]) for i in (0, 2, 4)]
+    assert result.stderr[0] == pytest.approx(np.std(pairs, ddof=1) / math.sqrt(3))
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_schedule_lists_exactly_the_subsets_the_estimator_evaluates_in_order(name):
+    players = list(range(9))
+    result = ESTIMATORS[name](players, lambda s: float(sum(s)) ** 0.5, k=5, n=2, seed=3)
+    assert schedule(name, players, 5, 2, 3) == list(result.evaluations)
+    assert result.evaluations_made[-1] == len(result.evaluations)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_raising_k_reuses_every_earlier_evaluation(name):
+    small = schedule(name, list(range(10)), 3, 2, 5)
+    large = schedule(name, list(range(10)), 6, 2, 5)
+    assert large[: len(small)] == small and len(large) > len(small)
+
+
+game_sizes = st.integers(min_value=2, max_value=7)
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=game_sizes, game_seed=st.integers(0, 10_000), seed=st.integers(0, 10_000), k=st.integers(1, 6),
+       name=st.sampled_from(["group_permutation", "antithetic"]))
+def test_single_removal_estimators_are_efficient(size, game_seed, seed, k, name):
+    players = list(range(size))
+    game = random_game(players, game_seed)
+    result = ESTIMATORS[name](players, game, k=k, n=1, seed=seed)
+    assert sum(result.values.values()) == pytest.approx(game(frozenset(players)) - game(frozenset()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=game_sizes, game_seed=st.integers(0, 10_000), seed=st.integers(0, 10_000), k=st.integers(1, 6),
+       n=st.integers(1, 3))
+def test_regression_is_efficient_for_any_group_size(size, game_seed, seed, k, n):
+    players = list(range(size))
+    game = random_game(players, game_seed)
+    result = regression(players, game, k=k, n=min(n, size), seed=seed)
+    assert sum(result.values.values()) == pytest.approx(game(frozenset(players)) - game(frozenset()), abs=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(size=game_sizes, seed=st.integers(0, 10_000), name=st.sampled_from(sorted(ESTIMATORS)))
+def test_every_estimator_is_deterministic(size, seed, name):
+    players = list(range(size))
+    game = random_game(players, 0)
+    a = ESTIMATORS[name](players, game, k=3, n=2, seed=seed)
+    b = ESTIMATORS[name](players, game, k=3, n=2, seed=seed)
+    assert a.values == b.values and a.stderr.keys() == b.stderr.keys() and list(a.evaluations) == list(b.evaluations)

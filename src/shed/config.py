@@ -106,10 +106,10 @@ class ShapleyConfig:
     k: int = 4  # permutations
     n: int = 6  # proxies removed per step
     seed: int = 0
-    estimator: str = "group_permutation"
+    estimator: str = "group_permutation"  # group_permutation (paper) | antithetic | regression
     value: str = "loglik"  # loglik (negative dev loss) | accuracy (lm-eval multiple-choice)
-    workers: int = 1
-    executor: str = "local"
+    workers: int = 1  # jobs run concurrently: processes (CPU), one GPU each (cuda:i), or Ray actors
+    executor: str = "local"  # local | ray
     device: str = "auto"
     dtype: str = "auto"
 
@@ -160,7 +160,7 @@ CHOICES = {
     "prepare.empty": {"drop", "error"},
     "cluster.algorithm": {"auto", "kmeans", "minibatch"},
     "train.template": {"qa", "alpaca", "vicuna", "chat"},
-    "shapley.estimator": {"group_permutation"},
+    "shapley.estimator": {"group_permutation", "antithetic", "regression"},
     "shapley.value": {"loglik", "accuracy"},
     "shapley.executor": {"local", "ray"},
     "sample.method": {"qocs", "qwcs", "random", "dsir", "full"},

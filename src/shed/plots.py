@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from shed.io import atomic_path  # noqa: E402
 
@@ -48,6 +49,7 @@ def convergence_png(path: str, rank_corr: list[float]) -> None:
     ax.plot(range(2, len(rank_corr) + 2), rank_corr, marker="o")
     ax.set(title="rank stability of cluster scores", xlabel="iterations (permutations)",
            ylabel="Spearman ρ with previous iteration", ylim=(min(0, min(rank_corr, default=0)), 1.02))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole
     _save(fig, path)
 
 

@@ -3,11 +3,12 @@
     shed shapley                       # params.yaml: shapley.*, train.*
 
 Utility v(S) = dev score of shapley.model after fine-tuning a fresh LoRA adapter on the proxies
-in S (v(∅) = the base model, measured). The model, tokenizer and dev set load once; each job
-re-initialises the adapter from a seed derived from its subset, so a subset's value does not
-depend on when or where it ran. Every evaluation is appended to data/shapley/jobs.jsonl the
-moment it completes (a persistent DVC output): a rerun after a crash, or with a larger k,
-reuses every finished job.
+in S (v(∅) = the base model, measured). The estimator (shapley.estimator) fixes its subsets up
+front; the missing ones run in-process, in shapley.workers processes, or on Ray (shed.executors),
+each worker loading the model once. Each job re-initialises the adapter from a seed derived from
+its subset, so a subset's value does not depend on when or where it ran. Every evaluation is
+appended to data/shapley_jobs/jobs.jsonl the moment it completes (a persistent DVC output): a
+rerun after a crash, or with a larger k, reuses every finished job.
 
 Outputs: data/shapley/scores.csv `cluster, proxy_id, size, score, stderr, credits`,
 data/shapley/subsets.jsonl (each evaluated subset and its value), metrics/shapley.json,
@@ -29,7 +30,8 @@ from tqdm import tqdm
 from shed import plots
 from shed.config import Params, ShapleyConfig, TrainConfig, as_dict
 from shed.io import ShedError, atomic_path, log, read_jsonl, write_csv, write_json, write_jsonl
-from shed.shapley import ESTIMATORS, job_count
+from shed.executors import EXECUTORS
+from shed.shapley import ESTIMATORS, schedule
 from shed.stages.cluster import load_clusters
 
 POOL = "data/prepared/pool.jsonl"
@@ -80,7 +82,6 @@ class JobStore:
     def __init__(self, path: str | Path, context: str):
         self.path, self.context = Path(path), context
         self.values: dict[str, float] = {}
-        self.reused = 0
         if self.path.exists():
             lines = self.path.read_text(encoding="utf-8").splitlines()
             for i, line in enumerate(lines):
@@ -96,12 +97,6 @@ class JobStore:
         self._fh = self.path.open("a", encoding="utf-8")
         log.info("job store %s: %d finished jobs for this model/recipe/dev set", self.path, len(self.values))
 
-    def get(self, key: str) -> float | None:
-        value = self.values.get(key)
-        if value is not None:
-            self.reused += 1
-        return value
-
     def put(self, key: str, value: float, **info) -> None:
         self.values[key] = value
         self._fh.write(json.dumps({"context": self.context, "key": key, "value": value, **info}, sort_keys=True) + "\n")
@@ -110,55 +105,6 @@ class JobStore:
 
     def close(self) -> None:
         self._fh.close()
-
-
-class ProxyUtility:
-    """v(S): fine-tune a fresh LoRA adapter on the proxies of clusters S, score it on the dev set."""
-
-    def __init__(self, params: Params, proxy_records: dict[int, dict], dev: list[dict], store: JobStore):
-        from shed.models import load_causal_lm
-        from shed.training import LoraTrainer
-
-        cfg = params.shapley
-        self.proxy_records, self.dev, self.store = proxy_records, dev, store
-        self.train_seed = params.train.seed
-        model, self.tokenizer = load_causal_lm(cfg.model, cfg.device, cfg.dtype)
-        self.trainer = LoraTrainer(model, self.tokenizer, params.train)
-        self.value_kind = cfg.value
-        if cfg.value == "accuracy":
-            from shed.scoring import LmEvalScorer, mc_task_config
-
-            self.scorer = LmEvalScorer(self.tokenizer, [mc_task_config("shed_dev", DEV)])
-        self.progress: tqdm | None = None
-        self.seconds = {"train": 0.0, "score": 0.0}
-
-    def score(self) -> float:
-        from shed.scoring import gold_loglik
-
-        if self.value_kind == "loglik":
-            return gold_loglik(self.trainer.model, self.tokenizer, self.dev)
-        return self.scorer(self.trainer.model)["shed_dev"]["acc"]
-
-    def __call__(self, subset: frozenset) -> float:
-        records = [self.proxy_records[c] for c in sorted(subset)]
-        key = subset_key([r["id"] for r in records])
-        cached = self.store.get(key)
-        if cached is not None:
-            value = cached
-        else:
-            t0 = time.perf_counter()
-            fit = self.trainer.fit(records, seed=job_seed(self.train_seed, key))
-            t1 = time.perf_counter()
-            value = self.score()
-            t2 = time.perf_counter()
-            self.seconds["train"] += t1 - t0
-            self.seconds["score"] += t2 - t1
-            self.store.put(key, value, size=len(records), train_seconds=round(t1 - t0, 3),
-                           score_seconds=round(t2 - t1, 3), train_loss=fit["loss"])
-        if self.progress is not None:
-            self.progress.update(1)
-            self.progress.set_postfix(size=len(records), v=f"{value:.4f}")
-        return value
 
 
 def spearman_between_iterations(estimates: list[dict]) -> list[float]:
@@ -170,6 +116,37 @@ def spearman_between_iterations(estimates: list[dict]) -> list[float]:
         b = pd.Series([cur[k] for k in keys]).rank()
         out.append(float(a.corr(b)) if a.std() > 0 and b.std() > 0 else 0.0)
     return out
+
+
+def evaluate_missing(params: Params, subsets: list[frozenset], proxy_records: dict[int, dict], dev: list[dict],
+                     store: JobStore) -> dict:
+    """Run every job of `subsets` not in the store on the configured executor, recording each as
+    it finishes; returns timing totals."""
+    cfg = params.shapley
+    jobs = []
+    for subset in subsets:
+        records = [proxy_records[c] for c in sorted(subset)]
+        key = subset_key([r["id"] for r in records])
+        if key not in store.values:
+            jobs.append({"key": key, "records": records, "seed": job_seed(params.train.seed, key)})
+    stats = {"jobs_run": len(jobs), "train": 0.0, "score": 0.0, "job": 0.0, "record": 0.0}
+    if not jobs:
+        return stats
+    executor = "ray" if cfg.executor == "ray" else "local" if cfg.workers == 1 else "processes"
+    log.info("running %d new jobs on %s with %d worker(s)", len(jobs), executor, cfg.workers)
+    start = time.perf_counter()
+    with tqdm(total=len(jobs), desc="shapley jobs", unit="job") as bar:
+        for result in EXECUTORS[executor](params, dev, str(Path(DEV).resolve()), jobs, stats):
+            t0 = time.perf_counter()
+            store.put(result["key"], result["value"], size=result["size"], train_loss=result["train_loss"],
+                      train_seconds=round(result["train_seconds"], 3), score_seconds=round(result["score_seconds"], 3))
+            stats["record"] += time.perf_counter() - t0
+            for part in ("train", "score", "job"):
+                stats[part] += result[f"{part}_seconds"]
+            bar.update(1)
+            bar.set_postfix(size=result["size"], v=f"{result['value']:.4f}")
+    stats["wall"] = time.perf_counter() - start
+    return stats
 
 
 def main(params: Params) -> None:
@@ -186,16 +163,19 @@ def main(params: Params) -> None:
     if cfg.n > len(players):
         raise ShedError(f"params.yaml: shapley.n: {cfg.n} is larger than the {len(players)} proxies")
 
+    # The estimators fix their subsets before seeing any value: evaluate them all (in parallel
+    # where configured), then let the estimator read the recorded values in its own order.
+    subsets = schedule(cfg.estimator, players, cfg.k, cfg.n, cfg.seed)
+    log.info("Shapley (%s): %d proxies, k=%d, n=%d -> %d distinct fine-tune-and-score jobs",
+             cfg.estimator, len(players), cfg.k, cfg.n, len(subsets))
     store = JobStore(JOBS, job_context(cfg, params.train, dev))
-    utility = ProxyUtility(params, proxy_records, dev, store)
-    total = job_count(len(players), cfg.k, cfg.n)
-    log.info("Shapley: %d proxies, k=%d, n=%d -> %d distinct fine-tune-and-score jobs", len(players), cfg.k, cfg.n, total)
     try:
-        with tqdm(total=total, desc="shapley jobs", unit="job") as bar:
-            utility.progress = bar
-            result = ESTIMATORS[cfg.estimator](players, utility, k=cfg.k, n=cfg.n, seed=cfg.seed)
+        stats = evaluate_missing(params, subsets, proxy_records, dev, store)
     finally:
         store.close()
+    reused = len(subsets) - stats["jobs_run"]
+    result = ESTIMATORS[cfg.estimator](
+        players, lambda s: store.values[subset_key([proxy_records[c]["id"] for c in s])], k=cfg.k, n=cfg.n, seed=cfg.seed)
 
     sizes = dict(zip(proxies["cluster"].astype(int), proxies["size"].astype(int)))
     scores = pd.DataFrame({
@@ -206,11 +186,11 @@ def main(params: Params) -> None:
         "stderr": [result.stderr[c] for c in players],
         "credits": [len(result.credits[c]) for c in players],
     })
-    subsets = [{"clusters": sorted(int(c) for c in s), "size": len(s), "value": v} for s, v in result.evaluations.items()]
+    subsets_out = [{"clusters": sorted(int(c) for c in s), "size": len(s), "value": v} for s, v in result.evaluations.items()]
     with atomic_path(OUT_DIR) as tmp:
         tmp.mkdir()
         write_csv(tmp / "scores.csv", scores)
-        write_jsonl(tmp / "subsets.jsonl", subsets)
+        write_jsonl(tmp / "subsets.jsonl", subsets_out)
     write_csv(SCORES_PLOT, scores.sort_values(["score", "cluster"], ascending=[False, True])
               .assign(rank=range(len(scores)))[["rank", "cluster", "size", "score", "stderr"]])
     rank_corr = spearman_between_iterations(result.estimates)
@@ -218,12 +198,20 @@ def main(params: Params) -> None:
     plots.convergence_png(CONVERGENCE_PNG, rank_corr)
     v_full = result.evaluations[frozenset(players)]
     v_empty = result.evaluations[frozenset()]
+    run = max(stats["jobs_run"], 1)
     write_json(METRICS, {
-        "jobs": len(result.evaluations), "jobs_reused": store.reused, "v_full": v_full, "v_empty": v_empty,
+        "estimator": cfg.estimator, "executor": cfg.executor, "workers": cfg.workers,
+        "jobs": len(result.evaluations), "jobs_reused": reused, "jobs_run": stats["jobs_run"],
+        "v_full": v_full, "v_empty": v_empty,
         "value": cfg.value, "score_mean": float(scores["score"].mean()),
+        "stderr_mean": float(np.nanmean(scores["stderr"])) if cfg.k > 1 else None,
         "rank_stability": rank_corr[-1] if rank_corr else None,
         "seconds": round(time.perf_counter() - start, 1),
-        "seconds_train": round(utility.seconds["train"], 1), "seconds_score": round(utility.seconds["score"], 1),
+        "seconds_setup": round(stats.get("setup_seconds", 0.0), 2),
+        "seconds_train": round(stats["train"], 1), "seconds_score": round(stats["score"], 1),
+        # Per job, everything but training and scoring: seeding, batching, IPC, recording (fsync).
+        "seconds_overhead": round((stats["job"] - stats["train"] - stats["score"] + stats["record"]) / run, 4),
+        "jobs_per_minute": round(60 * stats["jobs_run"] / stats["wall"], 1) if stats["jobs_run"] else None,
     })
     log.info("v(P)=%.4f v(∅)=%.4f; %d jobs (%d reused); scores -> %s/scores.csv, pictures -> %s", v_full, v_empty,
-             len(result.evaluations), store.reused, OUT_DIR, PNG)
+             len(result.evaluations), reused, OUT_DIR, PNG)

@@ -1,0 +1,127 @@
+"""The shapley stage as a process: crash-safe resume, reuse on raising k, parallel executors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shed.shapley import schedule
+
+pytestmark = pytest.mark.slow  # each case starts the stage 2-3 times (~10 s of imports each)
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "prepare": {"embedded": {"size": 200, "dev_size": 30, "eval_size": 40}},
+    "base": {"vocab_size": 512, "hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128,
+             "pretrain_steps": 10},
+    "cluster": {"C": 8},
+    "train": {"epochs": 1},
+    "shapley": {"k": 2, "n": 1},
+}
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def set_params(ws: Path, epochs: int = 1, **shapley) -> None:
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    params["shapley"].update(shapley)
+    params["train"]["epochs"] = epochs
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def shed(ws: Path, stage: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "shed", stage], cwd=ws, capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def metrics(ws: Path) -> dict:
+    return json.loads((ws / "metrics/shapley.json").read_text())
+
+
+def job_lines(ws: Path) -> list[str]:
+    path = ws / "data/shapley_jobs/jobs.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """prepare, base, embed and cluster once (no DVC): the shapley stage's inputs."""
+    ws = tmp_path_factory.mktemp("prepared")
+    set_params(ws)
+    for stage in ["prepare", "base", "embed", "cluster"]:
+        shed(ws, stage)
+    return ws
+
+
+@pytest.fixture
+def workspace(prepared, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(prepared, ws)
+    return ws
+
+
+def test_sigkill_mid_run_then_rerun_gives_identical_scores_and_reuses_finished_jobs(workspace, tmp_path):
+    slow = {"k": 3, "n": 1, "epochs": 15}  # jobs slow enough for the kill to land mid-run
+    reference = tmp_path / "reference"
+    shutil.copytree(workspace, reference)
+    set_params(reference, **slow)
+    shed(reference, "shapley")
+
+    set_params(workspace, **slow)
+    proc = subprocess.Popen([sys.executable, "-m", "shed", "shapley"], cwd=workspace, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(job_lines(workspace)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len([line for line in job_lines(workspace) if line.endswith("}")])
+    total = metrics(reference)["jobs"]
+    assert 3 <= finished < total, "the kill must land mid-run"
+
+    shed(workspace, "shapley")
+    assert (workspace / "data/shapley/scores.csv").read_bytes() == (reference / "data/shapley/scores.csv").read_bytes()
+    assert metrics(workspace)["jobs_reused"] == finished
+    assert metrics(workspace)["jobs_run"] == total - finished
+    keys = [json.loads(line)["key"] for line in job_lines(workspace)]
+    assert len(keys) == len(set(keys)) == total
+
+
+def test_raising_k_reuses_every_earlier_evaluation_and_runs_only_new_jobs(workspace):
+    set_params(workspace, k=2, n=2)
+    shed(workspace, "shapley")
+    first = metrics(workspace)
+    set_params(workspace, k=4, n=2)
+    shed(workspace, "shapley")
+    second = metrics(workspace)
+    players = list(range(8))
+    assert first["jobs"] == len(schedule("group_permutation", players, 2, 2))
+    assert second["jobs_reused"] == first["jobs"]
+    assert second["jobs_run"] == len(schedule("group_permutation", players, 4, 2)) - first["jobs"]
+    assert second["seconds_overhead"] >= 0
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_parallel_workers_give_the_same_scores_as_one(workspace, tmp_path, executor):
+    if executor == "ray":
+        pytest.importorskip("ray")
+    serial = tmp_path / "serial"
+    shutil.copytree(workspace, serial)
+    set_params(serial, k=2, n=2, estimator="regression")
+    shed(serial, "shapley")
+    set_params(workspace, k=2, n=2, estimator="regression", workers=2, executor=executor)
+    shed(workspace, "shapley")
+    assert (workspace / "data/shapley/scores.csv").read_bytes() == (serial / "data/shapley/scores.csv").read_bytes()
+    assert metrics(workspace)["workers"] == 2 and metrics(workspace)["executor"] == executor
