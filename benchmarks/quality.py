@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 # The base model is built once (base.seed fixed) and shared by all seeds; everything else varies.
 SEEDED = ["prepare.embedded.seed", "cluster.seed", "shapley.seed", "sample.seed", "train.seed"]
 SHARED = ["prepare", "embed", "cluster", "shapley"]
+KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEEP") else None  # debug: keep workspaces
 
 
 def set_dotted(raw: dict, key: str, value) -> None:
@@ -79,8 +80,10 @@ def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], 
         set_dotted(raw, key, seed)
     out = {"seconds": {}, "acc": {}}
     with tempfile.TemporaryDirectory(prefix=f"shed-quality-{seed}-") as ws:
+        ws = KEEP / f"seed{seed}" if KEEP else Path(ws)
+        ws.mkdir(parents=True, exist_ok=True)
         os.chdir(ws)
-        shutil.copytree(base_dir / "models/base", "models/base")
+        shutil.copytree(base_dir / "models/base", "models/base", dirs_exist_ok=True)
         for stage in SHARED:
             out["seconds"][stage] = run_stage(stage, raw)
         assignments, _ = load_clusters()
@@ -93,12 +96,12 @@ def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], 
             t = sum(run_stage(stage, raw) for stage in ["sample", "finetune", "evaluate"])
             metrics = json.loads(Path("metrics/eval.json").read_text())
             task = next(iter(metrics["finetuned"]))
-            out["acc"][f"{method}@{size:g}" if method != "full" else "full"] = metrics["finetuned"][task]["acc"]
+            name = f"{method}@{size:g}" if method != "full" else "full"
+            out["acc"][name] = metrics["finetuned"][task]["acc"]
             if "base" in metrics:
                 out["acc"]["base"] = metrics["base"][task]["acc"]
-            out["seconds"][f"{method}@{size:g}" if method != "full" else "full"] = t
-            print(f"  seed {seed} {method}@{size:g}: acc {out['acc'].get(f'{method}@{size:g}', out['acc']['full']):.4f} "
-                  f"({t:.0f} s)", flush=True)
+            out["seconds"][name] = t
+            print(f"  seed {seed} {name}: acc {out['acc'][name]:.4f} ({t:.0f} s)", flush=True)
         os.chdir(ROOT)
     return out
 

@@ -165,7 +165,7 @@ def generate_questions(size: int, seed: int, salt: int) -> list[dict]:
 
 
 def pretraining_corpus(n_lines: int, seed: int) -> list[str]:
-    """Generic text for briefly pre-training the tiny base: word lists, some of them said twice.
+    """Generic text for briefly pre-training the tiny base: word lists, each said twice.
 
     It teaches the vocabulary and copying (the repeats), never the question-answer format or
     which word an instruction asks for, so instruction tuning has something to teach (and
@@ -175,5 +175,5 @@ def pretraining_corpus(n_lines: int, seed: int) -> list[str]:
     lines = []
     for _ in range(n_lines):
         words = " ".join(_word_list(rng, int(rng.integers(3, 9))))
-        lines.append(f"{words}. {words}." if rng.random() < 0.5 else f"{words}.")
+        lines.append(f"{words}. {words}.")  # said twice: brief pretraining grows copying (induction) heads
     return lines
