@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WS = ROOT / "benchmarks/.cache/ws"
 PLAYERS = 12
 PARAMS = {
-    "prepare": {"embedded": {"size": 240, "dev_size": 30, "eval_size": 40}},
+    "prepare": {"embedded": {"pool_size": 240, "dev_size": 30, "eval_size": 40}},
     "base": {"vocab_size": 512, "hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128,
              "pretrain_steps": 60},
     "cluster": {"C": PLAYERS},

@@ -1,6 +1,6 @@
 """The embedded default's base model: a BPE tokenizer trained here and a tiny seeded Llama.
 
-It stands in for LLaMA/Qwen/SmolLM on a laptop: ~2.5M parameters, so a LoRA step takes well
+It stands in for LLaMA/Qwen/SmolLM on a laptop: well under 3M parameters, so a LoRA step takes well
 under a second on 2 CPU cores. A brief causal-LM pretraining on generated text (word lists and
 plain statements of facts, never the question-answer format) gives it a vocabulary and
 something to know, so instruction tuning has a real effect to measure.

@@ -1,0 +1,170 @@
+"""Does SHED find the planted bad data, and does its 10% beat random and the full pool?
+
+    python benchmarks/quality.py --seeds 1 2 3 --out plots/quality.png
+
+For each seed (it sets prepare.embedded.seed, cluster.seed, shapley.seed, sample.seed and train.seed) the
+pipeline runs in a temporary workspace with the repository's params.yaml: prepare/embed/cluster/
+shapley once, then sample+finetune+evaluate per method and size. The base model is built once.
+Prints the AUROC of the cluster scores for separating mostly corrupted clusters (>50% planted
+harmful members, per truth.jsonl) from the rest, eval accuracy per method and size (mean ± std
+over seeds), wall times, and last one JSON line. `--set key=value` overrides params (tuning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # shared small CPUs: extra threads only contend
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+# The base model is built once (base.seed fixed) and shared by all seeds; everything else varies.
+SEEDED = ["prepare.embedded.seed", "cluster.seed", "shapley.seed", "sample.seed", "train.seed"]
+SHARED = ["prepare", "embed", "cluster", "shapley"]
+KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEEP") else None  # debug: keep workspaces
+
+
+def set_dotted(raw: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for p in parents:
+        raw = raw.setdefault(p, {})
+    raw[last] = value
+
+
+def run_stage(name: str, raw: dict) -> float:
+    """Run one stage in-process with params `raw` (written to the workspace's params.yaml); seconds."""
+    import importlib
+
+    from shed.config import load_params
+
+    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    start = time.perf_counter()
+    importlib.import_module(f"shed.stages.{name}").main(load_params("params.yaml"))
+    return time.perf_counter() - start
+
+
+def auroc(scores: pd.DataFrame, assignments: pd.DataFrame, truth: list[dict]) -> float:
+    """How well a low score flags a mostly corrupted cluster (NaN if all clusters are of one kind)."""
+    from sklearn.metrics import roc_auc_score
+
+    bad = {t["id"] for t in truth if t["corrupted"]}
+    share = assignments.assign(bad=assignments["id"].isin(bad)).groupby("cluster")["bad"].mean()
+    labels = (share.reindex(scores["cluster"]).to_numpy() > 0.5).astype(int)
+    if labels.min() == labels.max():
+        return float("nan")
+    return float(roc_auc_score(labels, -scores["score"].to_numpy()))
+
+
+def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], base_dir: Path) -> dict:
+    from shed.io import read_jsonl
+    from shed.stages.cluster import load_clusters
+
+    raw = json.loads(json.dumps(base_raw))
+    for key in SEEDED:
+        set_dotted(raw, key, seed)
+    out = {"seconds": {}, "acc": {}}
+    with tempfile.TemporaryDirectory(prefix=f"shed-quality-{seed}-") as ws:
+        ws = KEEP / f"seed{seed}" if KEEP else Path(ws)
+        ws.mkdir(parents=True, exist_ok=True)
+        os.chdir(ws)
+        shutil.copytree(base_dir / "models/base", "models/base", dirs_exist_ok=True)
+        for stage in SHARED:
+            out["seconds"][stage] = run_stage(stage, raw)
+        assignments, _ = load_clusters()
+        out["auroc"] = auroc(pd.read_csv("data/shapley/scores.csv"), assignments, read_jsonl("data/prepared/truth.jsonl"))
+        runs = [(m, s) for m in methods for s in sizes] + [("full", 1.0)]
+        for i, (method, size) in enumerate(runs):
+            set_dotted(raw, "sample.method", method)
+            set_dotted(raw, "sample.subset_size", size)
+            set_dotted(raw, "evaluate.include_base", i == 0)
+            t = sum(run_stage(stage, raw) for stage in ["sample", "finetune", "evaluate"])
+            metrics = json.loads(Path("metrics/eval.json").read_text())
+            task = next(iter(metrics["finetuned"]))
+            name = f"{method}@{size:g}" if method != "full" else "full"
+            out["acc"][name] = metrics["finetuned"][task]["acc"]
+            if "base" in metrics:
+                out["acc"]["base"] = metrics["base"][task]["acc"]
+            out["seconds"][name] = t
+            print(f"  seed {seed} {name}: acc {out['acc'][name]:.4f} ({t:.0f} s)", flush=True)
+        os.chdir(ROOT)
+    return out
+
+
+def summarize(runs: list[dict], key: str) -> dict:
+    values = np.array([r[key] if key == "auroc" else r["acc"][key] for r in runs], dtype=float)
+    return {"mean": round(float(np.nanmean(values)), 4), "std": round(float(np.nanstd(values)), 4),
+            "values": [round(float(v), 4) for v in values]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 0.3])
+    parser.add_argument("--methods", nargs="+", default=["qocs", "qwcs", "random"])
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    parser.add_argument("--out", default=str(ROOT / "plots/quality.png"), help="PNG of accuracy against size")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    raw = yaml.safe_load(Path(args.params).read_text())
+    for item in args.set:
+        key, value = item.split("=", 1)
+        set_dotted(raw, key, yaml.safe_load(value))
+    out_png = Path(args.out).resolve()
+    start = time.perf_counter()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="shed-quality-base-") as base_dir:
+        os.chdir(base_dir)
+        base_seconds = run_stage("base", raw)
+        print(f"base model built in {base_seconds:.0f} s", flush=True)
+        for seed in args.seeds:
+            print(f"seed {seed}", flush=True)
+            runs.append(one_seed(seed, raw, args.methods, args.sizes, Path(base_dir)))
+        os.chdir(ROOT)
+    keys = [k for k in runs[0]["acc"]]
+    acc = {k: summarize(runs, k) for k in keys}
+    result = {
+        "auroc": summarize(runs, "auroc"),
+        "acc": acc,
+        "seeds": args.seeds,
+        "seconds": {k: round(float(np.mean([r["seconds"][k] for r in runs])), 1) for k in runs[0]["seconds"]}
+        | {"base": round(base_seconds, 1), "total": round(time.perf_counter() - start, 1)},
+    }
+    print(f"\nAUROC (mostly-corrupted clusters get low scores): {result['auroc']['mean']:.3f} "
+          f"± {result['auroc']['std']:.3f}")
+    print(f"{'run':<14}{'acc mean':>10}{'std':>8}   per seed")
+    for k, v in acc.items():
+        print(f"{k:<14}{v['mean']:>10.4f}{v['std']:>8.4f}   {v['values']}")
+    print("mean seconds per seed:", ", ".join(f"{k} {v}" for k, v in result["seconds"].items()))
+    from shed.plots import accuracy_png
+
+    curves: dict[str, list] = {}
+    for k, v in acc.items():
+        if "@" in k:
+            method, size = k.split("@")
+            curves.setdefault(method, []).append((float(size), v["mean"], v["std"]))
+    refs = {name: acc[name]["mean"] for name in ("full", "base") if name in acc}
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    accuracy_png(str(out_png), curves, {f"{k} (mean)": v for k, v in refs.items()},
+                 title=f"embedded default, seeds {args.seeds}")
+    print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
