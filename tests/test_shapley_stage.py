@@ -15,23 +15,10 @@ import yaml
 from shed.shapley import schedule
 
 pytestmark = pytest.mark.slow  # each case starts the stage 2-3 times (~10 s of imports each)
-ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "prepare": {"embedded": {"size": 200, "dev_size": 30, "eval_size": 40}},
-    "base": {"vocab_size": 512, "hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128,
-             "pretrain_steps": 10},
-    "cluster": {"C": 8},
-    "train": {"epochs": 1},
-    "shapley": {"k": 2, "n": 1},
-}
+from helpers import ROOT, TINY, merge
+
+TINY = merge(TINY, {"shapley": {"k": 2, "n": 1}})
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-
-
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 def set_params(ws: Path, epochs: int = 1, **shapley) -> None:
