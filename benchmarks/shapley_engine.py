@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from shed.config import merge_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 WS = ROOT / "benchmarks/.cache/ws"
 PLAYERS = 12
@@ -38,16 +40,9 @@ ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('
        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
 def prepare_workspace() -> None:
     """A 12-cluster workspace made by the pipeline's own stages (once; kept in the cache)."""
-    params = yaml.safe_dump(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), PARAMS), sort_keys=False)
+    params = yaml.safe_dump(merge_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), PARAMS), sort_keys=False)
     if (WS / "params.yaml").exists() and (WS / "params.yaml").read_text() == params \
             and (WS / "data/clusters/proxies.csv").exists():
         return

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shed.config import merge_overrides as merge
+
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
 TINY = {
@@ -19,13 +21,6 @@ TINY = {
 }
 # dvc runs each stage's `shed ...` through the shell: the venv's bin must be on PATH.
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 def sh(cwd, *cmd):

@@ -287,5 +287,13 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     return validate(_build(Params, raw, "", str(path)), str(path))
 
 
+def merge_overrides(base: dict, override: dict) -> dict:
+    """A params mapping with `override`'s nested keys laid over `base` (tests and benchmarks' tiny configs)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge_overrides(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
 def as_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
