@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["qocs", "qwcs", "random"])
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    parser.add_argument("--base-model", help="reuse this built models/base (same base params) instead of building one")
     parser.add_argument("--out", default=str(ROOT / "plots/quality.png"), help="PNG of accuracy against size")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -131,8 +132,12 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory(prefix="shed-quality-base-") as base_dir:
         os.chdir(base_dir)
-        base_seconds = run_stage("base", raw)
-        print(f"base model built in {base_seconds:.0f} s", flush=True)
+        if args.base_model:
+            shutil.copytree(args.base_model, "models/base")
+            base_seconds = 0.0
+        else:
+            base_seconds = run_stage("base", raw)
+            print(f"base model built in {base_seconds:.0f} s", flush=True)
         for seed in args.seeds:
             print(f"seed {seed}", flush=True)
             runs.append(one_seed(seed, raw, args.methods, args.sizes, Path(base_dir)))

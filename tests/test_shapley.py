@@ -138,11 +138,35 @@ def test_exact_shapley_on_additive_and_glove_games():
     assert exact_shapley([0, 1, 2], glove) == pytest.approx({0: 2 / 3, 1: 1 / 6, 2: 1 / 6})
 
 
-@pytest.mark.parametrize("name", sorted(ESTIMATORS))
-def test_every_estimator_is_exact_on_additive_games_with_single_removals(name):
+@pytest.mark.parametrize("name", ["group_permutation", "antithetic", "regression"])
+def test_marginal_and_regression_estimators_are_exact_on_additive_games(name):
+    # Every marginal of an additive game is the player's weight, and least squares fits it
+    # exactly; stratified reads means of v per size, exact only once the sizes are complete.
     weights = {p: float(p) - 2.5 for p in range(6)}
     result = ESTIMATORS[name](list(weights), additive(weights), k=4, n=1, seed=2)
     assert result.values == pytest.approx(weights)
+
+
+@pytest.mark.parametrize("name", ["regression", "stratified"])
+def test_subset_sampling_estimators_are_exact_once_every_subset_is_evaluated(name):
+    players = list(range(7))
+    game = random_game(players, seed=9)
+    result = ESTIMATORS[name](players, game, k=200, n=1, seed=3)  # 6 subsets a iteration: all 128 by then
+    assert len(result.evaluations) == 2 ** 7
+    assert result.values == pytest.approx(exact_shapley(players, game), abs=1e-6)
+
+
+def test_stratified_beats_the_paper_estimator_at_equal_cost_on_a_random_game():
+    players = list(range(10))
+    game = random_game(players, seed=5)
+    exact = np.array(list(exact_shapley(players, game).values()))
+
+    def error(name: str, seed: int) -> float:
+        values = ESTIMATORS[name](players, game, k=12, n=1, seed=seed).values
+        return float(np.mean((np.array([values[p] for p in players]) - exact) ** 2))
+
+    paper = np.mean([error("group_permutation", s) for s in range(10)])
+    assert np.mean([error("stratified", s) for s in range(10)]) < paper
 
 
 def test_regression_splits_a_group_drop_between_its_members():
@@ -208,10 +232,11 @@ def test_single_removal_estimators_are_efficient(size, game_seed, seed, k, name)
 @settings(max_examples=25, deadline=None)
 @given(size=game_sizes, game_seed=st.integers(0, 10_000), seed=st.integers(0, 10_000), k=st.integers(1, 6),
        n=st.integers(1, 3))
-def test_regression_is_efficient_for_any_group_size(size, game_seed, seed, k, n):
+@pytest.mark.parametrize("name", ["regression", "stratified"])
+def test_subset_sampling_estimators_are_efficient_for_any_group_size(name, size, game_seed, seed, k, n):
     players = list(range(size))
     game = random_game(players, game_seed)
-    result = regression(players, game, k=k, n=min(n, size), seed=seed)
+    result = ESTIMATORS[name](players, game, k=k, n=min(n, size), seed=seed)
     assert sum(result.values.values()) == pytest.approx(game(frozenset(players)) - game(frozenset()), abs=1e-6)
 
 

@@ -94,6 +94,7 @@ class TrainConfig:
     responses_only: bool = True  # loss on response tokens only
     epochs: int = 3
     lr: float = 3e-3
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off), as the HF Trainer does by default
     batch_size: int = 16
     max_length: int = 128
     seed: int = 0
@@ -106,7 +107,7 @@ class ShapleyConfig:
     k: int = 4  # permutations
     n: int = 6  # proxies removed per step
     seed: int = 0
-    estimator: str = "group_permutation"  # group_permutation (paper) | antithetic | regression
+    estimator: str = "group_permutation"  # group_permutation (paper) | antithetic | regression | stratified
     value: str = "loglik"  # loglik (negative dev loss) | accuracy (lm-eval multiple-choice)
     workers: int = 1  # jobs run concurrently: processes (CPU), one GPU each (cuda:i), or Ray actors
     executor: str = "local"  # local | ray
@@ -160,7 +161,7 @@ CHOICES = {
     "prepare.empty": {"drop", "error"},
     "cluster.algorithm": {"auto", "kmeans", "minibatch"},
     "train.template": {"qa", "alpaca", "vicuna", "chat"},
-    "shapley.estimator": {"group_permutation", "antithetic", "regression"},
+    "shapley.estimator": {"group_permutation", "antithetic", "regression", "stratified"},
     "shapley.value": {"loglik", "accuracy"},
     "shapley.executor": {"local", "ray"},
     "sample.method": {"qocs", "qwcs", "random", "dsir", "full"},
@@ -253,6 +254,8 @@ def validate(params: Params, source: str = PARAMS_FILE) -> Params:
     if params.sample.subset_size > 1 and params.sample.subset_size != int(params.sample.subset_size):
         raise ShedError(f"{source}: sample.subset_size: a count must be a whole number, "
                         f"got {params.sample.subset_size}")
+    if params.train.max_grad_norm < 0:
+        raise ShedError(f"{source}: train.max_grad_norm: must be 0 (off) or positive, got {params.train.max_grad_norm}")
     if params.sample.temperature <= 0:
         raise ShedError(f"{source}: sample.temperature: must be positive, got {params.sample.temperature}")
     if not 0 <= params.prepare.embedded.corrupt_fraction < 1:

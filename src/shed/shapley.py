@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -156,58 +156,269 @@ def _kernel_fit(design: np.ndarray, sizes: np.ndarray, gains: np.ndarray, v_gain
     return np.linalg.solve(kkt, np.append(rhs, v_gain_full))[:size]
 
 
-def regression(players: Sequence[Player], utility: Utility, k: int, n: int, seed: int = 0) -> ShapleyResult:
-    """KernelSHAP-style least squares over the antithetic schedule; stderr by leave-one-iteration-out
-    jackknife (credits hold the jackknife pseudo-values, whose mean is the bias-corrected value)."""
-    _check(k, n)
+def _pair_classes(size: int) -> dict[int, tuple[float, int]]:
+    """Paired size classes s = 1..N//2 (a subset of s players and its complement of N-s): the
+    Shapley-kernel mass of the class and how many pairs it holds."""
+    classes = {}
+    for s in range(1, size // 2 + 1):
+        mass = (size - 1) / (s * (size - s))
+        if s == size - s:
+            classes[s] = (mass, math.comb(size, s) // 2)
+        else:
+            classes[s] = (2 * mass, math.comb(size, s))
+    return classes
+
+
+_ENUMERATE_UP_TO = 4096  # classes with at most this many pairs are shuffled whole, larger ones sampled
+
+
+def kernel_pairs(players: Sequence[Player], seed: int) -> Iterator[tuple[frozenset, frozenset]]:
+    """An endless (until every subset is drawn) stream of complementary pairs (S, P - S).
+
+    Pair j takes the size class furthest behind its share of the Shapley-kernel mass (Webster
+    apportionment), and a subset of that class not drawn before. Classes with few subsets, the
+    extremes (one player in or one out) first, are soon drawn whole and then enter the fit
+    exactly; large classes are sampled. Each draw depends on (seed, class, draw number) only, so
+    a longer stream starts with the shorter one.
+    """
     players = list(players)
-    index = {p: i for i, p in enumerate(players)}
-    v = utility if isinstance(utility, MemoUtility) else MemoUtility(utility)
-    rows, iteration, values = [], [], []
-    made = []
-    for it in range(k):
-        subsets = iteration_subsets(antithetic_permutation(players, seed, it), n)
-        walk = [v(s) for s in subsets]  # in the schedule's order
-        for subset, value in zip(subsets[1:-1], walk[1:-1]):  # v(P), v(∅) enter as constraints
-            row = np.zeros(len(players))
-            row[[index[p] for p in subset]] = 1.0
-            rows.append(row)
-            iteration.append(it)
-            values.append(value)
-        made.append(len(v.cache))
-    v_full, v_empty = v(frozenset(players)), v(frozenset())
-    gains = np.array(values) - v_empty
-    design = np.array(rows).reshape(-1, len(players))
-    iteration = np.array(iteration)
-    sizes = design.sum(1).astype(int)
-    estimates = []
+    size = len(players)
+    full = frozenset(players)
+    classes = _pair_classes(size)
+    drawn: dict[int, set[frozenset]] = {s: set() for s in classes}
+    decks: dict[int, list] = {}
 
-    def fit(mask: np.ndarray) -> np.ndarray:
-        return _kernel_fit(design[mask], sizes[mask], gains[mask], v_full - v_empty)
+    def draw(s: int) -> frozenset:
+        count = len(drawn[s])
+        if classes[s][1] <= _ENUMERATE_UP_TO:
+            if s not in decks:  # the class's pairs, each named by its member holding players[0]
+                rest = players[1:]
+                deck = [frozenset((players[0], *c)) for c in itertools.combinations(rest, s - 1)]
+                if s != size - s:
+                    deck += [frozenset(c) for c in itertools.combinations(rest, s)]
+                decks[s] = [deck[i] for i in np.random.default_rng([seed, s]).permutation(len(deck))]
+            return decks[s][count]
+        rng = np.random.default_rng([seed, s, count])
+        while True:
+            subset = frozenset(players[i] for i in rng.choice(size, size=s, replace=False))
+            canonical = subset if players[0] in subset or s != size - s else full - subset
+            if canonical not in drawn[s]:
+                return canonical
 
-    for it in range(k):
-        estimates.append(dict(zip(players, map(float, fit(iteration <= it)))))
+    while any(len(drawn[s]) < total for s, (_, total) in classes.items()):
+        s = max((c for c, (_, total) in classes.items() if len(drawn[c]) < total),
+                key=lambda c: (classes[c][0] / (2 * len(drawn[c]) + 1), -c))
+        subset = draw(s)
+        drawn[s].add(subset)
+        yield subset, full - subset
+
+
+def kernel_subsets(players: Sequence[Player], k: int, n: int, seed: int) -> list[list[frozenset]]:
+    """The subsets `regression` evaluates per iteration: pair members of `kernel_pairs` in turn."""
+    return _per_iteration(players, k, n, (s for pair in kernel_pairs(players, seed) for s in pair))
+
+
+def _jackknifed(players: list, fit: Callable[[np.ndarray], np.ndarray], estimates: list[dict], v: MemoUtility,
+                made: list[int]) -> ShapleyResult:
+    """The result of an estimator that refits from any subset of its k iterations: stderr by
+    leave-one-iteration-out jackknife; credits hold the pseudo-values (their mean is bias-corrected)."""
+    k = len(estimates)
     phi = np.array([estimates[-1][p] for p in players])
     if k > 1:
-        pseudo = np.array([k * phi - (k - 1) * fit(iteration != i) for i in range(k)])
+        pseudo = np.array([k * phi - (k - 1) * fit(np.arange(k) != out) for out in range(k)])
     else:
         pseudo = phi[None, :]
     credits = {p: [float(x) for x in pseudo[:, i]] for i, p in enumerate(players)}
     return ShapleyResult(dict(estimates[-1]), _stderr(credits), credits, dict(v.cache), estimates, made)
 
 
-ESTIMATORS = {"group_permutation": group_permutation, "antithetic": antithetic, "regression": regression}
-ORDERS = {"group_permutation": permutation, "antithetic": antithetic_permutation, "regression": antithetic_permutation}
+def regression(players: Sequence[Player], utility: Utility, k: int, n: int, seed: int = 0) -> ShapleyResult:
+    """KernelSHAP: complementary subset pairs drawn by Shapley-kernel size (`kernel_pairs`), read by
+    efficiency-constrained weighted least squares (`_kernel_fit`). The cost per iteration equals
+    group_permutation's; n only sets that cost. stderr by leave-one-iteration-out jackknife
+    (credits hold the jackknife pseudo-values)."""
+    _check(k, n)
+    players = list(players)
+    index = {p: i for i, p in enumerate(players)}
+    v = utility if isinstance(utility, MemoUtility) else MemoUtility(utility)
+    full, empty = frozenset(players), frozenset()
+    rows, iteration, values = [], [], []
+    made = []
+    for it, subsets in enumerate(kernel_subsets(players, k, n, seed)):
+        for subset in subsets:
+            value = v(subset)
+            if subset in (full, empty):  # v(P), v(∅) enter as constraints
+                continue
+            row = np.zeros(len(players))
+            row[[index[p] for p in subset]] = 1.0
+            rows.append(row)
+            iteration.append(it)
+            values.append(value)
+        made.append(len(v.cache))
+    v_full, v_empty = v(full), v(empty)
+    gains = np.array(values) - v_empty
+    design = np.array(rows).reshape(-1, len(players))
+    iteration = np.array(iteration, dtype=int)
+    sizes = design.sum(1).astype(int)
+    estimates = []
+
+    def fit(keep: np.ndarray) -> np.ndarray:  # keep: which iterations' observations to use
+        rows = keep[iteration]
+        return _kernel_fit(design[rows], sizes[rows], gains[rows], v_full - v_empty)
+
+    for it in range(k):
+        estimates.append(dict(zip(players, map(float, fit(np.arange(k) <= it)))))
+    return _jackknifed(players, fit, estimates, v, made)
+
+
+def size_strata_subsets(players: Sequence[Player], seed: int) -> Iterator[frozenset]:
+    """An endless (until every proper non-empty subset is drawn) stream of subsets for `stratified`.
+
+    Draw j goes to the size t furthest behind its share of the Shapley-kernel mass 1/(t(N-t))
+    (Webster apportionment), as a subset of that size not drawn before. Small sizes and their
+    mirrors (one player in, one out) are soon drawn whole and then enter exactly; large sizes are
+    sampled. Each draw depends on (seed, size, draw number) only: a longer stream starts with the
+    shorter one.
+    """
+    players = list(players)
+    size = len(players)
+    mass = {t: 1.0 / (t * (size - t)) for t in range(1, size)}
+    total = {t: math.comb(size, t) for t in mass}
+    drawn: dict[int, set[frozenset]] = {t: set() for t in mass}
+    decks: dict[int, list] = {}
+
+    def draw(t: int) -> frozenset:
+        count = len(drawn[t])
+        if total[t] <= _ENUMERATE_UP_TO:  # shuffle the whole size once
+            if t not in decks:
+                deck = list(itertools.combinations(range(size), t))
+                decks[t] = [deck[i] for i in np.random.default_rng([seed, t]).permutation(len(deck))]
+            return frozenset(players[i] for i in decks[t][count])
+        rng = np.random.default_rng([seed, t, count])
+        while True:
+            subset = frozenset(players[i] for i in rng.choice(size, size=t, replace=False))
+            if subset not in drawn[t]:
+                return subset
+
+    while open_sizes := [t for t in mass if len(drawn[t]) < total[t]]:
+        t = max(open_sizes, key=lambda c: (mass[c] / (2 * len(drawn[c]) + 1), -c))
+        subset = draw(t)
+        drawn[t].add(subset)
+        yield subset
+
+
+def _per_iteration(players: Sequence[Player], k: int, n: int, stream: Iterator[frozenset]) -> list[list[frozenset]]:
+    """P and ∅ first, then ⌈C/n⌉ - 1 subsets of `stream` per iteration (group_permutation's cost per order)."""
+    per_iteration = max(1, math.ceil(len(players) / n) - 1)
+    out = [list(itertools.islice(stream, per_iteration)) for _ in range(k)]
+    out[0] = [frozenset(players), frozenset(), *out[0]]
+    return out
+
+
+STRATUM_RIDGE = 10.0  # a prior worth ~10 observations holding a size's regression slopes at 0
+
+
+def _size_difference(design: np.ndarray, values: np.ndarray, complete: bool) -> np.ndarray:
+    """D_t[i] = mean v(T) over observed size-t subsets holding i - mean over those without i.
+
+    With at least 2N observations of an incomplete size, read by the survey-sampling regression
+    (GREG) estimator: a ridge fit v ≈ a + x·b within the size corrects for how unevenly the other
+    players fell in the "with i" and "without i" samples; D = difference of residual means + the
+    fit's own exact difference (N b_i - Σb)/(N-1). On a complete size it is the plain difference.
+    """
+    m, size = design.shape
+    inside = design.sum(0)
+    outside = m - inside
+    seen = (inside > 0) & (outside > 0)  # a player never seen both ways contributes 0 for this size
+    residual, adjust = values, np.zeros(size)
+    if m >= 2 * size and not complete:
+        t = design[0].sum()
+        centred = design - inside / m
+        slopes = np.linalg.solve(centred.T @ centred + STRATUM_RIDGE * (t / size) * (1 - t / size) * np.eye(size),
+                                 centred.T @ (values - values.mean()))
+        residual = values - design @ slopes
+        adjust = (size * slopes - slopes.sum()) / (size - 1)
+    sum_in = design.T @ residual
+    sum_out = residual.sum() - sum_in
+    out = np.zeros(size)
+    out[seen] = sum_in[seen] / inside[seen] - sum_out[seen] / outside[seen] + adjust[seen]
+    return out
+
+
+def stratified(players: Sequence[Player], utility: Utility, k: int, n: int, seed: int = 0) -> ShapleyResult:
+    """Stratified SVARM (Kolpaczki et al., AAAI 2024) read with a per-size regression correction.
+
+    φ_i = (v(P) - v(∅))/N + (1/N) Σ_t D_t[i] over sizes t = 1..N-1 (`_size_difference`): every
+    evaluation informs every player, not just the two whose marginal it completes. Subsets come
+    from `size_strata_subsets`, ⌈C/n⌉ - 1 per iteration. Exact once every subset is evaluated.
+    stderr by leave-one-iteration-out jackknife (credits hold the pseudo-values).
+    """
+    _check(k, n)
+    players = list(players)
+    size = len(players)
+    index = {p: i for i, p in enumerate(players)}
+    v = utility if isinstance(utility, MemoUtility) else MemoUtility(utility)
+    full, empty = frozenset(players), frozenset()
+    rows: list[tuple[int, int, np.ndarray, float]] = []  # (iteration, size, 0/1 row, value)
+    made = []
+    for it, subsets in enumerate(_per_iteration(players, k, n, size_strata_subsets(players, seed))):
+        for subset in subsets:
+            value = v(subset)
+            if subset not in (full, empty):
+                row = np.zeros(size)
+                row[[index[p] for p in subset]] = 1.0
+                rows.append((it, len(subset), row, value))
+        made.append(len(v.cache))
+    gain = v(full) - v(empty)
+    by_size = {t: (np.array([it for it, s, _, _ in rows if s == t]), np.array([r for _, s, r, _ in rows if s == t]),
+                   np.array([y for _, s, _, y in rows if s == t])) for t in sorted({s for _, s, _, _ in rows})}
+
+    def difference(t: int, keep: np.ndarray) -> np.ndarray:
+        """D_t from the size-t observations of the iterations where keep[iteration] holds."""
+        iters, design, ys = by_size[t]
+        mask = keep[iters]
+        if not mask.any():
+            return np.zeros(size)
+        return _size_difference(design[mask], ys[mask], int(mask.sum()) == math.comb(size, t))
+
+    def values(differences: dict[int, np.ndarray]) -> np.ndarray:
+        phi = (gain + sum(differences.values(), np.zeros(size))) / size
+        return phi + (gain - phi.sum()) / size  # efficiency by a common shift: ranks unchanged
+
+    differences: dict[int, np.ndarray] = {}
+    estimates = []
+    iteration = np.arange(k)
+    for last in range(k):  # running values: refit only the sizes this iteration added to
+        for t in {s for it, s, _, _ in rows if it == last}:
+            differences[t] = difference(t, iteration <= last)
+        estimates.append(dict(zip(players, map(float, values(differences)))))
+
+    def fit(keep: np.ndarray) -> np.ndarray:
+        return values({t: difference(t, keep) for t in differences})
+
+    return _jackknifed(players, fit, estimates, v, made)
+
+
+ESTIMATORS = {"group_permutation": group_permutation, "antithetic": antithetic, "regression": regression,
+              "stratified": stratified}
+ORDERS = {"group_permutation": permutation, "antithetic": antithetic_permutation}
+
+
+def _iterations(estimator: str, players: Sequence[Player], k: int, n: int, seed: int) -> list[list[frozenset]]:
+    if estimator == "regression":
+        return kernel_subsets(players, k, n, seed)
+    if estimator == "stratified":
+        return _per_iteration(players, k, n, size_strata_subsets(players, seed))
+    return [iteration_subsets(ORDERS[estimator](list(players), seed, it), n) for it in range(k)]
 
 
 def schedule(estimator: str, players: Sequence[Player], k: int, n: int, seed: int = 0) -> list[frozenset]:
     """Every distinct subset the estimator will evaluate, in the order it first asks for it.
     All estimators here fix their subsets before seeing any value, so they can run in parallel."""
     _check(k, n)
-    order_of = ORDERS[estimator]
     seen: dict[frozenset, None] = {}
-    for it in range(k):
-        for subset in iteration_subsets(order_of(list(players), seed, it), n):
+    for subsets in _iterations(estimator, players, k, n, seed):
+        for subset in subsets:
             seen.setdefault(subset, None)
     return list(seen)
 

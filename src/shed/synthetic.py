@@ -53,7 +53,7 @@ def _position(index: int) -> Callable:
 
 def _copy(rng, template):
     words = _word_list(rng, int(rng.integers(3, 5)))
-    wrong: list[str] = []
+    wrong: list[str] = [" ".join([words[1], words[0], *words[2:]])]  # the planted slip is always a choice
     while len(wrong) < 3:  # other orders of the same words
         cand = " ".join(words[i] for i in rng.permutation(len(words)))
         if cand != " ".join(words) and cand not in wrong:
@@ -61,20 +61,35 @@ def _copy(rng, template):
     return Item(template, " ".join(words), " ".join(words), tuple(wrong), tuple(words))
 
 
-# family -> (generator, instruction templates). Templates within a family are paraphrases:
-# the redundancy SHED is meant to remove.
+# family -> (generator, instruction templates). Templates within a family are paraphrases (the
+# redundancy SHED is meant to remove) that share one key word (first, last, repeat), so a skill
+# learnt from some transfers to the others; otherwise each is worded unlike any other, as a real
+# pool's sources differ in style, so sentence embeddings group records by source, not word list.
 FAMILIES: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "first_word": (_position(0), ("What is the first word in the list?", "Name the first word of this list.",
-                                  "Which word comes first?", "Give the word at the start of the list.")),
-    "last_word": (_position(-1), ("What is the last word in the list?", "Name the last word of this list.",
-                                  "Which word comes last?", "Give the word at the end of the list.")),
-    "copy": (_copy, ("Repeat the list.", "Copy these words exactly.", "Say the words again in the same order.",
-                     "Write the list back.")),
+    "first_word": (_position(0), (
+        "What is the first word in the list?",
+        "Quiz time! Look at this sequence and name the first item in it.",
+        "Below you will find several nouns separated by spaces; reply with only the first one.",
+        "From the vocabulary workbook, exercise A: write down the first entry of the list.")),
+    "last_word": (_position(-1), (
+        "What is the last word in the list?",
+        "Pay attention to where the line of words stops, and tell me the last word standing there.",
+        "Identify the last term of this series of items and say nothing else.",
+        "Which of these words would a reader reach last when reading left to right?")),
+    "copy": (_copy, (
+        "Repeat the list.",
+        "Echo the words exactly as they are given: repeat them, keeping their original order intact.",
+        "Please repeat the following sequence of nouns faithfully.",
+        "Say all of these words back to me, one after another; repeat them without changing anything.")),
 }
 SOURCES = [(family, t) for family, (_, templates) in FAMILIES.items() for t in range(len(templates))]
 CORRUPTION_KINDS = ("wrong_answer", "other_instruction", "garbage")
 # The answer another instruction would get on the same input ("responses to a different instruction").
 OTHER_ANSWER = {"first_word": lambda w: w[-1], "last_word": lambda w: w[0], "copy": lambda w: w[0]}
+# A consistent slip, as from one careless annotator: the neighbouring word, two words swapped.
+# Consistent harm is what a model learns (and what hurts it); random slips mostly average out.
+WRONG_ANSWER = {"first_word": lambda w: w[1], "last_word": lambda w: w[-2],
+                "copy": lambda w: " ".join([w[1], w[0], *w[2:]])}
 
 
 def _make_item(rng: np.random.Generator, family: str, template: int) -> Item:
@@ -89,7 +104,7 @@ def question_text(instruction: str, inp: str) -> str:
 
 def _corrupt(rng: np.random.Generator, family: str, item: Item, kind: str) -> str:
     if kind == "wrong_answer":
-        return item.distractors[int(rng.integers(len(item.distractors)))]
+        return WRONG_ANSWER[family](item.words)
     if kind == "other_instruction":
         return OTHER_ANSWER[family](item.words)
     letters = "bcdfghjklmnpqrstvwxz"  # garbage: a truncated answer followed by noise

@@ -7,6 +7,7 @@ Trainer) keeps the per-job overhead to tokenisation lookups and optimizer creati
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 
@@ -15,6 +16,15 @@ import torch
 
 from shed.config import TrainConfig
 from shed.prompts import render
+
+
+def epoch_order(ids: list[str], seed: int, epoch: int) -> list[int]:
+    """A seeded shuffle keyed by record id: adding a record to a training set leaves the others in
+    the same relative order, so two subsets' fine-tunes differ by their data, not by the draw."""
+    def key(i: int) -> bytes:
+        return hashlib.blake2b(f"{seed}:{epoch}:{ids[i]}".encode(), digest_size=8).digest()
+
+    return sorted(range(len(ids)), key=key)
 
 
 class LoraTrainer:
@@ -90,15 +100,17 @@ class LoraTrainer:
         warmup = max(1, total // 10)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
-        rng = np.random.default_rng(seed)
+        ids = [r["id"] for r in records]
         self.model.train()
         losses = []
-        for _ in range(cfg.epochs):
-            order = rng.permutation(len(encoded))
+        for epoch in range(cfg.epochs):
+            order = epoch_order(ids, seed, epoch)
             for b in range(steps_per_epoch):
                 batch = self._batch([encoded[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]])
                 loss = self.model(**batch).loss
                 loss.backward()
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -5,8 +5,9 @@
 Utility v(S) = dev score of shapley.model after fine-tuning a fresh LoRA adapter on the proxies
 in S (v(∅) = the base model, measured). The estimator (shapley.estimator) fixes its subsets up
 front; the missing ones run in-process, in shapley.workers processes, or on Ray (shed.executors),
-each worker loading the model once. Each job re-initialises the adapter from a seed derived from
-its subset, so a subset's value does not depend on when or where it ran. Every evaluation is
+each worker loading the model once. Each job re-initialises the adapter from train.seed, the same
+for every subset (common random numbers), so a subset's value does not depend on when or where
+it ran, and two subsets' values differ by their data alone. Every evaluation is
 appended to data/shapley_jobs/jobs.jsonl the moment it completes (a persistent DVC output): a
 rerun after a crash, or with a larger k, reuses every finished job.
 
@@ -64,16 +65,12 @@ def model_fingerprint(name_or_path: str) -> str:
 def job_context(cfg: ShapleyConfig, train: TrainConfig, dev: list[dict]) -> str:
     """Everything besides the subset that determines a job's value; jobs of another context are never reused."""
     blob = json.dumps({"model": model_fingerprint(cfg.model), "train": as_dict(train), "value": cfg.value,
-                       "dev": [q["id"] for q in dev]}, sort_keys=True)
+                       "dev": [q["id"] for q in dev], "seeding": "common"}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def subset_key(proxy_ids: list[str]) -> str:
     return hashlib.sha256(",".join(sorted(proxy_ids)).encode()).hexdigest()[:20]
-
-
-def job_seed(train_seed: int, key: str) -> int:
-    return (train_seed * 1_000_003 + int(key[:8], 16)) % (2**31)
 
 
 class JobStore:
@@ -128,7 +125,10 @@ def evaluate_missing(params: Params, subsets: list[frozenset], proxy_records: di
         records = [proxy_records[c] for c in sorted(subset)]
         key = subset_key([r["id"] for r in records])
         if key not in store.values:
-            jobs.append({"key": key, "records": records, "seed": job_seed(params.train.seed, key)})
+            # Every job starts from the same adapter init and shuffle (common random numbers):
+            # v(S ∪ {i}) - v(S) then measures what record i does, not the gap between two random
+            # inits, which on small subsets dwarfs it. A value still depends on nothing but its subset.
+            jobs.append({"key": key, "records": records, "seed": params.train.seed})
     stats = {"jobs_run": len(jobs), "train": 0.0, "score": 0.0, "job": 0.0, "record": 0.0}
     if not jobs:
         return stats
