@@ -5,20 +5,24 @@ float (fine-tune on the subset, score on the dev set). The estimators here only 
 subsets to evaluate and how to turn their values into player values; the caller decides what a
 utility is, so toy games with known Shapley values test them exactly.
 
-Every estimator walks k orders of P backwards, as the paper does: from v(P), remove the next n
-players, evaluate, repeat down to v(∅). They differ in the orders and in how values are read off:
+Each iteration costs ⌈C/n⌉ - 1 new evaluations (the paper's cost per order), plus v(P) and v(∅).
+The estimators differ in which subsets they evaluate and how they read values off them:
 
-- `group_permutation` (the paper): k independent random orders; every player of the group removed
-  at step t is credited the whole drop v(S_t) - v(S_{t+1}); a value is the mean of k credits.
+- `group_permutation` (the paper): k independent random orders, each walked backwards from v(P),
+  removing n players per step; every player of the group removed at step t is credited the
+  whole drop v(S_t) - v(S_{t+1}); a value is the mean of k credits.
 - `antithetic`: the same crediting, but order 2j+1 is order 2j reversed. A player removed early in
   one is removed late in the other, so their credits are negatively correlated and the mean
   converges faster; the standard error is taken over the pairs.
-- `regression`: the antithetic subsets, read by weighted least squares: the additive game
-  v(S) ≈ v(∅) + Σ_{i∈S} φ_i that is closest to the observed values under the Shapley kernel, with
-  Σ φ_i = v(P) - v(∅) (KernelSHAP; over all subsets its solution is the Shapley value exactly).
-  Every evaluation informs every player, and a group's drop is split between its members.
+- `regression` (KernelSHAP): complementary subset pairs drawn by Shapley-kernel size, read by
+  weighted least squares: the additive game v(S) ≈ v(∅) + Σ_{i∈S} φ_i closest to the observed
+  values under the kernel, with Σ φ_i = v(P) - v(∅). Over all subsets it is exact.
+- `stratified` (stratified SVARM with a per-size regression correction): subsets drawn size by
+  size; φ_i = (v(P) - v(∅))/N + the mean over sizes t of [mean v of observed size-t subsets with
+  i - mean v of those without i]. Every evaluation informs every player; exact over all subsets.
+  On the real 12-proxy game of benchmarks/shapley_engine.py it needs the fewest evaluations.
 
-Each order depends only on (seed, iteration), so raising k keeps every earlier evaluation, and
+Every subset depends only on (seed, iteration), so raising k keeps every earlier evaluation, and
 `schedule` lists the subsets an estimator needs before any is evaluated (for parallel runs).
 """
 

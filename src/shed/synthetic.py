@@ -84,8 +84,10 @@ FAMILIES: dict[str, tuple[Callable, tuple[str, ...]]] = {
 }
 SOURCES = [(family, t) for family, (_, templates) in FAMILIES.items() for t in range(len(templates))]
 CORRUPTION_KINDS = ("wrong_answer", "other_instruction", "garbage")
-# The answer another instruction would get on the same input ("responses to a different instruction").
-OTHER_ANSWER = {"first_word": lambda w: w[-1], "last_word": lambda w: w[0], "copy": lambda w: w[0]}
+# The answer to an instruction outside the skills ("how many words?"): a response to a different
+# instruction that helps no question. (Answering another skill's question, first word for last,
+# would also teach that skill, and its Shapley value could rightly come out positive.)
+COUNTS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 # A consistent slip, as from one careless annotator: the neighbouring word, two words swapped.
 # Consistent harm is what a model learns (and what hurts it); random slips mostly average out.
 WRONG_ANSWER = {"first_word": lambda w: w[1], "last_word": lambda w: w[-2],
@@ -106,7 +108,7 @@ def _corrupt(rng: np.random.Generator, family: str, item: Item, kind: str) -> st
     if kind == "wrong_answer":
         return WRONG_ANSWER[family](item.words)
     if kind == "other_instruction":
-        return OTHER_ANSWER[family](item.words)
+        return COUNTS[len(item.words)]
     letters = "bcdfghjklmnpqrstvwxz"  # garbage: a truncated answer followed by noise
     noise = "".join(letters[i] for i in rng.integers(len(letters), size=int(rng.integers(4, 9))))
     return item.answer[: max(1, len(item.answer) // 3)] + noise
