@@ -108,7 +108,7 @@ class ShapleyConfig:
     n: int = 6  # proxies removed per step
     seed: int = 0
     estimator: str = "group_permutation"  # group_permutation (paper) | antithetic | regression | stratified
-    value: str = "loglik"  # loglik (negative dev loss) | accuracy (lm-eval multiple-choice)
+    value: str = "loglik"  # loglik (negative dev loss) | choice_logprob (smooth MC accuracy) | accuracy (lm-eval)
     workers: int = 1  # jobs run concurrently: processes (CPU), one GPU each (cuda:i), or Ray actors
     executor: str = "local"  # local | ray
     device: str = "auto"
@@ -162,7 +162,7 @@ CHOICES = {
     "cluster.algorithm": {"auto", "kmeans", "minibatch"},
     "train.template": {"qa", "alpaca", "vicuna", "chat"},
     "shapley.estimator": {"group_permutation", "antithetic", "regression", "stratified"},
-    "shapley.value": {"loglik", "accuracy"},
+    "shapley.value": {"loglik", "choice_logprob", "accuracy"},
     "shapley.executor": {"local", "ray"},
     "sample.method": {"qocs", "qwcs", "random", "dsir", "full"},
 }

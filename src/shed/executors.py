@@ -39,10 +39,12 @@ class JobRunner:
         self.setup_seconds = time.perf_counter() - start
 
     def score(self) -> float:
-        from shed.scoring import gold_loglik
+        from shed.scoring import choice_logprob, gold_loglik
 
         if self.value_kind == "loglik":
             return gold_loglik(self.trainer.model, self.tokenizer, self.dev)
+        if self.value_kind == "choice_logprob":
+            return choice_logprob(self.trainer.model, self.tokenizer, self.dev)
         return self.scorer(self.trainer.model)["shed_dev"]["acc"]
 
     def run(self, job: dict) -> dict:

@@ -73,16 +73,12 @@ class LmEvalScorer:
 
 
 @torch.no_grad()
-def gold_loglik(model, tokenizer, questions: list[dict], batch_size: int = 64) -> float:
-    """Mean per-token log-likelihood of each question's correct choice (the negative dev loss)."""
+def _continuation_logliks(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int) -> list[tuple[float, int]]:
+    """(sum of log p, token count) of each continuation after its context, in batches."""
     device = next(model.parameters()).device
-    rows = []
-    for q in questions:
-        context, choices = context_and_choices(q)
-        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-        cont = tokenizer(choices[q["answer"]], add_special_tokens=False)["input_ids"]
-        rows.append((ctx, cont))
-    total, count = 0.0, 0
+    rows = [(tokenizer(c, add_special_tokens=False)["input_ids"], tokenizer(t, add_special_tokens=False)["input_ids"])
+            for c, t in pairs]
+    out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         width = max(len(c) + len(t) for c, t in chunk)
@@ -91,9 +87,32 @@ def gold_loglik(model, tokenizer, questions: list[dict], batch_size: int = 64) -
         for i, (c, t) in enumerate(chunk):
             ids[i, : len(c) + len(t)] = torch.tensor(c + t)
             mask[i, : len(c) + len(t)] = 1
-        logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits, -1)
         for i, (c, t) in enumerate(chunk):
             positions = torch.arange(len(c) - 1, len(c) + len(t) - 1, device=logprobs.device)
-            total += logprobs[i, positions, torch.tensor(t, device=logprobs.device)].sum().item()
-            count += len(t)
-    return total / max(count, 1)
+            out.append((logprobs[i, positions, torch.tensor(t, device=logprobs.device)].sum().item(), len(t)))
+    return out
+
+
+def gold_loglik(model, tokenizer, questions: list[dict], batch_size: int = 64) -> float:
+    """Mean per-token log-likelihood of each question's correct choice (the negative dev loss)."""
+    pairs = []
+    for q in questions:
+        context, choices = context_and_choices(q)
+        pairs.append((context, choices[q["answer"]]))
+    scores = _continuation_logliks(model, tokenizer, pairs, batch_size)
+    return sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
+
+
+def choice_logprob(model, tokenizer, questions: list[dict], batch_size: int = 64) -> float:
+    """Mean log-probability of the correct choice among a question's choices, scored as lm-eval's
+    `acc` scores them (summed log-likelihood): a smooth accuracy. Learning only the answer format
+    raises every choice alike and leaves it unchanged; a record teaching a wrong choice lowers it."""
+    pairs, spans = [], []
+    for q in questions:
+        context, choices = context_and_choices(q)
+        spans.append((len(pairs), len(choices), q["answer"]))
+        pairs.extend((context, c) for c in choices)
+    sums = torch.tensor([s for s, _ in _continuation_logliks(model, tokenizer, pairs, batch_size)])
+    return float(sum(torch.log_softmax(sums[start:start + n], 0)[answer] for start, n, answer in spans) / len(spans))

@@ -1,0 +1,62 @@
+"""Value functions of the Shapley stage, on a tiny random Llama (no training needed)."""
+
+import json
+
+import pytest
+import torch
+
+from shed import synthetic, tiny
+from shed.config import BaseConfig
+from shed.scoring import LmEvalScorer, choice_logprob, context_and_choices, gold_loglik, mc_task_config
+
+
+@pytest.fixture(scope="module")
+def lm():
+    tokenizer = tiny.train_tokenizer(tiny.tokenizer_corpus(0)[:400], 320)
+    torch.manual_seed(0)
+    model = tiny.build_model(BaseConfig(vocab_size=320, hidden_size=32, layers=1, heads=2, intermediate_size=64),
+                             tokenizer)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def questions():
+    return synthetic.generate_questions(24, seed=3, salt=5)
+
+
+def choice_sums(model, tokenizer, question):
+    """Each choice's summed log-likelihood, one unpadded sequence at a time."""
+    context, choices = context_and_choices(question)
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    out = []
+    for choice in choices:
+        cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].float(), -1)
+        out.append(sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
+    return torch.tensor(out)
+
+
+def test_choice_logprob_is_the_mean_log_softmax_of_the_gold_choice(lm, questions):
+    model, tokenizer = lm
+    expected = sum(torch.log_softmax(choice_sums(model, tokenizer, q), 0)[q["answer"]].item()
+                   for q in questions) / len(questions)
+    assert choice_logprob(model, tokenizer, questions, batch_size=5) == pytest.approx(expected, abs=1e-4)
+
+
+def test_choice_logprob_picks_what_lm_eval_accuracy_picks(lm, questions, tmp_path):
+    model, tokenizer = lm
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    acc = LmEvalScorer(tokenizer, [mc_task_config("shed_dev", data)])(model)["shed_dev"]["acc"]
+    argmax = [int(choice_sums(model, tokenizer, q).argmax()) == q["answer"] for q in questions]
+    assert acc == pytest.approx(sum(argmax) / len(questions))
+
+
+def test_gold_loglik_is_per_token_over_the_gold_choices(lm, questions):
+    model, tokenizer = lm
+    total = count = 0
+    for q in questions:
+        total += choice_sums(model, tokenizer, q)[q["answer"]].item()
+        count += len(tokenizer(context_and_choices(q)[1][q["answer"]], add_special_tokens=False)["input_ids"])
+    assert gold_loglik(model, tokenizer, questions, batch_size=7) == pytest.approx(total / count, abs=1e-4)
