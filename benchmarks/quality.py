@@ -71,6 +71,14 @@ def auroc(scores: pd.DataFrame, assignments: pd.DataFrame, truth: list[dict]) ->
     return float(roc_auc_score(labels, -scores["score"].to_numpy()))
 
 
+def harm_in_bad_clusters(assignments: pd.DataFrame, truth: list[dict]) -> float:
+    """Share of the planted harmful records that sit in mostly corrupted clusters: how well the
+    clustering alone isolates harm (the ceiling for any cluster-level score)."""
+    bad = assignments["id"].isin({t["id"] for t in truth if t["corrupted"]})
+    share = bad.groupby(assignments["cluster"]).transform("mean")
+    return float((bad & (share > 0.5)).sum() / max(bad.sum(), 1))
+
+
 def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], base_dir: Path) -> dict:
     from shed.io import read_jsonl
     from shed.stages.cluster import load_clusters
@@ -87,7 +95,9 @@ def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], 
         for stage in SHARED:
             out["seconds"][stage] = run_stage(stage, raw)
         assignments, _ = load_clusters()
-        out["auroc"] = auroc(pd.read_csv("data/shapley/scores.csv"), assignments, read_jsonl("data/prepared/truth.jsonl"))
+        truth = read_jsonl("data/prepared/truth.jsonl")
+        out["auroc"] = auroc(pd.read_csv("data/shapley/scores.csv"), assignments, truth)
+        out["harm_in_bad_clusters"] = harm_in_bad_clusters(assignments, truth)
         runs = [(m, s) for m in methods for s in sizes] + [("full", 1.0)]
         for i, (method, size) in enumerate(runs):
             set_dotted(raw, "sample.method", method)
@@ -107,7 +117,7 @@ def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], 
 
 
 def summarize(runs: list[dict], key: str) -> dict:
-    values = np.array([r[key] if key == "auroc" else r["acc"][key] for r in runs], dtype=float)
+    values = np.array([r[key] if key in ("auroc", "harm_in_bad_clusters") else r["acc"][key] for r in runs], dtype=float)
     return {"mean": round(float(np.nanmean(values)), 4), "std": round(float(np.nanstd(values)), 4),
             "values": [round(float(v), 4) for v in values]}
 
@@ -146,13 +156,15 @@ def main() -> None:
     acc = {k: summarize(runs, k) for k in keys}
     result = {
         "auroc": summarize(runs, "auroc"),
+        "harm_in_bad_clusters": summarize(runs, "harm_in_bad_clusters"),
         "acc": acc,
         "seeds": args.seeds,
         "seconds": {k: round(float(np.mean([r["seconds"][k] for r in runs])), 1) for k in runs[0]["seconds"]}
         | {"base": round(base_seconds, 1), "total": round(time.perf_counter() - start, 1)},
     }
     print(f"\nAUROC (mostly-corrupted clusters get low scores): {result['auroc']['mean']:.3f} "
-          f"± {result['auroc']['std']:.3f}")
+          f"± {result['auroc']['std']:.3f}; harmful records in mostly corrupted clusters: "
+          f"{result['harm_in_bad_clusters']['mean']:.2f}")
     print(f"{'run':<14}{'acc mean':>10}{'std':>8}   per seed")
     for k, v in acc.items():
         print(f"{k:<14}{v['mean']:>10.4f}{v['std']:>8.4f}   {v['values']}")
