@@ -45,3 +45,19 @@ def test_questions_cover_every_source_with_a_valid_answer():
     assert len(instructions) == len(synthetic.SOURCES)
     for q in questions:
         assert len(q["choices"]) == 4 and len(set(q["choices"])) == 4 and 0 <= q["answer"] < 4
+
+
+def test_pretraining_teaches_the_answer_format_on_a_task_outside_the_pool():
+    from shed.synthetic import ANIMAL_QUESTION, ANIMALS, pretraining_corpus
+
+    corpus = pretraining_corpus(600, seed=0)
+    qa = [line for line in corpus if line.startswith("Question:")]
+    assert 0.2 < len(qa) / len(corpus) < 0.4
+    for line in qa:
+        question, answer = line.rsplit("\nAnswer: ", 1)
+        listed = question.split("\nInput: ")[1].split()
+        assert ANIMAL_QUESTION in question and answer in listed and answer in ANIMALS
+        assert [w for w in listed if w in ANIMALS] == [answer]  # exactly one right answer
+    pool, _ = synthetic.generate_pool(300, 0.25, seed=0)
+    assert not {r["instruction"] for r in pool} & {ANIMAL_QUESTION}  # no skill of the pool is pretrained
+    assert pretraining_corpus(600, seed=0) == corpus

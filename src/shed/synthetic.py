@@ -181,16 +181,31 @@ def generate_questions(size: int, seed: int, salt: int) -> list[dict]:
     return out
 
 
-def pretraining_corpus(n_lines: int, seed: int) -> list[str]:
-    """Generic text for briefly pre-training the tiny base: word lists, each said twice.
+# The base's side task: none of the pool's skills, all of its format (answers are list words).
+ANIMALS = ("bird", "cat", "dog", "fish", "frog", "goat", "horse", "lion", "mouse", "pig", "sheep", "whale")
+ANIMAL_QUESTION = "Name the animal in the list."
+QA_SHARE = 0.3
 
-    It teaches the vocabulary and copying (the repeats), never the question-answer format or
-    which word an instruction asks for, so instruction tuning has something to teach (and
-    something for harmful records to break).
+
+def pretraining_corpus(n_lines: int, seed: int) -> list[str]:
+    """Generic text for briefly pre-training the tiny base: word lists, each said twice, and (a
+    QA_SHARE of the lines) one question-answer task outside the pool's skills.
+
+    The repeats teach the vocabulary and copying. The side task ("name the animal in the list")
+    teaches the answer format, one word of the list then EOS, as an instruction-capable base
+    knows it: fine-tuning records then teach which word a skill asks for, not the format, so a
+    wrong answer cannot earn a positive Shapley value merely by showing the format.
     """
     rng = np.random.default_rng([seed, 7])
     lines = []
     for _ in range(n_lines):
+        if rng.random() < QA_SHARE:
+            animal = ANIMALS[int(rng.integers(len(ANIMALS)))]
+            others = [w for w in _word_list(rng, 8) if w not in ANIMALS][: int(rng.integers(3, 5))]
+            words = list(others)
+            words.insert(int(rng.integers(len(words) + 1)), animal)
+            lines.append(question_text(f"Question: {ANIMAL_QUESTION}", " ".join(words)) + f"\nAnswer: {animal}")
+            continue
         words = " ".join(_word_list(rng, int(rng.integers(3, 9))))
         lines.append(f"{words}. {words}.")  # said twice: brief pretraining grows copying (induction) heads
     return lines

@@ -1,9 +1,9 @@
 """The embedded default's base model: a BPE tokenizer trained here and a tiny seeded Llama.
 
 It stands in for LLaMA/Qwen/SmolLM on a laptop: well under 3M parameters, so a LoRA step takes well
-under a second on 2 CPU cores. A brief causal-LM pretraining on generated text (word lists and
-plain statements of facts, never the question-answer format) gives it a vocabulary and
-something to know, so instruction tuning has a real effect to measure.
+under a second on 2 CPU cores. A brief causal-LM pretraining on generated text (word lists said twice, and a
+question-answer side task outside the pool's skills) gives it a vocabulary, copying and
+the answer format, so instruction tuning has a real effect to measure: which word a skill asks for.
 """
 
 from __future__ import annotations
