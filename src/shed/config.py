@@ -105,7 +105,7 @@ class TrainConfig:
 class ShapleyConfig:
     model: str = "models/base"  # hub id or local path; the embedded default is built by `shed base`
     k: int = 4  # permutations
-    n: int = 6  # proxies removed per step
+    n: int = 1  # proxies removed per step (1: each proxy credited its own marginal)
     seed: int = 0
     estimator: str = "group_permutation"  # group_permutation (paper) | antithetic | regression | stratified
     value: str = "loglik"  # loglik (negative dev loss) | choice_logprob (smooth MC accuracy) | accuracy (lm-eval)

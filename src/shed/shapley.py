@@ -173,47 +173,58 @@ def _pair_classes(size: int) -> dict[int, tuple[float, int]]:
     return classes
 
 
-_ENUMERATE_UP_TO = 4096  # classes with at most this many pairs are shuffled whole, larger ones sampled
+_ENUMERATE_UP_TO = 4096  # classes with at most this many subsets are shuffled whole, larger ones sampled
+
+
+def _apportioned(mass: dict[int, float], total: dict[int, int], deck: Callable[[int], list[frozenset]],
+                 sample: Callable[[int, np.random.Generator], frozenset], seed: int) -> Iterator[frozenset]:
+    """Subsets of size classes, until every class is drawn whole. Draw j goes to the open class
+    furthest behind its share of `mass` (Webster apportionment), as a subset of that class not
+    drawn before: from the class's whole `deck`, shuffled once, when it holds at most
+    _ENUMERATE_UP_TO subsets; else `sample`d with rejection of repeats. Each draw depends on
+    (seed, class, draw number) only, so a longer stream starts with the shorter one."""
+    drawn: dict[int, set[frozenset]] = {c: set() for c in mass}
+    decks: dict[int, list[frozenset]] = {}
+    while open_classes := [c for c in mass if len(drawn[c]) < total[c]]:
+        c = max(open_classes, key=lambda c: (mass[c] / (2 * len(drawn[c]) + 1), -c))
+        count = len(drawn[c])
+        if total[c] <= _ENUMERATE_UP_TO:
+            if c not in decks:
+                whole = deck(c)
+                decks[c] = [whole[i] for i in np.random.default_rng([seed, c]).permutation(len(whole))]
+            subset = decks[c][count]
+        else:
+            rng = np.random.default_rng([seed, c, count])
+            while (subset := sample(c, rng)) in drawn[c]:
+                pass
+        drawn[c].add(subset)
+        yield subset
 
 
 def kernel_pairs(players: Sequence[Player], seed: int) -> Iterator[tuple[frozenset, frozenset]]:
-    """An endless (until every subset is drawn) stream of complementary pairs (S, P - S).
-
-    Pair j takes the size class furthest behind its share of the Shapley-kernel mass (Webster
-    apportionment), and a subset of that class not drawn before. Classes with few subsets, the
-    extremes (one player in or one out) first, are soon drawn whole and then enter the fit
-    exactly; large classes are sampled. Each draw depends on (seed, class, draw number) only, so
-    a longer stream starts with the shorter one.
+    """An endless (until every subset is drawn) stream of complementary pairs (S, P - S), drawn by
+    `_apportioned` over the paired size classes s = 1..N//2 (each pair named by its member
+    holding players[0] when s = N - s). Classes with few pairs, the extremes (one player in or
+    one out) first, are soon drawn whole and then enter the fit exactly; large classes are sampled.
     """
     players = list(players)
     size = len(players)
     full = frozenset(players)
     classes = _pair_classes(size)
-    drawn: dict[int, set[frozenset]] = {s: set() for s in classes}
-    decks: dict[int, list] = {}
 
-    def draw(s: int) -> frozenset:
-        count = len(drawn[s])
-        if classes[s][1] <= _ENUMERATE_UP_TO:
-            if s not in decks:  # the class's pairs, each named by its member holding players[0]
-                rest = players[1:]
-                deck = [frozenset((players[0], *c)) for c in itertools.combinations(rest, s - 1)]
-                if s != size - s:
-                    deck += [frozenset(c) for c in itertools.combinations(rest, s)]
-                decks[s] = [deck[i] for i in np.random.default_rng([seed, s]).permutation(len(deck))]
-            return decks[s][count]
-        rng = np.random.default_rng([seed, s, count])
-        while True:
-            subset = frozenset(players[i] for i in rng.choice(size, size=s, replace=False))
-            canonical = subset if players[0] in subset or s != size - s else full - subset
-            if canonical not in drawn[s]:
-                return canonical
+    def deck(s: int) -> list[frozenset]:
+        rest = players[1:]
+        pairs = [frozenset((players[0], *c)) for c in itertools.combinations(rest, s - 1)]
+        if s != size - s:
+            pairs += [frozenset(c) for c in itertools.combinations(rest, s)]
+        return pairs
 
-    while any(len(drawn[s]) < total for s, (_, total) in classes.items()):
-        s = max((c for c, (_, total) in classes.items() if len(drawn[c]) < total),
-                key=lambda c: (classes[c][0] / (2 * len(drawn[c]) + 1), -c))
-        subset = draw(s)
-        drawn[s].add(subset)
+    def sample(s: int, rng: np.random.Generator) -> frozenset:
+        subset = frozenset(players[i] for i in rng.choice(size, size=s, replace=False))
+        return subset if players[0] in subset or s != size - s else full - subset
+
+    for subset in _apportioned({s: m for s, (m, _) in classes.items()}, {s: t for s, (_, t) in classes.items()},
+                               deck, sample, seed):
         yield subset, full - subset
 
 
@@ -276,39 +287,21 @@ def regression(players: Sequence[Player], utility: Utility, k: int, n: int, seed
 
 
 def size_strata_subsets(players: Sequence[Player], seed: int) -> Iterator[frozenset]:
-    """An endless (until every proper non-empty subset is drawn) stream of subsets for `stratified`.
-
-    Draw j goes to the size t furthest behind its share of the Shapley-kernel mass 1/(t(N-t))
-    (Webster apportionment), as a subset of that size not drawn before. Small sizes and their
-    mirrors (one player in, one out) are soon drawn whole and then enter exactly; large sizes are
-    sampled. Each draw depends on (seed, size, draw number) only: a longer stream starts with the
-    shorter one.
-    """
+    """An endless (until every proper non-empty subset is drawn) stream of subsets for `stratified`,
+    drawn by `_apportioned` over the sizes t = 1..N-1 with the Shapley-kernel mass 1/(t(N-t)).
+    Small sizes and their mirrors (one player in, one out) are soon drawn whole and then enter
+    exactly; large sizes are sampled."""
     players = list(players)
     size = len(players)
     mass = {t: 1.0 / (t * (size - t)) for t in range(1, size)}
-    total = {t: math.comb(size, t) for t in mass}
-    drawn: dict[int, set[frozenset]] = {t: set() for t in mass}
-    decks: dict[int, list] = {}
 
-    def draw(t: int) -> frozenset:
-        count = len(drawn[t])
-        if total[t] <= _ENUMERATE_UP_TO:  # shuffle the whole size once
-            if t not in decks:
-                deck = list(itertools.combinations(range(size), t))
-                decks[t] = [deck[i] for i in np.random.default_rng([seed, t]).permutation(len(deck))]
-            return frozenset(players[i] for i in decks[t][count])
-        rng = np.random.default_rng([seed, t, count])
-        while True:
-            subset = frozenset(players[i] for i in rng.choice(size, size=t, replace=False))
-            if subset not in drawn[t]:
-                return subset
+    def deck(t: int) -> list[frozenset]:
+        return [frozenset(players[i] for i in c) for c in itertools.combinations(range(size), t)]
 
-    while open_sizes := [t for t in mass if len(drawn[t]) < total[t]]:
-        t = max(open_sizes, key=lambda c: (mass[c] / (2 * len(drawn[c]) + 1), -c))
-        subset = draw(t)
-        drawn[t].add(subset)
-        yield subset
+    def sample(t: int, rng: np.random.Generator) -> frozenset:
+        return frozenset(players[i] for i in rng.choice(size, size=t, replace=False))
+
+    yield from _apportioned(mass, {t: math.comb(size, t) for t in mass}, deck, sample, seed)
 
 
 def _per_iteration(players: Sequence[Player], k: int, n: int, stream: Iterator[frozenset]) -> list[list[frozenset]]:

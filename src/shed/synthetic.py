@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shed.data import record_id
+from shed.prompts import render
 
 WORDS = (
     "apple bird boat book bread car cat chair cloud cup desk dog door egg fish flag flower fork frog "
@@ -201,10 +202,11 @@ def pretraining_corpus(n_lines: int, seed: int) -> list[str]:
     for _ in range(n_lines):
         if rng.random() < QA_SHARE:
             animal = ANIMALS[int(rng.integers(len(ANIMALS)))]
-            others = [w for w in _word_list(rng, 8) if w not in ANIMALS][: int(rng.integers(3, 5))]
-            words = list(others)
+            words = [w for w in _word_list(rng, 8) if w not in ANIMALS][: int(rng.integers(3, 5))]
             words.insert(int(rng.integers(len(words) + 1)), animal)
-            lines.append(question_text(f"Question: {ANIMAL_QUESTION}", " ".join(words)) + f"\nAnswer: {animal}")
+            # Rendered by the `qa` template that fine-tuning and scoring use, so the format is theirs.
+            prompt, response = render({"instruction": ANIMAL_QUESTION, "input": " ".join(words), "output": animal}, "qa")
+            lines.append(prompt + response)
             continue
         words = " ".join(_word_list(rng, int(rng.integers(3, 9))))
         lines.append(f"{words}. {words}.")  # said twice: brief pretraining grows copying (induction) heads
