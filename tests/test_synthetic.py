@@ -47,17 +47,24 @@ def test_questions_cover_every_source_with_a_valid_answer():
         assert len(q["choices"]) == 4 and len(set(q["choices"])) == 4 and 0 <= q["answer"] < 4
 
 
-def test_pretraining_teaches_the_answer_format_on_a_task_outside_the_pool():
-    from shed.synthetic import ANIMAL_QUESTION, ANIMALS, pretraining_corpus
+def test_pretraining_teaches_the_format_and_the_skills_in_words_no_pool_template_uses():
+    from shed.synthetic import ANIMAL_QUESTION, ANIMALS, SKILL_QUESTIONS, pretraining_corpus
 
-    corpus = pretraining_corpus(600, seed=0)
-    qa = [line for line in corpus if line.startswith("Question:")]
-    assert 0.2 < len(qa) / len(corpus) < 0.4
-    for line in qa:
-        question, answer = line.rsplit("\nAnswer: ", 1)
+    corpus = pretraining_corpus(900, seed=0)
+    qa = [line.rsplit("\nAnswer: ", 1) for line in corpus if line.startswith("Question:")]
+    animal = [(q, a) for q, a in qa if ANIMAL_QUESTION in q]
+    skill = {family: [(q, a) for q, a in qa if ask in q] for family, ask in SKILL_QUESTIONS.items()}
+    assert len(animal) + sum(map(len, skill.values())) == len(qa)
+    assert 0.2 < len(animal) / len(corpus) < 0.4 and 0.2 < sum(map(len, skill.values())) / len(corpus) < 0.4
+    for question, answer in animal:
         listed = question.split("\nInput: ")[1].split()
-        assert ANIMAL_QUESTION in question and answer in listed and answer in ANIMALS
-        assert [w for w in listed if w in ANIMALS] == [answer]  # exactly one right answer
+        assert answer in listed and [w for w in listed if w in ANIMALS] == [answer]  # exactly one right answer
+    for family, lines in skill.items():
+        assert lines
+        for question, answer in lines:
+            listed = question.split("\nInput: ")[1].split()
+            assert answer == {"first_word": listed[0], "last_word": listed[-1], "copy": " ".join(listed)}[family]
     pool, _ = synthetic.generate_pool(300, 0.25, seed=0)
-    assert not {r["instruction"] for r in pool} & {ANIMAL_QUESTION}  # no skill of the pool is pretrained
-    assert pretraining_corpus(600, seed=0) == corpus
+    # The pool's phrasings are never pretrained: fine-tuning still has to map each one to its skill.
+    assert not {r["instruction"] for r in pool} & {ANIMAL_QUESTION, *SKILL_QUESTIONS.values()}
+    assert pretraining_corpus(900, seed=0) == corpus
