@@ -186,9 +186,7 @@ def generate_questions(size: int, seed: int, salt: int) -> list[dict]:
 ANIMALS = ("bird", "cat", "dog", "fish", "frog", "goat", "horse", "lion", "mouse", "pig", "sheep", "whale")
 ANIMAL_QUESTION = "Name the animal in the list."
 QA_SHARE = 0.3
-# The base also knows the pool's skills, asked in words no pool template uses, as a pretrained LLM
-# knows tasks before instruction tuning: fine-tuning then teaches each phrasing which skill it
-# asks for, so a clean record confirms what the base knows and a corrupted one contradicts it.
+# The pool's skills, asked in words no pool template uses (why: pretraining_corpus).
 SKILL_QUESTIONS = {"first_word": "Give the first word.", "last_word": "Give the last word.", "copy": "Give the words again."}
 SKILL_SHARE = 0.3
 
@@ -202,8 +200,7 @@ def pretraining_corpus(n_lines: int, seed: int) -> list[str]:
     teaches the answer format, one word of the list then EOS. The skill lines make the base what
     a pretrained LLM is before instruction tuning: it can do the tasks but not yet for every
     phrasing, so fine-tuning teaches which skill each phrasing asks for. A clean record then
-    confirms what the base knows and a corrupted one contradicts it: on the design seeds (0, 10)
-    this raised the Shapley scores' AUROC from 0.72 to 0.77 (0.72/0.72 -> 0.80/0.74).
+    confirms what the base knows and a corrupted one contradicts it (README: "Does it work?").
     """
     rng = np.random.default_rng([seed, 7])
     lines = []
@@ -212,17 +209,17 @@ def pretraining_corpus(n_lines: int, seed: int) -> list[str]:
         if draw < SKILL_SHARE:
             family = list(SKILL_QUESTIONS)[int(rng.integers(len(SKILL_QUESTIONS)))]
             item = FAMILIES[family][0](rng, SKILL_QUESTIONS[family])
-            prompt, response = render({"instruction": item.instruction, "input": item.input, "output": item.answer}, "qa")
-            lines.append(prompt + response)
-            continue
-        if draw < SKILL_SHARE + QA_SHARE:
+            qa = {"instruction": item.instruction, "input": item.input, "output": item.answer}
+        elif draw < SKILL_SHARE + QA_SHARE:
             animal = ANIMALS[int(rng.integers(len(ANIMALS)))]
             words = [w for w in _word_list(rng, 8) if w not in ANIMALS][: int(rng.integers(3, 5))]
             words.insert(int(rng.integers(len(words) + 1)), animal)
-            # Rendered by the `qa` template that fine-tuning and scoring use, so the format is theirs.
-            prompt, response = render({"instruction": ANIMAL_QUESTION, "input": " ".join(words), "output": animal}, "qa")
-            lines.append(prompt + response)
+            qa = {"instruction": ANIMAL_QUESTION, "input": " ".join(words), "output": animal}
+        else:
+            words = " ".join(_word_list(rng, int(rng.integers(3, 9))))
+            lines.append(f"{words}. {words}.")  # said twice: brief pretraining grows copying (induction) heads
             continue
-        words = " ".join(_word_list(rng, int(rng.integers(3, 9))))
-        lines.append(f"{words}. {words}.")  # said twice: brief pretraining grows copying (induction) heads
+        # Rendered by the `qa` template that fine-tuning and scoring use, so the format is theirs.
+        prompt, response = render(qa, "qa")
+        lines.append(prompt + response)
     return lines

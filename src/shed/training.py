@@ -42,6 +42,9 @@ class LoraTrainer:
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=targets, task_type="CAUSAL_LM")
         self.model = get_peft_model(model, lora)
+        # peft keeps the targets as a set, which saves in a per-process order: sort them so the
+        # saved adapter_config.json (a DVC output) is byte-identical across runs.
+        self.model.peft_config["default"].target_modules = sorted(targets)
         self._encoded: dict[str, tuple[list[int], list[int]]] = {}
 
     def encode(self, record: dict) -> tuple[list[int], list[int]]:
