@@ -39,9 +39,10 @@ def choice_sums(model, tokenizer, question):
 
 def test_choice_logprob_is_the_mean_log_softmax_of_the_gold_choice(lm, questions):
     model, tokenizer = lm
-    expected = sum(torch.log_softmax(choice_sums(model, tokenizer, q), 0)[q["answer"]].item()
-                   for q in questions) / len(questions)
-    assert choice_logprob(model, tokenizer, questions, batch_size=5) == pytest.approx(expected, abs=1e-4)
+    expected = [torch.log_softmax(choice_sums(model, tokenizer, q), 0)[q["answer"]].item() for q in questions]
+    mean, per_question = choice_logprob(model, tokenizer, questions, batch_size=5)
+    assert per_question == pytest.approx(expected, abs=1e-4)
+    assert mean == pytest.approx(sum(expected) / len(expected), abs=1e-4)
 
 
 def test_choice_logprob_picks_what_lm_eval_accuracy_picks(lm, questions, tmp_path):
@@ -55,8 +56,10 @@ def test_choice_logprob_picks_what_lm_eval_accuracy_picks(lm, questions, tmp_pat
 
 def test_gold_loglik_is_per_token_over_the_gold_choices(lm, questions):
     model, tokenizer = lm
-    total = count = 0
+    sums, counts = [], []
     for q in questions:
-        total += choice_sums(model, tokenizer, q)[q["answer"]].item()
-        count += len(tokenizer(context_and_choices(q)[1][q["answer"]], add_special_tokens=False)["input_ids"])
-    assert gold_loglik(model, tokenizer, questions, batch_size=7) == pytest.approx(total / count, abs=1e-4)
+        sums.append(choice_sums(model, tokenizer, q)[q["answer"]].item())
+        counts.append(len(tokenizer(context_and_choices(q)[1][q["answer"]], add_special_tokens=False)["input_ids"]))
+    mean, per_question = gold_loglik(model, tokenizer, questions, batch_size=7)
+    assert mean == pytest.approx(sum(sums) / sum(counts), abs=1e-4)  # over all tokens, not a mean of means
+    assert per_question == pytest.approx([s / n for s, n in zip(sums, counts)], abs=1e-4)

@@ -17,6 +17,7 @@ from shed.shapley import (
     exact_shapley,
     group_permutation,
     job_count,
+    local_values,
     permutation,
     regression,
     schedule,
@@ -248,3 +249,36 @@ def test_every_estimator_is_deterministic(size, seed, name):
     a = ESTIMATORS[name](players, game, k=3, n=2, seed=seed)
     b = ESTIMATORS[name](players, game, k=3, n=2, seed=seed)
     assert a.values == b.values and a.stderr.keys() == b.stderr.keys() and list(a.evaluations) == list(b.evaluations)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+@pytest.mark.parametrize("size,k,n", [(5, 3, 2), (9, 30, 1)])  # (9, 30, 1): stratified's regression branch too
+def test_a_vector_game_is_valued_component_by_component(name, size, k, n):
+    """One pass over a per-question game equals one scalar run per question (the estimators are linear;
+    near-singular fits of few observations agree to rounding)."""
+    players = list(range(size))
+    games = [random_game(players, seed) for seed in (1, 2, 3)]
+    vector = ESTIMATORS[name](players, lambda s: np.array([g(s) for g in games]), k=k, n=n, seed=4)
+    for i, game in enumerate(games):
+        scalar = ESTIMATORS[name](players, game, k=k, n=n, seed=4)
+        for p in players:
+            assert vector.values[p][i] == pytest.approx(scalar.values[p], rel=1e-5, abs=1e-9)
+            assert vector.stderr[p][i] == pytest.approx(scalar.stderr[p], rel=1e-5, abs=1e-9, nan_ok=True)
+            assert [c[i] for c in vector.credits[p]] == pytest.approx(scalar.credits[p], rel=1e-5, abs=1e-9)
+        assert [e[0][i] for e in vector.estimates] == pytest.approx([e[0] for e in scalar.estimates], rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_local_values_equal_each_players_own_game(name):
+    """Player p's local value over components {i, j} is its value in the game (g_i + g_j) / 2."""
+    players = list(range(6))
+    games = [random_game(players, seed) for seed in (5, 6, 7)]
+    vector = ESTIMATORS[name](players, lambda s: np.array([g(s) for g in games]), k=4, n=1, seed=2)
+    components = {p: np.array([p % 3, (p + 1) % 3]) for p in players}
+    local = local_values(vector, components)
+    for p in players:
+        i, j = components[p]
+        own = ESTIMATORS[name](players, lambda s: (games[i](s) + games[j](s)) / 2, k=4, n=1, seed=2)
+        assert local.values[p] == pytest.approx(own.values[p], rel=1e-5, abs=1e-9)
+        assert local.stderr[p] == pytest.approx(own.stderr[p], rel=1e-5, abs=1e-9)
+        assert [e[p] for e in local.estimates] == pytest.approx([e[p] for e in own.estimates], rel=1e-5, abs=1e-9)

@@ -109,6 +109,7 @@ class ShapleyConfig:
     seed: int = 0
     estimator: str = "group_permutation"  # group_permutation (paper) | antithetic | regression | stratified
     value: str = "loglik"  # loglik (negative dev loss) | choice_logprob (smooth MC accuracy) | accuracy (lm-eval)
+    dev_neighbours: int = 16  # 0: one game on the whole dev set (paper); m: each proxy on its m nearest questions
     workers: int = 1  # jobs run concurrently: processes (CPU), one GPU each (cuda:i), or Ray actors
     executor: str = "local"  # local | ray
     device: str = "auto"
@@ -246,6 +247,12 @@ def validate(params: Params, source: str = PARAMS_FILE) -> Params:
     for key in POSITIVE:
         if _get(params, key) < 1:
             raise ShedError(f"{source}: {key}: must be at least 1, got {_get(params, key)}")
+    if params.shapley.dev_neighbours < 0:
+        raise ShedError(f"{source}: shapley.dev_neighbours: must be 0 (whole dev set) or positive, "
+                        f"got {params.shapley.dev_neighbours}")
+    if params.shapley.dev_neighbours and params.shapley.value == "accuracy":
+        raise ShedError(f"{source}: shapley.dev_neighbours: needs per-question scores, which shapley.value "
+                        "accuracy (lm-eval) does not give: use loglik or choice_logprob, or dev_neighbours 0")
     if params.shapley.n > params.cluster.C:
         raise ShedError(f"{source}: shapley.n: must not exceed cluster.C={params.cluster.C}, got {params.shapley.n}")
     if params.sample.subset_size <= 0:

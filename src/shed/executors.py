@@ -38,23 +38,25 @@ class JobRunner:
             self.scorer = LmEvalScorer(self.tokenizer, [mc_task_config("shed_dev", dev_path)])
         self.setup_seconds = time.perf_counter() - start
 
-    def score(self) -> float:
+    def score(self) -> tuple[float, list[float] | None]:
+        """The dev score, and each dev question's own (None from lm-eval accuracy)."""
         from shed.scoring import choice_logprob, gold_loglik
 
         if self.value_kind == "loglik":
             return gold_loglik(self.trainer.model, self.tokenizer, self.dev)
         if self.value_kind == "choice_logprob":
             return choice_logprob(self.trainer.model, self.tokenizer, self.dev)
-        return self.scorer(self.trainer.model)["shed_dev"]["acc"]
+        return self.scorer(self.trainer.model)["shed_dev"]["acc"], None
 
     def run(self, job: dict) -> dict:
-        """job: {key, records, seed} -> {key, value, size, train_loss, *_seconds}."""
+        """job: {key, records, seed} -> {key, value, questions, size, train_loss, *_seconds}."""
         t0 = time.perf_counter()
         fit = self.trainer.fit(job["records"], seed=job["seed"])
         t1 = time.perf_counter()
-        value = float(self.score())
+        value, questions = self.score()
         t2 = time.perf_counter()
-        return {"key": job["key"], "value": value, "size": len(job["records"]), "train_loss": fit["loss"],
+        return {"key": job["key"], "value": float(value), "questions": questions, "size": len(job["records"]),
+                "train_loss": fit["loss"],
                 "train_seconds": t1 - t0, "score_seconds": t2 - t1, "job_seconds": t2 - t0}
 
 

@@ -95,19 +95,20 @@ def _continuation_logliks(model, tokenizer, pairs: list[tuple[str, str]], batch_
     return out
 
 
-def gold_loglik(model, tokenizer, questions: list[dict], batch_size: int = 64) -> float:
-    """Mean per-token log-likelihood of each question's correct choice (the negative dev loss)."""
+def gold_loglik(model, tokenizer, questions: list[dict], batch_size: int = 64) -> tuple[float, list[float]]:
+    """Mean per-token log-likelihood of the correct choices over all their tokens (the negative dev
+    loss), and each question's own per-token log-likelihood of its correct choice."""
     pairs = []
     for q in questions:
         context, choices = context_and_choices(q)
         pairs.append((context, choices[q["answer"]]))
     scores = _continuation_logliks(model, tokenizer, pairs, batch_size)
-    return sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1)
+    return sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1), [s / max(n, 1) for s, n in scores]
 
 
-def choice_logprob(model, tokenizer, questions: list[dict], batch_size: int = 64) -> float:
+def choice_logprob(model, tokenizer, questions: list[dict], batch_size: int = 64) -> tuple[float, list[float]]:
     """Mean log-probability of the correct choice among a question's choices, scored as lm-eval's
-    `acc` scores them (summed log-likelihood): a smooth accuracy. Learning only the answer format
+    `acc` scores them (summed log-likelihood): a smooth accuracy; and each question's own. Learning only the answer format
     raises every choice alike and leaves it unchanged; a record teaching a wrong choice lowers it."""
     pairs, spans = [], []
     for q in questions:
@@ -115,4 +116,5 @@ def choice_logprob(model, tokenizer, questions: list[dict], batch_size: int = 64
         spans.append((len(pairs), len(choices), q["answer"]))
         pairs.extend((context, c) for c in choices)
     sums = torch.tensor([s for s, _ in _continuation_logliks(model, tokenizer, pairs, batch_size)])
-    return float(sum(torch.log_softmax(sums[start:start + n], 0)[answer] for start, n, answer in spans) / len(spans))
+    per_question = [float(torch.log_softmax(sums[start:start + n], 0)[answer]) for start, n, answer in spans]
+    return sum(per_question) / len(per_question), per_question

@@ -1,7 +1,9 @@
 """Shapley estimators over a utility callable: pure, no I/O, no model.
 
 SHED values the proxy set P = one record per cluster. A utility maps a subset of players to a
-float (fine-tune on the subset, score on the dev set). The estimators here only decide which
+float (fine-tune on the subset, score on the dev set), or to a vector of floats, one per dev
+question: every estimator here is linear in the values, so a vector game is valued component by
+component (as if each question were its own game) in one pass. The estimators here only decide which
 subsets to evaluate and how to turn their values into player values; the caller decides what a
 utility is, so toy games with known Shapley values test them exactly.
 
@@ -36,17 +38,29 @@ from dataclasses import dataclass, field
 import numpy as np
 
 Player = Hashable
-Utility = Callable[[frozenset], float]
+Value = float | np.ndarray  # a scalar game, or one game per component (e.g. per dev question)
+Utility = Callable[[frozenset], Value]
+
+
+def _value(x) -> Value:
+    """A float for a scalar, a float array for a vector (so results print and compare plainly)."""
+    return float(x) if np.ndim(x) == 0 else np.asarray(x, dtype=float)
+
+
+def _column(x: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """x (one entry per row of `like`) shaped to broadcast over `like`'s components."""
+    return x.reshape(-1, *[1] * (like.ndim - 1))
 
 
 @dataclass
 class ShapleyResult:
-    values: dict[Player, float]
-    stderr: dict[Player, float]
-    credits: dict[Player, list[float]]  # per-iteration observations the stderr is computed from
-    evaluations: dict[frozenset, float] = field(default_factory=dict)  # distinct subsets, in order made
-    estimates: list[dict[Player, float]] = field(default_factory=list)  # running values after each iteration
+    values: dict[Player, Value]
+    stderr: dict[Player, Value]
+    credits: dict[Player, list[Value]]  # per-iteration observations the stderr is computed from
+    evaluations: dict[frozenset, Value] = field(default_factory=dict)  # distinct subsets, in order made
+    estimates: list[dict[Player, Value]] = field(default_factory=list)  # running values after each iteration
     evaluations_made: list[int] = field(default_factory=list)  # distinct evaluations after each iteration
+    stderr_group: int = 1  # credits are averaged in runs of this many before the stderr (antithetic pairs: 2)
 
 
 class MemoUtility:
@@ -54,11 +68,11 @@ class MemoUtility:
 
     def __init__(self, utility: Utility):
         self.utility = utility
-        self.cache: dict[frozenset, float] = {}
+        self.cache: dict[frozenset, Value] = {}
 
-    def __call__(self, subset: frozenset) -> float:
+    def __call__(self, subset: frozenset) -> Value:
         if subset not in self.cache:
-            self.cache[subset] = float(self.utility(subset))
+            self.cache[subset] = _value(self.utility(subset))
         return self.cache[subset]
 
 
@@ -95,12 +109,20 @@ def _check(k: int, n: int) -> None:
         raise ValueError("k and n must be at least 1")
 
 
-def _mean(credits: dict[Player, list[float]]) -> dict[Player, float]:
-    return {p: float(np.mean(c)) for p, c in credits.items()}
+def _mean(credits: dict[Player, list[Value]]) -> dict[Player, Value]:
+    return {p: _value(np.mean(c, axis=0)) for p, c in credits.items()}
 
 
-def _stderr(observations: dict[Player, list[float]]) -> dict[Player, float]:
-    return {p: float(np.std(c, ddof=1) / math.sqrt(len(c))) if len(c) > 1 else float("nan")
+def _stderr_of(observations: list[Value]) -> Value:
+    """Standard error of the mean of per-iteration observations (NaN from fewer than two)."""
+    if len(observations) < 2:
+        return _value(np.full(np.shape(observations[0]) if observations else (), np.nan))
+    return _value(np.std(observations, axis=0, ddof=1) / math.sqrt(len(observations)))
+
+
+def _stderr(observations: dict[Player, list[Value]], group: int = 1) -> dict[Player, Value]:
+    """Per player, over its observations averaged in runs of `group` (the last run may be shorter)."""
+    return {p: _stderr_of([_value(np.mean(c[i:i + group], axis=0)) for i in range(0, len(c), group)])
             for p, c in observations.items()}
 
 
@@ -108,7 +130,7 @@ def _credit_walks(players, utility, k, n, order_of) -> tuple[dict, MemoUtility, 
     """Walk k orders backwards, crediting each removed group's members with the whole drop."""
     players = list(players)
     v = utility if isinstance(utility, MemoUtility) else MemoUtility(utility)
-    credits: dict[Player, list[float]] = {p: [] for p in players}
+    credits: dict[Player, list[Value]] = {p: [] for p in players}
     estimates, made = [], []
     for it in range(k):
         order = order_of(players, it)
@@ -135,14 +157,14 @@ def antithetic(players: Sequence[Player], utility: Utility, k: int, n: int, seed
     _check(k, n)
     credits, v, estimates, made = _credit_walks(players, utility, k, n,
                                                 lambda ps, it: antithetic_permutation(ps, seed, it))
-    pair_means = {p: [float(np.mean(c[i:i + 2])) for i in range(0, len(c), 2)] for p, c in credits.items()}
-    return ShapleyResult(_mean(credits), _stderr(pair_means), credits, dict(v.cache), estimates, made)
+    return ShapleyResult(_mean(credits), _stderr(credits, group=2), credits, dict(v.cache), estimates, made, 2)
 
 
-def _kernel_fit(design: np.ndarray, sizes: np.ndarray, gains: np.ndarray, v_gain_full: float) -> np.ndarray:
+def _kernel_fit(design: np.ndarray, sizes: np.ndarray, gains: np.ndarray, v_gain_full: Value) -> np.ndarray:
     """Efficiency-constrained weighted least squares of an additive game.
 
-    design: one 0/1 row per observed subset of 0 < size < N players; gains: v(S) - v(∅).
+    design: one 0/1 row per observed subset of 0 < size < N players; gains: v(S) - v(∅), one row
+    per subset (a vector game: one column per component, all solved with one factorisation).
     An observation of size s weighs (N-1) / (s (N-s)) / m_s, with m_s the observations of that
     size: each size gets its whole Shapley-kernel mass, shared by the subsets seen of that size.
     """
@@ -150,14 +172,14 @@ def _kernel_fit(design: np.ndarray, sizes: np.ndarray, gains: np.ndarray, v_gain
     counts = np.bincount(sizes, minlength=size + 1)
     weight = (size - 1) / (sizes * (size - sizes)) / counts[sizes]
     gram = (design * weight[:, None]).T @ design
-    rhs = design.T @ (weight * gains)
+    rhs = (design * weight[:, None]).T @ gains
     # A tiny ridge makes players never yet separated (always removed together) share equally
     # instead of leaving the system singular.
     gram += np.eye(size) * 1e-9 * max(np.trace(gram) / size, 1e-12)
     kkt = np.zeros((size + 1, size + 1))
     kkt[:size, :size] = gram
     kkt[:size, size] = kkt[size, :size] = 1.0
-    return np.linalg.solve(kkt, np.append(rhs, v_gain_full))[:size]
+    return np.linalg.solve(kkt, np.concatenate([rhs, np.asarray(v_gain_full, dtype=float)[None]]))[:size]
 
 
 def _pair_classes(size: int) -> dict[int, tuple[float, int]]:
@@ -238,12 +260,12 @@ def _jackknifed(players: list, fit: Callable[[np.ndarray], np.ndarray], estimate
     """The result of an estimator that refits from any subset of its k iterations: stderr by
     leave-one-iteration-out jackknife; credits hold the pseudo-values (their mean is bias-corrected)."""
     k = len(estimates)
-    phi = np.array([estimates[-1][p] for p in players])
+    phi = np.array([estimates[-1][p] for p in players])  # (N,) or (N, components)
     if k > 1:
         pseudo = np.array([k * phi - (k - 1) * fit(np.arange(k) != out) for out in range(k)])
     else:
         pseudo = phi[None, :]
-    credits = {p: [float(x) for x in pseudo[:, i]] for i, p in enumerate(players)}
+    credits = {p: [_value(x) for x in pseudo[:, i]] for i, p in enumerate(players)}
     return ShapleyResult(dict(estimates[-1]), _stderr(credits), credits, dict(v.cache), estimates, made)
 
 
@@ -282,7 +304,7 @@ def regression(players: Sequence[Player], utility: Utility, k: int, n: int, seed
         return _kernel_fit(design[rows], sizes[rows], gains[rows], v_full - v_empty)
 
     for it in range(k):
-        estimates.append(dict(zip(players, map(float, fit(np.arange(k) <= it)))))
+        estimates.append(dict(zip(players, map(_value, fit(np.arange(k) <= it)))))
     return _jackknifed(players, fit, estimates, v, made)
 
 
@@ -324,21 +346,22 @@ def _size_difference(design: np.ndarray, values: np.ndarray, complete: bool) -> 
     fit's own exact difference (N b_i - Σb)/(N-1). On a complete size it is the plain difference.
     """
     m, size = design.shape
-    inside = design.sum(0)
+    inside = design.sum(0)  # values: (m,) or (m, components)
     outside = m - inside
     seen = (inside > 0) & (outside > 0)  # a player never seen both ways contributes 0 for this size
-    residual, adjust = values, np.zeros(size)
+    residual, adjust = values, np.zeros((size, *values.shape[1:]))
     if m >= 2 * size and not complete:
         t = design[0].sum()
         centred = design - inside / m
         slopes = np.linalg.solve(centred.T @ centred + STRATUM_RIDGE * (t / size) * (1 - t / size) * np.eye(size),
-                                 centred.T @ (values - values.mean()))
+                                 centred.T @ (values - values.mean(0)))
         residual = values - design @ slopes
-        adjust = (size * slopes - slopes.sum()) / (size - 1)
+        adjust = (size * slopes - slopes.sum(0)) / (size - 1)
     sum_in = design.T @ residual
-    sum_out = residual.sum() - sum_in
-    out = np.zeros(size)
-    out[seen] = sum_in[seen] / inside[seen] - sum_out[seen] / outside[seen] + adjust[seen]
+    sum_out = residual.sum(0) - sum_in
+    out = np.zeros(sum_in.shape)
+    out[seen] = (sum_in[seen] / _column(inside[seen], sum_in) - sum_out[seen] / _column(outside[seen], sum_in)
+                 + adjust[seen])
     return out
 
 
@@ -375,12 +398,12 @@ def stratified(players: Sequence[Player], utility: Utility, k: int, n: int, seed
         iters, design, ys = by_size[t]
         mask = keep[iters]
         if not mask.any():
-            return np.zeros(size)
+            return np.zeros((size, *np.shape(gain)))
         return _size_difference(design[mask], ys[mask], int(mask.sum()) == math.comb(size, t))
 
     def values(differences: dict[int, np.ndarray]) -> np.ndarray:
-        phi = (gain + sum(differences.values(), np.zeros(size))) / size
-        return phi + (gain - phi.sum()) / size  # efficiency by a common shift: ranks unchanged
+        phi = (gain + sum(differences.values(), np.zeros((size, *np.shape(gain))))) / size
+        return phi + (gain - phi.sum(0)) / size  # efficiency by a common shift: ranks unchanged
 
     differences: dict[int, np.ndarray] = {}
     estimates = []
@@ -388,12 +411,26 @@ def stratified(players: Sequence[Player], utility: Utility, k: int, n: int, seed
     for last in range(k):  # running values: refit only the sizes this iteration added to
         for t in {s for it, s, _, _ in rows if it == last}:
             differences[t] = difference(t, iteration <= last)
-        estimates.append(dict(zip(players, map(float, values(differences)))))
+        estimates.append(dict(zip(players, map(_value, values(differences)))))
 
     def fit(keep: np.ndarray) -> np.ndarray:
         return values({t: difference(t, keep) for t in differences})
 
     return _jackknifed(players, fit, estimates, v, made)
+
+
+def local_values(result: ShapleyResult, components: dict[Player, np.ndarray]) -> ShapleyResult:
+    """Each player's value in its own game, the mean of a vector game's components over
+    `components[p]` (e.g. the dev questions nearest the player), from one vector-game result:
+    the estimators are linear, so this equals running each player's game on its own. Scalar
+    values, stderr, credits and running estimates; evaluations keep the vectors."""
+    def mean(p: Player, x: np.ndarray) -> float:
+        return float(np.mean(np.asarray(x)[components[p]]))
+
+    credits = {p: [mean(p, c) for c in cs] for p, cs in result.credits.items()}
+    return ShapleyResult({p: mean(p, v) for p, v in result.values.items()}, _stderr(credits, result.stderr_group),
+                         credits, result.evaluations, [{p: mean(p, v) for p, v in e.items()} for e in result.estimates],
+                         result.evaluations_made, result.stderr_group)
 
 
 ESTIMATORS = {"group_permutation": group_permutation, "antithetic": antithetic, "regression": regression,

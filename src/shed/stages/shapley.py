@@ -1,6 +1,7 @@
 """shapley: value each cluster's proxy with the proxy-based Shapley estimator of SPEC.md.
 
     shed shapley                       # params.yaml: shapley.*, train.*
+    dvc exp run -S shapley.dev_neighbours=0   # the paper's single game on the whole dev set
 
 Utility v(S) = dev score of shapley.model after fine-tuning a fresh LoRA adapter on the proxies
 in S (v(∅) = the base model, measured). The estimator (shapley.estimator) fixes its subsets up
@@ -10,6 +11,13 @@ for every subset (common random numbers), so a subset's value does not depend on
 it ran, and two subsets' values differ by their data alone. Every evaluation is
 appended to data/shapley_jobs/jobs.jsonl the moment it completes (a persistent DVC output): a
 rerun after a crash, or with a larger k, reuses every finished job.
+
+With shapley.dev_neighbours = m > 0, each proxy is valued in its own game: the mean per-question
+dev score over the m dev questions nearest it (embed.model space, record and question embedded
+alike). One proxy's effect on the whole dev set is a small change buried in how the other
+proxies' fine-tune shifted every question; on the questions like it, it stands out (README:
+"Does it work?"). The jobs are the same; each records its per-question scores, and the
+estimator, linear in the values, runs once on the vector game (shed.shapley.local_values).
 
 Outputs: data/shapley/scores.csv `cluster, proxy_id, size, score, stderr, credits`,
 data/shapley/subsets.jsonl (each evaluated subset and its value), metrics/shapley.json,
@@ -32,10 +40,13 @@ from shed import plots
 from shed.config import Params, ShapleyConfig, TrainConfig, as_dict
 from shed.io import ShedError, atomic_path, log, read_jsonl, write_csv, write_json, write_jsonl
 from shed.executors import EXECUTORS
-from shed.shapley import ESTIMATORS, schedule
+from shed.shapley import ESTIMATORS, local_values, schedule
 from shed.stages.cluster import load_clusters
+from shed.stages.embed import embed_texts, record_text
 
 POOL = "data/prepared/pool.jsonl"
+EMBEDDINGS = "data/embed/embeddings.npy"
+EMBED_IDS = "data/embed/ids.txt"
 DEV = "data/prepared/dev.jsonl"
 OUT_DIR = "data/shapley"
 JOBS = "data/shapley_jobs/jobs.jsonl"
@@ -79,6 +90,7 @@ class JobStore:
     def __init__(self, path: str | Path, context: str):
         self.path, self.context = Path(path), context
         self.values: dict[str, float] = {}
+        self.questions: dict[str, list[float]] = {}  # per-dev-question scores, where recorded
         if self.path.exists():
             lines = self.path.read_text(encoding="utf-8").splitlines()
             for i, line in enumerate(lines):
@@ -90,13 +102,18 @@ class JobStore:
                     continue
                 if job.get("context") == context:
                     self.values[job["key"]] = job["value"]
+                    if job.get("questions") is not None:
+                        self.questions[job["key"]] = job["questions"]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = self.path.open("a", encoding="utf-8")
         log.info("job store %s: %d finished jobs for this model/recipe/dev set", self.path, len(self.values))
 
-    def put(self, key: str, value: float, **info) -> None:
+    def put(self, key: str, value: float, questions: list[float] | None = None, **info) -> None:
         self.values[key] = value
-        self._fh.write(json.dumps({"context": self.context, "key": key, "value": value, **info}, sort_keys=True) + "\n")
+        record = {"context": self.context, "key": key, "value": value, **info}
+        if questions is not None:
+            self.questions[key] = record["questions"] = questions
+        self._fh.write(json.dumps(record, sort_keys=True) + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
@@ -124,7 +141,8 @@ def evaluate_missing(params: Params, subsets: list[frozenset], proxy_records: di
     for subset in subsets:
         records = [proxy_records[c] for c in sorted(subset)]
         key = subset_key([r["id"] for r in records])
-        if key not in store.values:
+        # Local games need each job's per-question scores (stores written before they were kept lack them).
+        if key not in store.values or (cfg.dev_neighbours and key not in store.questions):
             # Every job starts from the same adapter init and shuffle (common random numbers):
             # v(S ∪ {i}) - v(S) then measures what record i does, not the gap between two random
             # inits, which on small subsets dwarfs it. A value still depends on nothing but its subset.
@@ -138,7 +156,7 @@ def evaluate_missing(params: Params, subsets: list[frozenset], proxy_records: di
     with tqdm(total=len(jobs), desc="shapley jobs", unit="job") as bar:
         for result in EXECUTORS[executor](params, dev, str(Path(DEV).resolve()), jobs, stats):
             t0 = time.perf_counter()
-            store.put(result["key"], result["value"], size=result["size"], train_loss=result["train_loss"],
+            store.put(result["key"], result["value"], result["questions"], size=result["size"], train_loss=result["train_loss"],
                       train_seconds=round(result["train_seconds"], 3), score_seconds=round(result["score_seconds"], 3))
             stats["record"] += time.perf_counter() - t0
             for part in ("train", "score", "job"):
@@ -147,6 +165,26 @@ def evaluate_missing(params: Params, subsets: list[frozenset], proxy_records: di
             bar.set_postfix(size=result["size"], v=f"{result['value']:.4f}")
     stats["wall"] = time.perf_counter() - start
     return stats
+
+
+def nearest_questions(params: Params, dev: list[dict], proxy_ids: list[str]) -> np.ndarray:
+    """Row i: the indices of the shapley.dev_neighbours dev questions nearest proxy i (cosine, in
+    the embed stage's space; a question embedded as a record whose output is its correct choice)."""
+    m = params.shapley.dev_neighbours
+    if m > len(dev):
+        raise ShedError(f"params.yaml: shapley.dev_neighbours: {m} is more than the {len(dev)} questions in {DEV}")
+    ids = Path(EMBED_IDS).read_text(encoding="utf-8").split()
+    row = {rid: i for i, rid in enumerate(ids)}
+    missing = [p for p in proxy_ids if p not in row]
+    if missing:
+        raise ShedError(f"{EMBED_IDS}: proxy record {missing[0]} has no embedding (rerun embed and cluster)")
+    proxies = np.load(EMBEDDINGS, mmap_mode="r")[[row[p] for p in proxy_ids]]
+    texts = [record_text({"instruction": q["question"], "output": q["choices"][q["answer"]]}, params.embed.fields)
+             for q in dev]
+    questions = embed_texts(texts, params.embed.model, params.embed.batch_size, params.embed.device,
+                            params.embed.max_seq_length)
+    similarity = np.asarray(proxies, dtype=np.float64) @ questions.T.astype(np.float64)
+    return np.argsort(-similarity, axis=1, kind="stable")[:, :m]  # ties: the earlier question
 
 
 def main(params: Params) -> None:
@@ -174,8 +212,18 @@ def main(params: Params) -> None:
     finally:
         store.close()
     reused = len(subsets) - stats["jobs_run"]
-    result = ESTIMATORS[cfg.estimator](
-        players, lambda s: store.values[subset_key([proxy_records[c]["id"] for c in s])], k=cfg.k, n=cfg.n, seed=cfg.seed)
+
+    def key(s: frozenset) -> str:
+        return subset_key([proxy_records[c]["id"] for c in s])
+
+    if cfg.dev_neighbours:
+        near = nearest_questions(params, dev, [proxy_records[c]["id"] for c in players])
+        log.info("each proxy valued on its %d nearest dev questions (of %d)", cfg.dev_neighbours, len(dev))
+        vector = ESTIMATORS[cfg.estimator](players, lambda s: np.array(store.questions[key(s)]), k=cfg.k, n=cfg.n,
+                                           seed=cfg.seed)
+        result = local_values(vector, dict(zip(players, near)))
+    else:
+        result = ESTIMATORS[cfg.estimator](players, lambda s: store.values[key(s)], k=cfg.k, n=cfg.n, seed=cfg.seed)
 
     sizes = dict(zip(proxies["cluster"].astype(int), proxies["size"].astype(int)))
     scores = pd.DataFrame({
@@ -186,7 +234,8 @@ def main(params: Params) -> None:
         "stderr": [result.stderr[c] for c in players],
         "credits": [len(result.credits[c]) for c in players],
     })
-    subsets_out = [{"clusters": sorted(int(c) for c in s), "size": len(s), "value": v} for s, v in result.evaluations.items()]
+    subsets_out = [{"clusters": sorted(int(c) for c in s), "size": len(s), "value": store.values[key(s)]}
+                   for s in result.evaluations]
     with atomic_path(OUT_DIR) as tmp:
         tmp.mkdir()
         write_csv(tmp / "scores.csv", scores)
@@ -196,14 +245,14 @@ def main(params: Params) -> None:
     rank_corr = spearman_between_iterations(result.estimates)
     plots.shapley_png(PNG, scores["score"].to_numpy(), scores["stderr"].to_numpy(), scores["size"].to_numpy())
     plots.convergence_png(CONVERGENCE_PNG, rank_corr)
-    v_full = result.evaluations[frozenset(players)]
-    v_empty = result.evaluations[frozenset()]
+    v_full = store.values[key(frozenset(players))]
+    v_empty = store.values[key(frozenset())]
     run = max(stats["jobs_run"], 1)
     write_json(METRICS, {
         "estimator": cfg.estimator, "executor": cfg.executor, "workers": cfg.workers,
         "jobs": len(result.evaluations), "jobs_reused": reused, "jobs_run": stats["jobs_run"],
         "v_full": v_full, "v_empty": v_empty,
-        "value": cfg.value, "score_mean": float(scores["score"].mean()),
+        "value": cfg.value, "dev_neighbours": cfg.dev_neighbours, "score_mean": float(scores["score"].mean()),
         "stderr_mean": float(np.nanmean(scores["stderr"])) if cfg.k > 1 else None,
         "rank_stability": rank_corr[-1] if rank_corr else None,
         "seconds": round(time.perf_counter() - start, 1),
