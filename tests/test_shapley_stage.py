@@ -114,3 +114,42 @@ def test_parallel_workers_give_the_same_scores_as_one(workspace, tmp_path, execu
     shed(workspace, "shapley")
     assert (workspace / "data/shapley/scores.csv").read_bytes() == (serial / "data/shapley/scores.csv").read_bytes()
     assert metrics(workspace)["workers"] == 2 and metrics(workspace)["executor"] == executor
+
+
+def test_local_games_reuse_the_jobs_and_over_every_question_are_the_single_game(workspace):
+    """dev_neighbours changes how the recorded per-question scores are read, not which jobs run;
+    with every dev question as each proxy's neighbours (choice_logprob: a plain mean over
+    questions) it is the paper's single game."""
+    set_params(workspace, k=2, n=1, value="choice_logprob", dev_neighbours=0)
+    shed(workspace, "shapley")
+    single = (workspace / "data/shapley/scores.csv").read_text().splitlines()
+    jobs = [json.loads(line) for line in job_lines(workspace)]
+    dev_size = len((workspace / "data/prepared/dev.jsonl").read_text().splitlines())
+    assert jobs and all(len(job["questions"]) == dev_size for job in jobs)
+    assert all(job["value"] == pytest.approx(sum(job["questions"]) / dev_size, abs=1e-12) for job in jobs)
+
+    set_params(workspace, k=2, n=1, value="choice_logprob", dev_neighbours=dev_size)
+    shed(workspace, "shapley")
+    assert metrics(workspace)["jobs_run"] == 0 and metrics(workspace)["dev_neighbours"] == dev_size
+    every = (workspace / "data/shapley/scores.csv").read_text().splitlines()
+    assert every[0] == single[0]
+    for a, b in zip(single[1:], every[1:]):
+        cluster_a, proxy_a, size_a, score_a, stderr_a, credits_a = a.split(",")
+        cluster_b, proxy_b, size_b, score_b, stderr_b, credits_b = b.split(",")
+        assert (cluster_a, proxy_a, size_a, credits_a) == (cluster_b, proxy_b, size_b, credits_b)
+        assert float(score_a) == pytest.approx(float(score_b), abs=1e-9)
+        assert float(stderr_a) == pytest.approx(float(stderr_b), abs=1e-9)
+
+    set_params(workspace, k=2, n=1, value="choice_logprob", dev_neighbours=3)
+    shed(workspace, "shapley")
+    assert metrics(workspace)["jobs_run"] == 0
+    assert (workspace / "data/shapley/scores.csv").read_text().splitlines() != every
+
+
+def test_more_neighbours_than_dev_questions_is_a_clear_error(workspace):
+    set_params(workspace, dev_neighbours=10_000)
+    result = subprocess.run([sys.executable, "-m", "shed", "shapley"], cwd=workspace, capture_output=True,
+                            text=True, env=ENV)
+    assert result.returncode != 0
+    assert "shapley.dev_neighbours: 10000 is more than the" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -170,9 +170,6 @@ def evaluate_missing(params: Params, subsets: list[frozenset], proxy_records: di
 def nearest_questions(params: Params, dev: list[dict], proxy_ids: list[str]) -> np.ndarray:
     """Row i: the indices of the shapley.dev_neighbours dev questions nearest proxy i (cosine, in
     the embed stage's space; a question embedded as a record whose output is its correct choice)."""
-    m = params.shapley.dev_neighbours
-    if m > len(dev):
-        raise ShedError(f"params.yaml: shapley.dev_neighbours: {m} is more than the {len(dev)} questions in {DEV}")
     ids = Path(EMBED_IDS).read_text(encoding="utf-8").split()
     row = {rid: i for i, rid in enumerate(ids)}
     missing = [p for p in proxy_ids if p not in row]
@@ -184,7 +181,7 @@ def nearest_questions(params: Params, dev: list[dict], proxy_ids: list[str]) -> 
     questions = embed_texts(texts, params.embed.model, params.embed.batch_size, params.embed.device,
                             params.embed.max_seq_length)
     similarity = np.asarray(proxies, dtype=np.float64) @ questions.T.astype(np.float64)
-    return np.argsort(-similarity, axis=1, kind="stable")[:, :m]  # ties: the earlier question
+    return np.argsort(-similarity, axis=1, kind="stable")[:, :params.shapley.dev_neighbours]  # ties: earlier question
 
 
 def main(params: Params) -> None:
@@ -200,6 +197,11 @@ def main(params: Params) -> None:
     proxy_records = {int(c): pool[p] for c, p in zip(proxies["cluster"], proxies["proxy_id"])}
     if cfg.n > len(players):
         raise ShedError(f"params.yaml: shapley.n: {cfg.n} is larger than the {len(players)} proxies")
+    if cfg.dev_neighbours > len(dev):
+        raise ShedError(f"params.yaml: shapley.dev_neighbours: {cfg.dev_neighbours} is more than the {len(dev)} "
+                        f"questions in {DEV}")
+    # Before any fine-tune: a missing embedding or embedding model stops the run now, not after the jobs.
+    near = nearest_questions(params, dev, [proxy_records[c]["id"] for c in players]) if cfg.dev_neighbours else None
 
     # The estimators fix their subsets before seeing any value: evaluate them all (in parallel
     # where configured), then let the estimator read the recorded values in its own order.
@@ -216,8 +218,7 @@ def main(params: Params) -> None:
     def key(s: frozenset) -> str:
         return subset_key([proxy_records[c]["id"] for c in s])
 
-    if cfg.dev_neighbours:
-        near = nearest_questions(params, dev, [proxy_records[c]["id"] for c in players])
+    if near is not None:
         log.info("each proxy valued on its %d nearest dev questions (of %d)", cfg.dev_neighbours, len(dev))
         vector = ESTIMATORS[cfg.estimator](players, lambda s: np.array(store.questions[key(s)]), k=cfg.k, n=cfg.n,
                                            seed=cfg.seed)
