@@ -23,6 +23,8 @@ def test_shipped_params_file_is_valid():
 @pytest.mark.parametrize("text,message", [
     ("sample:\n  method: best\n", "sample.method: unknown value 'best'"),
     ("shapley:\n  n: 0\n", "shapley.n: must be at least 1"),
+    ("shapley:\n  dev_neighbours: -1\n", r"shapley.dev_neighbours: must be 0 \(whole dev set\) or positive"),
+    ("shapley:\n  value: accuracy\n", "shapley.dev_neighbours: needs per-question scores"),
     ("cluster:\n  C: 5\nshapley:\n  n: 6\n", "shapley.n: must not exceed cluster.C=5"),
     ("sample:\n  subset_size: -1\n", "sample.subset_size: must be positive"),
     ("cluster:\n  C: ten\n", "cluster.C: expected an integer"),

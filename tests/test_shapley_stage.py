@@ -153,3 +153,17 @@ def test_more_neighbours_than_dev_questions_is_a_clear_error(workspace):
     assert result.returncode != 0
     assert "shapley.dev_neighbours: 10000 is more than the" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_job_store_keeps_per_question_scores_and_knows_which_jobs_lack_them(tmp_path):
+    from shed.stages.shapley import JobStore
+
+    path = tmp_path / "jobs.jsonl"
+    store = JobStore(path, "ctx")
+    store.put("a", 1.0, [0.5, 1.5], size=2)
+    store.close()
+    with path.open("a") as fh:  # a job recorded before per-question scores were kept: rerun for local games
+        fh.write(json.dumps({"context": "ctx", "key": "b", "value": 2.0}) + "\n")
+    again = JobStore(path, "ctx")
+    again.close()
+    assert again.values == {"a": 1.0, "b": 2.0} and again.questions == {"a": [0.5, 1.5]}
