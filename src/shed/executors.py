@@ -56,8 +56,7 @@ class JobRunner:
         value, questions = self.score()
         t2 = time.perf_counter()
         return {"key": job["key"], "value": float(value), "questions": questions, "size": len(job["records"]),
-                "train_loss": fit["loss"],
-                "train_seconds": t1 - t0, "score_seconds": t2 - t1, "job_seconds": t2 - t0}
+                "train_loss": fit["loss"], "train_seconds": t1 - t0, "score_seconds": t2 - t1, "job_seconds": t2 - t0}
 
 
 def worker_devices(device: str, workers: int) -> list[str]:

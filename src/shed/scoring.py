@@ -108,8 +108,9 @@ def gold_loglik(model, tokenizer, questions: list[dict], batch_size: int = 64) -
 
 def choice_logprob(model, tokenizer, questions: list[dict], batch_size: int = 64) -> tuple[float, list[float]]:
     """Mean log-probability of the correct choice among a question's choices, scored as lm-eval's
-    `acc` scores them (summed log-likelihood): a smooth accuracy; and each question's own. Learning only the answer format
-    raises every choice alike and leaves it unchanged; a record teaching a wrong choice lowers it."""
+    `acc` scores them (summed log-likelihood): a smooth accuracy; and each question's own. Learning
+    only the answer format raises every choice alike and leaves it unchanged; a record teaching a
+    wrong choice lowers it."""
     pairs, spans = [], []
     for q in questions:
         context, choices = context_and_choices(q)

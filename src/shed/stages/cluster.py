@@ -14,8 +14,8 @@ import pandas as pd
 from shed import clustering, plots
 from shed.config import Params
 from shed.io import ShedError, atomic_path, log, write_csv, write_json
+from shed.stages.embed import load_embeddings
 
-EMBED_DIR = "data/embed"
 OUT_DIR = "data/clusters"
 METRICS = "metrics/cluster.json"
 PLOT = "plots/clusters.png"
@@ -23,8 +23,7 @@ PLOT = "plots/clusters.png"
 
 def main(params: Params) -> None:
     cfg = params.cluster
-    vectors = np.load(f"{EMBED_DIR}/embeddings.npy")
-    ids = open(f"{EMBED_DIR}/ids.txt", encoding="utf-8").read().split()
+    vectors, ids = load_embeddings()
     if cfg.C > len(ids):
         raise ShedError(f"params.yaml: cluster.C: {cfg.C} clusters asked for, but the pool has only {len(ids)} records")
     log.info("k-means: %d records into %d clusters (seed %d)", len(ids), cfg.C, cfg.seed)

@@ -56,6 +56,12 @@ def embed_texts(texts: list[str], model_name: str, batch_size: int, device: str 
     return vectors.astype(np.float32)
 
 
+def load_embeddings(mmap: bool = False) -> tuple[np.ndarray, list[str]]:
+    """(vectors, record ids) as written by this stage: row i is the record with id ids[i]."""
+    vectors = np.load(f"{OUT_DIR}/embeddings.npy", mmap_mode="r" if mmap else None)
+    return vectors, Path(f"{OUT_DIR}/ids.txt").read_text(encoding="utf-8").split()
+
+
 def main(params: Params) -> None:
     cfg = params.embed
     pool = read_jsonl(POOL)

@@ -42,11 +42,9 @@ from shed.io import ShedError, atomic_path, log, read_jsonl, write_csv, write_js
 from shed.executors import EXECUTORS
 from shed.shapley import ESTIMATORS, local_values, schedule
 from shed.stages.cluster import load_clusters
-from shed.stages.embed import embed_texts, record_text
+from shed.stages.embed import embed_texts, load_embeddings, record_text
 
 POOL = "data/prepared/pool.jsonl"
-EMBEDDINGS = "data/embed/embeddings.npy"
-EMBED_IDS = "data/embed/ids.txt"
 DEV = "data/prepared/dev.jsonl"
 OUT_DIR = "data/shapley"
 JOBS = "data/shapley_jobs/jobs.jsonl"
@@ -156,8 +154,8 @@ def evaluate_missing(params: Params, subsets: list[frozenset], proxy_records: di
     with tqdm(total=len(jobs), desc="shapley jobs", unit="job") as bar:
         for result in EXECUTORS[executor](params, dev, str(Path(DEV).resolve()), jobs, stats):
             t0 = time.perf_counter()
-            store.put(result["key"], result["value"], result["questions"], size=result["size"], train_loss=result["train_loss"],
-                      train_seconds=round(result["train_seconds"], 3), score_seconds=round(result["score_seconds"], 3))
+            store.put(result["key"], result["value"], result["questions"], size=result["size"],
+                      train_loss=result["train_loss"], train_seconds=round(result["train_seconds"], 3), score_seconds=round(result["score_seconds"], 3))
             stats["record"] += time.perf_counter() - t0
             for part in ("train", "score", "job"):
                 stats[part] += result[f"{part}_seconds"]
@@ -170,12 +168,12 @@ def evaluate_missing(params: Params, subsets: list[frozenset], proxy_records: di
 def nearest_questions(params: Params, dev: list[dict], proxy_ids: list[str]) -> np.ndarray:
     """Row i: the indices of the shapley.dev_neighbours dev questions nearest proxy i (cosine, in
     the embed stage's space; a question embedded as a record whose output is its correct choice)."""
-    ids = Path(EMBED_IDS).read_text(encoding="utf-8").split()
+    vectors, ids = load_embeddings(mmap=True)  # only the C proxy rows are read
     row = {rid: i for i, rid in enumerate(ids)}
     missing = [p for p in proxy_ids if p not in row]
     if missing:
-        raise ShedError(f"{EMBED_IDS}: proxy record {missing[0]} has no embedding (rerun embed and cluster)")
-    proxies = np.load(EMBEDDINGS, mmap_mode="r")[[row[p] for p in proxy_ids]]
+        raise ShedError(f"data/embed/ids.txt: proxy record {missing[0]} has no embedding (rerun embed and cluster)")
+    proxies = vectors[[row[p] for p in proxy_ids]]
     texts = [record_text({"instruction": q["question"], "output": q["choices"][q["answer"]]}, params.embed.fields)
              for q in dev]
     questions = embed_texts(texts, params.embed.model, params.embed.batch_size, params.embed.device,
