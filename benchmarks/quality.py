@@ -16,8 +16,8 @@ import argparse
 import json
 import logging
 import os
-import sys
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,7 +80,7 @@ def harm_in_bad_clusters(assignments: pd.DataFrame, truth: list[dict]) -> float:
 
 
 def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], base_dir: Path) -> dict:
-    from shed.io import read_jsonl
+    from shed.fileio import read_jsonl
     from shed.stages.cluster import load_clusters
 
     raw = json.loads(json.dumps(base_raw))

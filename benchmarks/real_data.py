@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from shed.config import load_params  # noqa: E402
 from shed.fetch import DEST, fetch_smollm2  # noqa: E402
-from shed.io import read_jsonl, setup_logging  # noqa: E402
+from shed.fileio import read_jsonl, setup_logging  # noqa: E402
 
 TASKS = ["mmlu_local", "arc_challenge_local"]
 

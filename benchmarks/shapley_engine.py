@@ -66,7 +66,7 @@ def prepare_workspace() -> None:
 def load_game():
     """(params, proxy records by cluster, dev set, jobs for every subset keyed by frozenset)."""
     from shed.config import load_params
-    from shed.io import read_jsonl
+    from shed.fileio import read_jsonl
     from shed.stages.cluster import load_clusters
     from shed.stages.shapley import DEV, POOL, subset_key
 

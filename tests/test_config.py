@@ -1,7 +1,7 @@
 import pytest
 
 from shed.config import load_params
-from shed.io import ShedError
+from shed.fileio import ShedError
 
 
 def write(tmp_path, text):

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from shed.data import load_rows, normalize_choice_set, normalize_pool, record_id
-from shed.io import ShedError
+from shed.fileio import ShedError
 
 
 def test_record_ids_are_stable_content_hashes():
@@ -69,7 +69,7 @@ def test_choice_sets_validate_answer_range():
 
 
 def test_jsonl_strings_with_unicode_line_separators_round_trip(tmp_path):
-    from shed.io import read_jsonl, write_jsonl
+    from shed.fileio import read_jsonl, write_jsonl
 
     rows = [{"question": "a\u2028b\x85c\u2029d\x1ce", "answer": 0}]
     write_jsonl(tmp_path / "q.jsonl", rows)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from shed import fetch
-from shed.io import ShedError
+from shed.fileio import ShedError
 
 
 def fake_pip(returncode=0):

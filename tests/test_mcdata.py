@@ -5,8 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from shed.io import ShedError
-from shed.mcdata import arc_rows, load_choice_set, mmlu_rows, question_key, refuse_overlap
+from shed.fileio import ShedError
+from shed.mcdata import (
+    arc_rows,
+    load_choice_set,
+    mmlu_rows,
+    question_key,
+    refuse_overlap,
+)
 from shed.scoring import TASK_DIR
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

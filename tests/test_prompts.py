@@ -7,7 +7,7 @@ import pytest
 
 from shed import tiny
 from shed.config import BaseConfig, TrainConfig
-from shed.io import ShedError
+from shed.fileio import ShedError
 from shed.prompts import ALPACA_NO_INPUT, VICUNA_INPUT, VICUNA_NO_INPUT, render
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared/data/shed_reference/vicuna_prompt_template.json"

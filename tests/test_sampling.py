@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from shed.io import ShedError
+from shed.fileio import ShedError
 from shed.sampling import qocs, qwcs, qwcs_probabilities, random_sample, resolve_size
 
 MEMBERS = {0: ["a0", "a1", "a2"], 1: ["b0", "b1"], 2: ["c0", "c1", "c2", "c3"], 3: ["d0"]}

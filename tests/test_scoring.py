@@ -7,7 +7,13 @@ import torch
 
 from shed import synthetic, tiny
 from shed.config import BaseConfig
-from shed.scoring import LmEvalScorer, choice_logprob, context_and_choices, gold_loglik, mc_task_config
+from shed.scoring import (
+    LmEvalScorer,
+    choice_logprob,
+    context_and_choices,
+    gold_loglik,
+    mc_task_config,
+)
 
 
 @pytest.fixture(scope="module")

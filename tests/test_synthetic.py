@@ -48,7 +48,12 @@ def test_questions_cover_every_source_with_a_valid_answer():
 
 
 def test_pretraining_teaches_the_format_and_the_skills_in_words_no_pool_template_uses():
-    from shed.synthetic import ANIMAL_QUESTION, ANIMALS, SKILL_QUESTIONS, pretraining_corpus
+    from shed.synthetic import (
+        ANIMAL_QUESTION,
+        ANIMALS,
+        SKILL_QUESTIONS,
+        pretraining_corpus,
+    )
 
     corpus = pretraining_corpus(900, seed=0)
     qa = [line.rsplit("\nAnswer: ", 1) for line in corpus if line.startswith("Question:")]

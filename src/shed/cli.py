@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from shed.io import ShedError, setup_logging
+from shed.fileio import ShedError, setup_logging
 
 STAGES = ["prepare", "base", "embed", "cluster", "shapley", "sample", "finetune", "evaluate"]
 

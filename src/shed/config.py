@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from shed.io import ShedError
+from shed.fileio import ShedError
 
 PARAMS_FILE = "params.yaml"
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from shed.io import ShedError, log, read_json, read_jsonl
+from shed.fileio import ShedError, read_json, read_jsonl
+
+log = logging.getLogger(__name__)
 
 POOL_FORMATS = {
     # format -> (instruction, input, output) field names

@@ -68,7 +68,7 @@ def worker_devices(device: str, workers: int) -> list[str]:
     device = resolve_device(device)
     if device == "cuda" and workers > 1:
         if torch.cuda.device_count() < workers:
-            from shed.io import ShedError
+            from shed.fileio import ShedError
 
             raise ShedError(f"shapley.workers: {workers} workers need {workers} GPUs, found {torch.cuda.device_count()}")
         return [f"cuda:{i}" for i in range(workers)]
@@ -128,7 +128,7 @@ def run_ray(params: Params, dev: list[dict], dev_path: str, jobs: list[dict], st
     try:
         import ray
     except ImportError:
-        from shed.io import ShedError
+        from shed.fileio import ShedError
 
         raise ShedError("shapley.executor: ray needs Ray (pip install 'shed[ray]')") from None
     import torch

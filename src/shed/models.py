@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
 
-from shed.io import ShedError, log
+from shed.fileio import ShedError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str = "auto") -> str:

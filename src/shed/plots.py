@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from shed.io import atomic_path  # noqa: E402
+from shed.fileio import atomic_path  # noqa: E402
 
 
 def _save(fig, path: str) -> None:

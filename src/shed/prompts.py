@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shed.io import ShedError
+from shed.fileio import ShedError
 
 ALPACA_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from shed.io import ShedError, log, write_text
+from shed.fileio import ShedError, write_text
+
+log = logging.getLogger(__name__)
 
 PARAMS = "params.yaml"
 EVAL = "metrics/eval.json"

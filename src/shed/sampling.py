@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shed.io import ShedError
+from shed.fileio import ShedError
 
 
 def resolve_size(size: float, pool_size: int) -> int:

@@ -36,7 +36,7 @@ class LoraTrainer:
         self.device = next(model.parameters()).device
         targets = [t for t in cfg.lora.target_modules if any(name.endswith(t) for name, _ in model.named_modules())]
         if not targets:
-            from shed.io import ShedError
+            from shed.fileio import ShedError
 
             raise ShedError(f"train.lora.target_modules: none of {cfg.lora.target_modules} exist in this model")
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,

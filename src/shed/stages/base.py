@@ -8,12 +8,16 @@ stage then still runs (seconds) but nothing reads its output.
 
 from __future__ import annotations
 
+import logging
+
 from tqdm import tqdm
 
 from shed import tiny
 from shed.config import Params
-from shed.io import atomic_path, log, write_json
+from shed.fileio import atomic_path, write_json
 from shed.synthetic import pretraining_corpus
+
+log = logging.getLogger(__name__)
 
 OUT_DIR = "models/base"
 METRICS = "metrics/base.json"

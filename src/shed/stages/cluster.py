@@ -8,13 +8,17 @@ proxies.csv `cluster, proxy_id, size`; a picture of the clusters in plots/cluste
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 
 from shed import clustering, plots
 from shed.config import Params
-from shed.io import ShedError, atomic_path, log, write_csv, write_json
+from shed.fileio import ShedError, atomic_path, write_csv, write_json
 from shed.stages.embed import load_embeddings
+
+log = logging.getLogger(__name__)
 
 OUT_DIR = "data/clusters"
 METRICS = "metrics/cluster.json"

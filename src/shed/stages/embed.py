@@ -9,13 +9,16 @@ The authors embed the whole record as one string; embed.fields chooses which fie
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from shed.config import Params
-from shed.io import ShedError, atomic_path, log, read_jsonl, write_json
+from shed.fileio import ShedError, atomic_path, read_jsonl, write_json
 from shed.models import resolve_device
+
+log = logging.getLogger(__name__)
 
 POOL = "data/prepared/pool.jsonl"
 OUT_DIR = "data/embed"

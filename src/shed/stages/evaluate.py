@@ -7,13 +7,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from shed.config import Params
-from shed.io import ShedError, log, read_jsonl, write_json
+from shed.fileio import ShedError, read_jsonl, write_json
 from shed.mcdata import arc_rows, mmlu_rows, question_key, refuse_overlap
 from shed.models import load_causal_lm
 from shed.scoring import FILE_TASKS, LOCAL_TASKS, LmEvalScorer, mc_task_config
+
+log = logging.getLogger(__name__)
 
 DEV = "data/prepared/dev.jsonl"
 EVAL = "data/prepared/eval.jsonl"

@@ -6,14 +6,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 from tqdm import tqdm
 
 from shed.config import Params
-from shed.io import ShedError, atomic_path, log, read_jsonl, write_json
+from shed.fileio import ShedError, atomic_path, read_jsonl, write_json
 from shed.models import load_causal_lm
 from shed.training import LoraTrainer
+
+log = logging.getLogger(__name__)
 
 DATASET = "data/curated/dataset.jsonl"
 OUT_DIR = "models/finetuned"

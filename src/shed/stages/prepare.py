@@ -11,11 +11,15 @@ truth.jsonl (which records were planted as harmful: read by benchmarks only, nev
 
 from __future__ import annotations
 
+import logging
+
 from shed import synthetic
 from shed.config import Params
 from shed.data import load_rows, normalize_pool
-from shed.io import ShedError, atomic_path, log, write_json, write_jsonl
+from shed.fileio import ShedError, atomic_path, write_json, write_jsonl
 from shed.mcdata import load_choice_set, question_key, refuse_overlap
+
+log = logging.getLogger(__name__)
 
 OUT_DIR = "data/prepared"
 METRICS = "metrics/prepare.json"

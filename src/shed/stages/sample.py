@@ -12,13 +12,16 @@ order) and manifest.json (method, size, seed, sha256 of the dataset, per-cluster
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import pandas as pd
 
 from shed import dsir, sampling
 from shed.config import Params
-from shed.io import ShedError, atomic_path, log, read_jsonl, write_json, write_jsonl
+from shed.fileio import ShedError, atomic_path, read_jsonl, write_json, write_jsonl
 from shed.stages.cluster import load_clusters
+
+log = logging.getLogger(__name__)
 
 POOL = "data/prepared/pool.jsonl"
 DEV = "data/prepared/dev.jsonl"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -38,11 +39,20 @@ from tqdm import tqdm
 
 from shed import plots
 from shed.config import Params, ShapleyConfig, TrainConfig, as_dict
-from shed.io import ShedError, atomic_path, log, read_jsonl, write_csv, write_json, write_jsonl
 from shed.executors import EXECUTORS
+from shed.fileio import (
+    ShedError,
+    atomic_path,
+    read_jsonl,
+    write_csv,
+    write_json,
+    write_jsonl,
+)
 from shed.shapley import ESTIMATORS, local_values, schedule
 from shed.stages.cluster import load_clusters
 from shed.stages.embed import embed_texts, load_embeddings, record_text
+
+log = logging.getLogger(__name__)
 
 POOL = "data/prepared/pool.jsonl"
 DEV = "data/prepared/dev.jsonl"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import datasets
 
-from shed.io import ShedError
+from shed.fileio import ShedError
 from shed.mcdata import arc_rows, mmlu_rows
 
 

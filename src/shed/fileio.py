@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("shed")
+log = logging.getLogger(__name__)
 
 
 class ShedError(Exception):
@@ -110,5 +110,5 @@ def _read_text(path: Path) -> str:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("SHED_LOG_LEVEL", "INFO"), format="%(asctime)s shed %(message)s",
+    logging.basicConfig(level=os.environ.get("SHED_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S")
