@@ -3,6 +3,7 @@
 import numpy as np
 
 from shed import dsir
+from shed.records import question_as_record, record_text
 from shed.sampling import dsir_sample
 
 TARGET = ["What is the capital of France?\nParis", "What is the capital of Peru?\nLima"]
@@ -27,7 +28,7 @@ def test_dsir_sample_is_seeded_without_replacement_and_follows_the_weights():
 
 def test_question_text_is_the_question_with_its_answer():
     q = {"question": "2 + 2?", "choices": ["3", "4"], "answer": 1}
-    assert dsir.question_text(q) == "2 + 2?\n4"
+    assert record_text(question_as_record(q)) == "2 + 2?\n4"
 
 
 def test_sample_stage_selects_dsir_at_the_requested_size():

@@ -156,7 +156,7 @@ def test_more_neighbours_than_dev_questions_is_a_clear_error(workspace):
 
 
 def test_job_store_keeps_per_question_scores_and_knows_which_jobs_lack_them(tmp_path):
-    from shed.stages.shapley import JobStore
+    from shed.jobstore import JobStore
 
     path = tmp_path / "jobs.jsonl"
     store = JobStore(path, "ctx")

@@ -33,7 +33,6 @@ def proxies(labels: np.ndarray, distances: np.ndarray) -> dict[int, int]:
 
 def members_by_distance(labels: np.ndarray, distances: np.ndarray) -> dict[int, list[int]]:
     """Row indices of each cluster's members, nearest to the centroid first (ties: lowest row)."""
-    out: dict[int, list[int]] = {}
-    for i in np.lexsort((np.arange(len(labels)), distances, labels)):
-        out.setdefault(int(labels[i]), []).append(int(i))
-    return out
+    order = np.lexsort((np.arange(len(labels)), distances, labels))
+    groups = np.split(order, np.flatnonzero(np.diff(labels[order])) + 1) if len(order) else []
+    return {int(labels[g[0]]): g.tolist() for g in groups}

@@ -29,7 +29,3 @@ def log_importance_weights(raw: list[str], target: list[str]) -> np.ndarray:
         dsir.fit_importance_estimator(num_tokens_to_fit="all")
         return np.array([dsir.importance_estimator(dsir.featurizer(t)) for t in raw], dtype=float)
 
-
-def question_text(question: dict) -> str:
-    """A dev question with its correct answer: the text the target domain is made of."""
-    return f"{question['question']}\n{question['choices'][question['answer']]}"

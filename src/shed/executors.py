@@ -1,7 +1,7 @@
 """Running fine-tune-and-score jobs: in-process, in worker processes, or as Ray actors.
 
-A job is (key, proxy records, seed); its value depends on nothing else, so any executor gives
-the same values as any other. Each worker loads the model, tokenizer and dev set once and then
+A job is (key, proxy records, seed) and a `JobSpec` says how to run it (model, recipe, value);
+its value depends on nothing else, so any executor gives the same values as any other. Each worker loads the model, tokenizer and dev set once and then
 runs many jobs (the authors started a fresh process per job, reloading a 7B model each time).
 Executors yield results as jobs finish, so the caller records each one the moment it completes.
 """
@@ -11,14 +11,29 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-from shed.config import Params
+from shed.config import TrainConfig
+from shed.fileio import ShedError
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a worker needs to run jobs: the model, the fine-tuning recipe and the value function."""
+
+    model: str
+    device: str
+    dtype: str
+    train: TrainConfig
+    value: str  # loglik | choice_logprob | accuracy
+    dev: list[dict]  # the dev questions
+    dev_path: str  # the same questions as a file (lm-eval reads files)
 
 
 class JobRunner:
     """v(S) for one worker: a loaded base model and a fresh LoRA adapter per job."""
 
-    def __init__(self, params: Params, dev: list[dict], dev_path: str, device: str, threads: int = 0):
+    def __init__(self, spec: JobSpec, device: str, threads: int = 0):
         import torch
 
         from shed.models import load_causal_lm
@@ -27,16 +42,15 @@ class JobRunner:
         if threads:
             torch.set_num_threads(threads)
         start = time.perf_counter()
-        cfg = params.shapley
-        self.dev = dev
-        model, self.tokenizer = load_causal_lm(cfg.model, device, cfg.dtype)
-        self.trainer = LoraTrainer(model, self.tokenizer, params.train)
-        self.value_kind = cfg.value
-        if cfg.value == "accuracy":
+        self.dev = spec.dev
+        model, self.tokenizer = load_causal_lm(spec.model, device, spec.dtype)
+        self.trainer = LoraTrainer(model, self.tokenizer, spec.train)
+        self.value_kind = spec.value
+        if spec.value == "accuracy":
             from shed.scoring import LmEvalScorer, mc_task_config
 
-            self.scorer = LmEvalScorer(self.tokenizer, [mc_task_config("shed_dev", dev_path)])
-        self.setup_seconds = time.perf_counter() - start
+            self.scorer = LmEvalScorer(self.tokenizer, [mc_task_config("shed_dev", spec.dev_path)])
+        self.setup_seconds = time.perf_counter() - start  # reported with this worker's first job
 
     def score(self) -> tuple[float, list[float] | None]:
         """The dev score, and each dev question's own (None from lm-eval accuracy)."""
@@ -49,14 +63,17 @@ class JobRunner:
         return self.scorer(self.trainer.model)["shed_dev"]["acc"], None
 
     def run(self, job: dict) -> dict:
-        """job: {key, records, seed} -> {key, value, questions, size, train_loss, *_seconds}."""
+        """job: {key, records, seed} -> {key, value, questions, size, train_loss, *_seconds}; the
+        worker's first result also carries its setup time (loading the model)."""
+        setup, self.setup_seconds = self.setup_seconds, 0.0
         t0 = time.perf_counter()
         fit = self.trainer.fit(job["records"], seed=job["seed"])
         t1 = time.perf_counter()
         value, questions = self.score()
         t2 = time.perf_counter()
         return {"key": job["key"], "value": float(value), "questions": questions, "size": len(job["records"]),
-                "train_loss": fit["loss"], "train_seconds": t1 - t0, "score_seconds": t2 - t1, "job_seconds": t2 - t0}
+                "train_loss": fit["loss"], "train_seconds": t1 - t0, "score_seconds": t2 - t1, "job_seconds": t2 - t0,
+                "setup_seconds": setup}
 
 
 def worker_devices(device: str, workers: int) -> list[str]:
@@ -68,8 +85,6 @@ def worker_devices(device: str, workers: int) -> list[str]:
     device = resolve_device(device)
     if device == "cuda" and workers > 1:
         if torch.cuda.device_count() < workers:
-            from shed.fileio import ShedError
-
             raise ShedError(f"shapley.workers: {workers} workers need {workers} GPUs, found {torch.cuda.device_count()}")
         return [f"cuda:{i}" for i in range(workers)]
     return [device] * workers
@@ -80,9 +95,8 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def run_local(params: Params, dev: list[dict], dev_path: str, jobs: list[dict], stats: dict) -> Iterator[dict]:
-    runner = JobRunner(params, dev, dev_path, worker_devices(params.shapley.device, 1)[0])
-    stats["setup_seconds"] = runner.setup_seconds
+def run_local(spec: JobSpec, jobs: list[dict], workers: int = 1) -> Iterator[dict]:
+    runner = JobRunner(spec, worker_devices(spec.device, 1)[0])
     for job in jobs:
         yield runner.run(job)
 
@@ -90,58 +104,50 @@ def run_local(params: Params, dev: list[dict], dev_path: str, jobs: list[dict], 
 _RUNNER: JobRunner | None = None  # the worker process's runner, loaded once by _init_worker
 
 
-def _init_worker(params: Params, dev: list[dict], dev_path: str, devices: list[str], threads: int, slots) -> None:
+def _init_worker(spec: JobSpec, devices: list[str], threads: int, slots) -> None:
     global _RUNNER
     slot = slots.get()  # which device this process owns
-    _RUNNER = JobRunner(params, dev, dev_path, devices[slot], threads if devices[slot] == "cpu" else 0)
+    _RUNNER = JobRunner(spec, devices[slot], threads if devices[slot] == "cpu" else 0)
 
 
 def _run_in_worker(job: dict) -> dict:
     return _RUNNER.run(job)
 
 
-def run_processes(params: Params, dev: list[dict], dev_path: str, jobs: list[dict], stats: dict) -> Iterator[dict]:
-    """`shapley.workers` spawned processes (spawn: no forked torch/CUDA state), each owning a device."""
+def run_processes(spec: JobSpec, jobs: list[dict], workers: int) -> Iterator[dict]:
+    """`workers` spawned processes (spawn: no forked torch/CUDA state), each owning a device."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    workers = params.shapley.workers
-    devices = worker_devices(params.shapley.device, workers)
+    devices = worker_devices(spec.device, workers)
     context = multiprocessing.get_context("spawn")
     slots = context.Manager().Queue()
     for i in range(workers):
         slots.put(i)
-    start = time.perf_counter()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(params, dev, dev_path, devices, threads_per_worker(workers), slots)) as pool:
+                             initargs=(spec, devices, threads_per_worker(workers), slots)) as pool:
         pending = {pool.submit(_run_in_worker, job) for job in jobs}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in sorted(done, key=lambda f: f.result()["key"]):
-                result = future.result()
-                stats.setdefault("setup_seconds", time.perf_counter() - start - result["job_seconds"])
-                yield result
+                yield future.result()
 
 
-def run_ray(params: Params, dev: list[dict], dev_path: str, jobs: list[dict], stats: dict) -> Iterator[dict]:
+def run_ray(spec: JobSpec, jobs: list[dict], workers: int) -> Iterator[dict]:
     """The same jobs on Ray actors (one GPU each where there are GPUs), e.g. across a cluster."""
     try:
         import ray
     except ImportError:
-        from shed.fileio import ShedError
-
         raise ShedError("shapley.executor: ray needs Ray (pip install 'shed[ray]')") from None
     import torch
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     gpus = 1 if torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    workers = params.shapley.workers
     threads = threads_per_worker(workers)
     actor = ray.remote(num_gpus=gpus, num_cpus=1)(JobRunner)
     device = "cuda" if gpus else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES: each actor sees its own GPU as cuda
-    actors = [actor.remote(params, dev, dev_path, device, 0 if gpus else threads) for _ in range(workers)]
-    start = time.perf_counter()
+    actors = [actor.remote(spec, device, 0 if gpus else threads) for _ in range(workers)]
     queue = list(reversed(jobs))
     running = {}
     for a in actors:
@@ -151,7 +157,6 @@ def run_ray(params: Params, dev: list[dict], dev_path: str, jobs: list[dict], st
         done, _ = ray.wait(list(running), num_returns=1)
         a = running.pop(done[0])
         result = ray.get(done[0])
-        stats.setdefault("setup_seconds", time.perf_counter() - start - result["job_seconds"])
         if queue:
             running[a.run.remote(queue.pop())] = a
         yield result
@@ -160,3 +165,9 @@ def run_ray(params: Params, dev: list[dict], dev_path: str, jobs: list[dict], st
 
 
 EXECUTORS = {"local": run_local, "processes": run_processes, "ray": run_ray}
+
+
+def run_jobs(spec: JobSpec, jobs: list[dict], workers: int = 1, executor: str = "local") -> Iterator[dict]:
+    """Each job's result as it finishes: in-process (1 local worker), in processes, or on Ray."""
+    name = "ray" if executor == "ray" else "local" if workers == 1 else "processes"
+    return EXECUTORS[name](spec, jobs, workers)

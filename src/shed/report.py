@@ -11,7 +11,6 @@ identical params are counted once; those differing only in seeds are averaged (m
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess
@@ -147,17 +146,14 @@ def load_exp_show(path: str | None) -> list:
     return data
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="shed report", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="a saved `dvc exp show --json` (default: run it)")
-    parser.add_argument("--out", default="reports", help="output folder (default: reports)")
-    args = parser.parse_args(argv)
-    summary = table(runs(load_exp_show(args.json)))
+def main(json_path: str | None = None, out: str = "reports") -> None:
+    """The report of every finished experiment -> `out`/report.md and `out`/accuracy-<task>.png."""
+    summary = table(runs(load_exp_show(json_path)))
     if not summary:
         raise ShedError("no evaluated experiment found (run `dvc exp run` or `dvc queue start` first)")
     from shed import plots
 
-    out = Path(args.out)
+    out = Path(out)
     write_text(out / "report.md", "# Eval accuracy by method and subset size\n\n" + markdown(summary))
     for task in sorted({t for s in summary for t in s["acc"]}):
         lines, refs = curves(summary, task)

@@ -12,15 +12,12 @@ import logging
 
 from tqdm import tqdm
 
-from shed import tiny
+from shed import artifacts, tiny
 from shed.config import Params
 from shed.fileio import atomic_path, write_json
 from shed.synthetic import pretraining_corpus
 
 log = logging.getLogger(__name__)
-
-OUT_DIR = "models/base"
-METRICS = "metrics/base.json"
 
 
 def main(params: Params) -> None:
@@ -34,9 +31,9 @@ def main(params: Params) -> None:
         blocks = tiny.pack(pretraining_corpus(20_000, cfg.seed), tokenizer, block=64)
         with tqdm(total=cfg.pretrain_steps, desc="pretrain base", unit="step") as bar:
             losses = tiny.pretrain(model, blocks, cfg, progress=bar)
-    with atomic_path(OUT_DIR) as tmp:
+    with atomic_path(artifacts.BASE_MODEL) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    write_json(METRICS, {"parameters": n_params, "pretrain_steps": cfg.pretrain_steps,
+    write_json(artifacts.metrics("base"), {"parameters": n_params, "pretrain_steps": cfg.pretrain_steps,
                          "pretrain_loss": round(losses[-1], 4) if losses else None})
-    log.info("base model -> %s/", OUT_DIR)
+    log.info("base model -> %s/", artifacts.BASE_MODEL)

@@ -13,21 +13,16 @@ import logging
 import numpy as np
 import pandas as pd
 
-from shed import clustering, plots
+from shed import artifacts, clustering, plots
 from shed.config import Params
-from shed.fileio import ShedError, atomic_path, write_csv, write_json
-from shed.stages.embed import load_embeddings
+from shed.fileio import ShedError, write_json
 
 log = logging.getLogger(__name__)
-
-OUT_DIR = "data/clusters"
-METRICS = "metrics/cluster.json"
-PLOT = "plots/clusters.png"
 
 
 def main(params: Params) -> None:
     cfg = params.cluster
-    vectors, ids = load_embeddings()
+    vectors, ids = artifacts.read_embeddings()
     if cfg.C > len(ids):
         raise ShedError(f"params.yaml: cluster.C: {cfg.C} clusters asked for, but the pool has only {len(ids)} records")
     log.info("k-means: %d records into %d clusters (seed %d)", len(ids), cfg.C, cfg.seed)
@@ -40,17 +35,8 @@ def main(params: Params) -> None:
     sizes = np.bincount(labels, minlength=cfg.C)
     proxies = pd.DataFrame({"cluster": sorted(proxy_rows), "proxy_id": [ids[proxy_rows[c]] for c in sorted(proxy_rows)],
                             "size": [int(sizes[c]) for c in sorted(proxy_rows)]})
-    with atomic_path(OUT_DIR) as tmp:
-        tmp.mkdir()
-        write_csv(tmp / "assignments.csv", assignments)
-        write_csv(tmp / "proxies.csv", proxies)
-    write_json(METRICS, {"clusters": int(len(proxies)), "size_min": int(sizes.min()),
-                         "size_median": float(np.median(sizes)), "size_max": int(sizes.max())})
-    plots.clusters_png(PLOT, vectors, labels, proxy_rows)
-    log.info("clusters -> %s/, picture -> %s", OUT_DIR, PLOT)
-
-
-def load_clusters() -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(assignments, proxies) as written by this stage."""
-    return (pd.read_csv(f"{OUT_DIR}/assignments.csv", dtype={"id": str}),
-            pd.read_csv(f"{OUT_DIR}/proxies.csv", dtype={"proxy_id": str}))
+    artifacts.write_clusters(assignments, proxies)
+    write_json(artifacts.metrics("cluster"), {"clusters": int(len(proxies)), "size_min": int(sizes.min()),
+                                              "size_median": float(np.median(sizes)), "size_max": int(sizes.max())})
+    plots.clusters_png(artifacts.CLUSTERS_PNG, vectors, labels, proxy_rows)
+    log.info("clusters -> %s/, picture -> %s", artifacts.CLUSTERS, artifacts.CLUSTERS_PNG)

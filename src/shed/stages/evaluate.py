@@ -10,23 +10,19 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from shed import artifacts
 from shed.config import Params
-from shed.fileio import ShedError, read_jsonl, write_json
+from shed.fileio import write_json
 from shed.mcdata import arc_rows, mmlu_rows, question_key, refuse_overlap
 from shed.models import load_causal_lm
 from shed.scoring import FILE_TASKS, LOCAL_TASKS, LmEvalScorer, mc_task_config
 
 log = logging.getLogger(__name__)
 
-DEV = "data/prepared/dev.jsonl"
-EVAL = "data/prepared/eval.jsonl"
-ADAPTER = "models/finetuned"
-METRICS = "metrics/eval.json"
-
 
 def task_specs(params: Params) -> list[str | dict]:
     """Project tasks become configs over local files; any other name is an lm-eval built-in."""
-    return [mc_task_config(name, EVAL) if name in LOCAL_TASKS else name for name in params.evaluate.tasks]
+    return [mc_task_config(name, artifacts.EVAL) if name in LOCAL_TASKS else name for name in params.evaluate.tasks]
 
 
 def check_file_tasks(params: Params) -> dict[str, str]:
@@ -34,15 +30,13 @@ def check_file_tasks(params: Params) -> dict[str, str]:
     cfg, metadata = params.evaluate, {}
     for task in (t for t in cfg.tasks if t in FILE_TASKS):
         key = FILE_TASKS[task]
-        source = getattr(cfg, key)
-        if not source:
-            raise ShedError(f"params.yaml: evaluate.{key}: needed by task {task} (a path), got ''")
+        source = getattr(cfg, key)  # non-empty: the config schema checks it
         if task == "mmlu_local":
             keys = {question_key(r["question"], r["choices"]) for r in mmlu_rows(source, "test")}
         else:
             keys = {question_key(r["question"], r["choices"]["text"]) for r in arc_rows(source)}
-        if Path(DEV).exists():
-            refuse_overlap(read_jsonl(DEV), keys, DEV, source)
+        if Path(artifacts.DEV).exists():
+            refuse_overlap(artifacts.read_dev(), keys, artifacts.DEV, source)
         metadata[key] = str(Path(source).resolve())
     return metadata
 
@@ -59,8 +53,8 @@ def main(params: Params) -> None:
         log.info("scoring the base model on %s", ", ".join(cfg.tasks))
         metrics["base"] = scorer(model)
     log.info("scoring the fine-tuned model on %s", ", ".join(cfg.tasks))
-    metrics["finetuned"] = scorer(PeftModel.from_pretrained(model, ADAPTER).eval())
-    write_json(METRICS, metrics)
+    metrics["finetuned"] = scorer(PeftModel.from_pretrained(model, artifacts.FINETUNED).eval())
+    write_json(artifacts.metrics("evaluate"), metrics)
     for task, m in metrics["finetuned"].items():
         log.info("%s: acc %.4f (base %s) -> %s", task, m.get("acc", float("nan")),
-                 f"{metrics['base'][task]['acc']:.4f}" if "base" in metrics else "not scored", METRICS)
+                 f"{metrics['base'][task]['acc']:.4f}" if "base" in metrics else "not scored", artifacts.metrics("evaluate"))

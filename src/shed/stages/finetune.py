@@ -11,32 +11,29 @@ import math
 
 from tqdm import tqdm
 
+from shed import artifacts
 from shed.config import Params
-from shed.fileio import ShedError, atomic_path, read_jsonl, write_json
+from shed.fileio import ShedError, atomic_path, write_json
 from shed.models import load_causal_lm
 from shed.training import LoraTrainer
 
 log = logging.getLogger(__name__)
 
-DATASET = "data/curated/dataset.jsonl"
-OUT_DIR = "models/finetuned"
-METRICS = "metrics/finetune.json"
-
 
 def main(params: Params) -> None:
     cfg, train = params.finetune, params.train
-    dataset = read_jsonl(DATASET)
+    dataset = artifacts.read_dataset()
     if not dataset:
-        raise ShedError(f"{DATASET}: the curated dataset is empty")
+        raise ShedError(f"{artifacts.DATASET}: the curated dataset is empty")
     model, tokenizer = load_causal_lm(cfg.model, cfg.device, cfg.dtype)
     trainer = LoraTrainer(model, tokenizer, train)
     steps = math.ceil(len(dataset) / train.batch_size) * train.epochs
     log.info("fine-tuning %s on %d records (%d steps)", cfg.model, len(dataset), steps)
     with tqdm(total=steps, desc="finetune", unit="step") as bar:
         fit = trainer.fit(dataset, seed=train.seed, progress=bar)
-    with atomic_path(OUT_DIR) as tmp:
+    with atomic_path(artifacts.FINETUNED) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    write_json(METRICS, {"records": len(dataset), "steps": fit["steps"], "train_loss": round(fit["loss"], 5),
+    write_json(artifacts.metrics("finetune"), {"records": len(dataset), "steps": fit["steps"], "train_loss": round(fit["loss"], 5),
                          "seconds": round(fit["seconds"], 1)})
-    log.info("adapter -> %s/", OUT_DIR)
+    log.info("adapter -> %s/", artifacts.FINETUNED)

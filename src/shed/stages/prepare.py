@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import logging
 
-from shed import synthetic
+from shed import artifacts, synthetic
 from shed.config import Params
 from shed.data import load_rows, normalize_pool
-from shed.fileio import ShedError, atomic_path, write_json, write_jsonl
+from shed.fileio import ShedError, write_json
 from shed.mcdata import load_choice_set, question_key, refuse_overlap
 
 log = logging.getLogger(__name__)
-
-OUT_DIR = "data/prepared"
-METRICS = "metrics/prepare.json"
 
 
 def exclude(dev: list[dict], sources: list[str]) -> list[dict]:
@@ -69,12 +66,9 @@ def build(params: Params) -> dict[str, list[dict]]:
 
 def main(params: Params) -> None:
     tables = build(params)
-    with atomic_path(OUT_DIR) as tmp:
-        tmp.mkdir()
-        for name, rows in tables.items():
-            write_jsonl(tmp / f"{name}.jsonl", rows)
+    artifacts.write_prepared(tables)
     counts = {name: len(rows) for name, rows in tables.items() if name != "truth"}
     if "truth" in tables:
         counts["planted_harmful"] = sum(r["corrupted"] for r in tables["truth"])
-    write_json(METRICS, counts)
-    log.info("prepared %s -> %s/", ", ".join(f"{v} {k}" for k, v in counts.items()), OUT_DIR)
+    write_json(artifacts.metrics("prepare"), counts)
+    log.info("prepared %s -> %s/", ", ".join(f"{v} {k}" for k, v in counts.items()), artifacts.PREPARED)

@@ -26,10 +26,7 @@ plots/shapley_scores.csv, plots/shapley.png, plots/convergence.png.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -37,96 +34,16 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from shed import plots
-from shed.config import Params, ShapleyConfig, TrainConfig, as_dict
-from shed.executors import EXECUTORS
-from shed.fileio import (
-    ShedError,
-    atomic_path,
-    read_jsonl,
-    write_csv,
-    write_json,
-    write_jsonl,
-)
+from shed import artifacts, plots
+from shed.config import Params
+from shed.embedding import embed_texts
+from shed.executors import JobSpec, run_jobs
+from shed.fileio import ShedError, write_csv, write_json
+from shed.jobstore import JobStore, job_context, subset_key
+from shed.records import question_as_record, record_text
 from shed.shapley import ESTIMATORS, local_values, schedule
-from shed.stages.cluster import load_clusters
-from shed.stages.embed import embed_texts, load_embeddings, record_text
 
 log = logging.getLogger(__name__)
-
-POOL = "data/prepared/pool.jsonl"
-DEV = "data/prepared/dev.jsonl"
-OUT_DIR = "data/shapley"
-JOBS = "data/shapley_jobs/jobs.jsonl"
-METRICS = "metrics/shapley.json"
-SCORES_PLOT = "plots/shapley_scores.csv"
-PNG = "plots/shapley.png"
-CONVERGENCE_PNG = "plots/convergence.png"
-
-
-def model_fingerprint(name_or_path: str) -> str:
-    """Identifies the model's weights without reading all of them (7B checkpoints are 14 GB)."""
-    path = Path(name_or_path)
-    if not path.exists():
-        return name_or_path  # a hub id
-    digest = hashlib.sha256()
-    for f in sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file()):
-        size = f.stat().st_size
-        digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            digest.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), os.SEEK_END)
-                digest.update(fh.read())
-    return digest.hexdigest()
-
-
-def job_context(cfg: ShapleyConfig, train: TrainConfig, dev: list[dict]) -> str:
-    """Everything besides the subset that determines a job's value; jobs of another context are never reused."""
-    blob = json.dumps({"model": model_fingerprint(cfg.model), "train": as_dict(train), "value": cfg.value,
-                       "dev": [q["id"] for q in dev], "seeding": "common"}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def subset_key(proxy_ids: list[str]) -> str:
-    return hashlib.sha256(",".join(sorted(proxy_ids)).encode()).hexdigest()[:20]
-
-
-class JobStore:
-    """Append-only record of finished utility evaluations: one JSON line, flushed and fsynced, per job."""
-
-    def __init__(self, path: str | Path, context: str):
-        self.path, self.context = Path(path), context
-        self.values: dict[str, float] = {}
-        self.questions: dict[str, list[float]] = {}  # per-dev-question scores, where recorded
-        if self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            for i, line in enumerate(lines):
-                try:
-                    job = json.loads(line)
-                except json.JSONDecodeError:
-                    # Only a crash mid-write can leave a bad line, and only as the last one.
-                    log.warning("%s: line %d is incomplete (interrupted write); ignoring it", self.path, i + 1)
-                    continue
-                if job.get("context") == context:
-                    self.values[job["key"]] = job["value"]
-                    if job.get("questions") is not None:
-                        self.questions[job["key"]] = job["questions"]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a", encoding="utf-8")
-        log.info("job store %s: %d finished jobs for this model/recipe/dev set", self.path, len(self.values))
-
-    def put(self, key: str, value: float, questions: list[float] | None = None, **info) -> None:
-        self.values[key] = value
-        record = {"context": self.context, "key": key, "value": value, **info}
-        if questions is not None:
-            self.questions[key] = record["questions"] = questions
-        self._fh.write(json.dumps(record, sort_keys=True) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        self._fh.close()
 
 
 def spearman_between_iterations(estimates: list[dict]) -> list[float]:
@@ -140,35 +57,39 @@ def spearman_between_iterations(estimates: list[dict]) -> list[float]:
     return out
 
 
-def evaluate_missing(params: Params, subsets: list[frozenset], proxy_records: dict[int, dict], dev: list[dict],
-                     store: JobStore) -> dict:
-    """Run every job of `subsets` not in the store on the configured executor, recording each as
-    it finishes; returns timing totals."""
-    cfg = params.shapley
+def missing_jobs(subsets: list[frozenset], proxy_records: dict[int, dict], store: JobStore, seed: int,
+                 need_questions: bool) -> list[dict]:
+    """The jobs of `subsets` not in the store (local games also need each job's per-question scores)."""
     jobs = []
     for subset in subsets:
         records = [proxy_records[c] for c in sorted(subset)]
         key = subset_key([r["id"] for r in records])
-        # Local games need each job's per-question scores (stores written before they were kept lack them).
-        if key not in store.values or (cfg.dev_neighbours and key not in store.questions):
+        if not store.has(key, questions=need_questions):
             # Every job starts from the same adapter init and shuffle (common random numbers):
             # v(S ∪ {i}) - v(S) then measures what record i does, not the gap between two random
             # inits, which on small subsets dwarfs it. A value still depends on nothing but its subset.
-            jobs.append({"key": key, "records": records, "seed": params.train.seed})
-    stats = {"jobs_run": len(jobs), "train": 0.0, "score": 0.0, "job": 0.0, "record": 0.0}
+            jobs.append({"key": key, "records": records, "seed": seed})
+    return jobs
+
+
+def run_and_record(spec: JobSpec, jobs: list[dict], store: JobStore, workers: int, executor: str) -> dict:
+    """Run `jobs`, storing each result the moment it arrives; returns timing totals."""
+    stats = {"jobs_run": len(jobs), "train": 0.0, "score": 0.0, "job": 0.0, "record": 0.0, "setup": 0.0,
+             "wall": 0.0}
     if not jobs:
         return stats
-    executor = "ray" if cfg.executor == "ray" else "local" if cfg.workers == 1 else "processes"
-    log.info("running %d new jobs on %s with %d worker(s)", len(jobs), executor, cfg.workers)
+    log.info("running %d new jobs (%s executor, %d worker(s))", len(jobs), executor, workers)
     start = time.perf_counter()
     with tqdm(total=len(jobs), desc="shapley jobs", unit="job") as bar:
-        for result in EXECUTORS[executor](params, dev, str(Path(DEV).resolve()), jobs, stats):
+        for result in run_jobs(spec, jobs, workers, executor):
             t0 = time.perf_counter()
             store.put(result["key"], result["value"], result["questions"], size=result["size"],
-                      train_loss=result["train_loss"], train_seconds=round(result["train_seconds"], 3), score_seconds=round(result["score_seconds"], 3))
+                      train_loss=result["train_loss"], train_seconds=round(result["train_seconds"], 3),
+                      score_seconds=round(result["score_seconds"], 3))
             stats["record"] += time.perf_counter() - t0
             for part in ("train", "score", "job"):
                 stats[part] += result[f"{part}_seconds"]
+            stats["setup"] = max(stats["setup"], result["setup_seconds"])  # workers load in parallel
             bar.update(1)
             bar.set_postfix(size=result["size"], v=f"{result['value']:.4f}")
     stats["wall"] = time.perf_counter() - start
@@ -177,15 +98,14 @@ def evaluate_missing(params: Params, subsets: list[frozenset], proxy_records: di
 
 def nearest_questions(params: Params, dev: list[dict], proxy_ids: list[str]) -> np.ndarray:
     """Row i: the indices of the shapley.dev_neighbours dev questions nearest proxy i (cosine, in
-    the embed stage's space; a question embedded as a record whose output is its correct choice)."""
-    vectors, ids = load_embeddings(mmap=True)  # only the C proxy rows are read
+    the embed stage's space; a question embedded as the record that teaches its correct choice)."""
+    vectors, ids = artifacts.read_embeddings(mmap=True)  # only the C proxy rows are read
     row = {rid: i for i, rid in enumerate(ids)}
     missing = [p for p in proxy_ids if p not in row]
     if missing:
-        raise ShedError(f"data/embed/ids.txt: proxy record {missing[0]} has no embedding (rerun embed and cluster)")
+        raise ShedError(f"{artifacts.EMBED_IDS}: proxy record {missing[0]} has no embedding (rerun embed and cluster)")
     proxies = vectors[[row[p] for p in proxy_ids]]
-    texts = [record_text({"instruction": q["question"], "output": q["choices"][q["answer"]]}, params.embed.fields)
-             for q in dev]
+    texts = [record_text(question_as_record(q), params.embed.fields) for q in dev]
     questions = embed_texts(texts, params.embed.model, params.embed.batch_size, params.embed.device,
                             params.embed.max_seq_length)
     similarity = np.asarray(proxies, dtype=np.float64) @ questions.T.astype(np.float64)
@@ -195,19 +115,19 @@ def nearest_questions(params: Params, dev: list[dict], proxy_ids: list[str]) -> 
 def main(params: Params) -> None:
     cfg = params.shapley
     start = time.perf_counter()
-    pool = {r["id"]: r for r in read_jsonl(POOL)}
-    dev = read_jsonl(DEV)
-    _, proxies = load_clusters()
+    pool = {r["id"]: r for r in artifacts.read_pool()}
+    dev = artifacts.read_dev()
+    _, proxies = artifacts.read_clusters()
     missing = [p for p in proxies["proxy_id"] if p not in pool]
     if missing:
-        raise ShedError(f"{POOL}: proxy record {missing[0]} is not in the pool (rerun prepare, embed, cluster)")
+        raise ShedError(f"{artifacts.POOL}: proxy record {missing[0]} is not in the pool (rerun prepare, embed, cluster)")
     players = [int(c) for c in proxies["cluster"]]
     proxy_records = {int(c): pool[p] for c, p in zip(proxies["cluster"], proxies["proxy_id"])}
     if cfg.n > len(players):
         raise ShedError(f"params.yaml: shapley.n: {cfg.n} is larger than the {len(players)} proxies")
     if cfg.dev_neighbours > len(dev):
         raise ShedError(f"params.yaml: shapley.dev_neighbours: {cfg.dev_neighbours} is more than the {len(dev)} "
-                        f"questions in {DEV}")
+                        f"questions in {artifacts.DEV}")
     # Before any fine-tune: a missing embedding or embedding model stops the run now, not after the jobs.
     near = nearest_questions(params, dev, [proxy_records[c]["id"] for c in players]) if cfg.dev_neighbours else None
 
@@ -216,11 +136,11 @@ def main(params: Params) -> None:
     subsets = schedule(cfg.estimator, players, cfg.k, cfg.n, cfg.seed)
     log.info("Shapley (%s): %d proxies, k=%d, n=%d -> %d distinct fine-tune-and-score jobs",
              cfg.estimator, len(players), cfg.k, cfg.n, len(subsets))
-    store = JobStore(JOBS, job_context(cfg, params.train, dev))
-    try:
-        stats = evaluate_missing(params, subsets, proxy_records, dev, store)
-    finally:
-        store.close()
+    spec = JobSpec(model=cfg.model, device=cfg.device, dtype=cfg.dtype, train=params.train, value=cfg.value,
+                   dev=dev, dev_path=str(Path(artifacts.DEV).resolve()))
+    with JobStore(artifacts.JOBS, job_context(cfg.model, params.train, cfg.value, [q["id"] for q in dev])) as store:
+        jobs = missing_jobs(subsets, proxy_records, store, params.train.seed, need_questions=bool(cfg.dev_neighbours))
+        stats = run_and_record(spec, jobs, store, cfg.workers, cfg.executor)
     reused = len(subsets) - stats["jobs_run"]
 
     def key(s: frozenset) -> str:
@@ -243,21 +163,18 @@ def main(params: Params) -> None:
         "stderr": [result.stderr[c] for c in players],
         "credits": [len(result.credits[c]) for c in players],
     })
-    subsets_out = [{"clusters": sorted(int(c) for c in s), "size": len(s), "value": store.values[key(s)]}
-                   for s in result.evaluations]
-    with atomic_path(OUT_DIR) as tmp:
-        tmp.mkdir()
-        write_csv(tmp / "scores.csv", scores)
-        write_jsonl(tmp / "subsets.jsonl", subsets_out)
-    write_csv(SCORES_PLOT, scores.sort_values(["score", "cluster"], ascending=[False, True])
+    artifacts.write_scores(scores, [{"clusters": sorted(int(c) for c in s), "size": len(s),
+                                     "value": store.values[key(s)]} for s in result.evaluations])
+    write_csv(artifacts.SCORES_PLOT, scores.sort_values(["score", "cluster"], ascending=[False, True])
               .assign(rank=range(len(scores)))[["rank", "cluster", "size", "score", "stderr"]])
     rank_corr = spearman_between_iterations(result.estimates)
-    plots.shapley_png(PNG, scores["score"].to_numpy(), scores["stderr"].to_numpy(), scores["size"].to_numpy())
-    plots.convergence_png(CONVERGENCE_PNG, rank_corr)
+    plots.shapley_png(artifacts.SHAPLEY_PNG, scores["score"].to_numpy(), scores["stderr"].to_numpy(),
+                      scores["size"].to_numpy())
+    plots.convergence_png(artifacts.CONVERGENCE_PNG, rank_corr)
     v_full = store.values[key(frozenset(players))]
     v_empty = store.values[key(frozenset())]
     run = max(stats["jobs_run"], 1)
-    write_json(METRICS, {
+    write_json(artifacts.metrics("shapley"), {
         "estimator": cfg.estimator, "executor": cfg.executor, "workers": cfg.workers,
         "jobs": len(result.evaluations), "jobs_reused": reused, "jobs_run": stats["jobs_run"],
         "v_full": v_full, "v_empty": v_empty,
@@ -265,11 +182,11 @@ def main(params: Params) -> None:
         "stderr_mean": float(np.nanmean(scores["stderr"])) if cfg.k > 1 else None,
         "rank_stability": rank_corr[-1] if rank_corr else None,
         "seconds": round(time.perf_counter() - start, 1),
-        "seconds_setup": round(stats.get("setup_seconds", 0.0), 2),
+        "seconds_setup": round(stats["setup"], 2),
         "seconds_train": round(stats["train"], 1), "seconds_score": round(stats["score"], 1),
         # Per job, everything but training and scoring: seeding, batching, IPC, recording (fsync).
         "seconds_overhead": round((stats["job"] - stats["train"] - stats["score"] + stats["record"]) / run, 4),
         "jobs_per_minute": round(60 * stats["jobs_run"] / stats["wall"], 1) if stats["jobs_run"] else None,
     })
-    log.info("v(P)=%.4f v(∅)=%.4f; %d jobs (%d reused); scores -> %s/scores.csv, pictures -> %s", v_full, v_empty,
-             len(result.evaluations), reused, OUT_DIR, PNG)
+    log.info("v(P)=%.4f v(∅)=%.4f; %d jobs (%d reused); scores -> %s, pictures -> %s", v_full, v_empty,
+             len(result.evaluations), reused, artifacts.SCORES, artifacts.SHAPLEY_PNG)

@@ -1,0 +1,164 @@
+"""Every artifact the pipeline writes: its path, the stage that owns it, and its reader and writer.
+
+Stages import this module (never each other); dvc.yaml's outs and data deps are checked against
+`OUTPUTS` and `INPUTS` by tests/test_structure.py. Paths are relative to the project root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shed.fileio import ShedError, atomic_path, read_jsonl, write_csv, write_json, write_jsonl
+
+# prepare
+PREPARED = "data/prepared"
+POOL = f"{PREPARED}/pool.jsonl"  # {id, instruction, input, output}
+DEV = f"{PREPARED}/dev.jsonl"  # {id, question, choices, answer}: the Shapley value function's questions
+EVAL = f"{PREPARED}/eval.jsonl"  # the evaluate stage's questions (never the dev questions)
+TRUTH = f"{PREPARED}/truth.jsonl"  # the embedded pool's planted harm: benchmarks read it, the method never
+# base
+BASE_MODEL = "models/base"
+# embed
+EMBED = "data/embed"
+EMBEDDINGS = f"{EMBED}/embeddings.npy"  # float32, row i = the record on line i of ids.txt
+EMBED_IDS = f"{EMBED}/ids.txt"
+# cluster
+CLUSTERS = "data/clusters"
+ASSIGNMENTS = f"{CLUSTERS}/assignments.csv"  # id, cluster, distance, proxy (pool order)
+PROXIES = f"{CLUSTERS}/proxies.csv"  # cluster, proxy_id, size
+CLUSTERS_PNG = "plots/clusters.png"
+# shapley
+SHAPLEY = "data/shapley"
+SCORES = f"{SHAPLEY}/scores.csv"  # cluster, proxy_id, size, score, stderr, credits
+SUBSETS = f"{SHAPLEY}/subsets.jsonl"  # each evaluated subset and its value
+JOBS_DIR = "data/shapley_jobs"
+JOBS = f"{JOBS_DIR}/jobs.jsonl"  # the persistent job store (shed.jobstore)
+SCORES_PLOT = "plots/shapley_scores.csv"
+SHAPLEY_PNG = "plots/shapley.png"
+CONVERGENCE_PNG = "plots/convergence.png"
+# sample
+CURATED = "data/curated"
+DATASET = f"{CURATED}/dataset.jsonl"  # the curated records, in selection order
+MANIFEST = f"{CURATED}/manifest.json"
+# finetune
+FINETUNED = "models/finetuned"
+
+
+def metrics(stage: str) -> str:
+    return f"metrics/{'eval' if stage == 'evaluate' else stage}.json"
+
+
+# What each stage reads and writes (metrics aside): dvc.yaml must say the same.
+PARAMS = {
+    "prepare": ["prepare"],
+    "base": ["base"],
+    "embed": ["embed"],
+    "cluster": ["cluster"],
+    # dev questions are embedded like the records (shapley.dev_neighbours)
+    "shapley": ["shapley", "train", "embed.model", "embed.fields", "embed.max_seq_length"],
+    "sample": ["sample"],
+    "finetune": ["finetune", "train"],
+    "evaluate": ["evaluate", "finetune.model", "finetune.device", "finetune.dtype"],
+}
+INPUTS = {
+    "prepare": [],
+    "base": [],
+    "embed": [POOL],
+    "cluster": [EMBED],
+    "shapley": [POOL, DEV, EMBED, CLUSTERS, BASE_MODEL],
+    "sample": [POOL, DEV, CLUSTERS, SCORES],
+    "finetune": [DATASET, BASE_MODEL],
+    "evaluate": [DEV, EVAL, FINETUNED, BASE_MODEL],
+}
+OUTPUTS = {
+    "prepare": [PREPARED],
+    "base": [BASE_MODEL],
+    "embed": [EMBED],
+    "cluster": [CLUSTERS, CLUSTERS_PNG],
+    "shapley": [SHAPLEY, JOBS_DIR, SHAPLEY_PNG, CONVERGENCE_PNG, SCORES_PLOT],
+    "sample": [CURATED],
+    "finetune": [FINETUNED],
+    "evaluate": [],
+}
+
+
+def read_pool() -> list[dict]:
+    return read_jsonl(POOL)
+
+
+def read_dev() -> list[dict]:
+    return read_jsonl(DEV)
+
+
+def read_eval() -> list[dict]:
+    return read_jsonl(EVAL)
+
+
+def write_prepared(tables: dict[str, list[dict]]) -> None:
+    """pool, dev, eval (and truth, for the embedded pool) as one directory, all or nothing."""
+    with atomic_path(PREPARED) as tmp:
+        tmp.mkdir()
+        for name, rows in tables.items():
+            write_jsonl(tmp / f"{name}.jsonl", rows)
+
+
+def read_embeddings(mmap: bool = False) -> tuple[np.ndarray, list[str]]:
+    """(vectors, record ids): row i is the record with id ids[i]."""
+    for path in (EMBEDDINGS, EMBED_IDS):
+        if not Path(path).is_file():
+            raise ShedError(f"{path}: file not found (run `shed embed` or `dvc repro`)")
+    vectors = np.load(EMBEDDINGS, mmap_mode="r" if mmap else None)
+    return vectors, Path(EMBED_IDS).read_text(encoding="utf-8").split()
+
+
+def write_embeddings(vectors: np.ndarray, ids: list[str]) -> None:
+    with atomic_path(EMBED) as tmp:
+        tmp.mkdir()
+        np.save(tmp / Path(EMBEDDINGS).name, vectors)
+        (tmp / Path(EMBED_IDS).name).write_text("".join(i + "\n" for i in ids), encoding="utf-8")
+
+
+def read_clusters() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(assignments, proxies)."""
+    for path in (ASSIGNMENTS, PROXIES):
+        if not Path(path).is_file():
+            raise ShedError(f"{path}: file not found (run `shed cluster` or `dvc repro`)")
+    return pd.read_csv(ASSIGNMENTS, dtype={"id": str}), pd.read_csv(PROXIES, dtype={"proxy_id": str})
+
+
+def write_clusters(assignments: pd.DataFrame, proxies: pd.DataFrame) -> None:
+    with atomic_path(CLUSTERS) as tmp:
+        tmp.mkdir()
+        write_csv(tmp / Path(ASSIGNMENTS).name, assignments)
+        write_csv(tmp / Path(PROXIES).name, proxies)
+
+
+def read_scores() -> pd.DataFrame:
+    if not Path(SCORES).is_file():
+        raise ShedError(f"{SCORES}: file not found (run `shed shapley` or `dvc repro`)")
+    return pd.read_csv(SCORES, dtype={"proxy_id": str})
+
+
+def write_scores(scores: pd.DataFrame, subsets: list[dict]) -> None:
+    with atomic_path(SHAPLEY) as tmp:
+        tmp.mkdir()
+        write_csv(tmp / Path(SCORES).name, scores)
+        write_jsonl(tmp / Path(SUBSETS).name, subsets)
+
+
+def read_dataset() -> list[dict]:
+    return read_jsonl(DATASET)
+
+
+def write_curated(dataset: list[dict], manifest: dict) -> str:
+    """The curated dataset and its manifest (with the dataset's sha256 added); returns the sha256."""
+    with atomic_path(CURATED) as tmp:
+        tmp.mkdir()
+        write_jsonl(tmp / Path(DATASET).name, dataset)
+        digest = hashlib.sha256((tmp / Path(DATASET).name).read_bytes()).hexdigest()
+        write_json(tmp / Path(MANIFEST).name, {**manifest, "sha256": digest})
+    return digest
