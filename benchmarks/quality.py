@@ -8,6 +8,11 @@ shapley once, then sample+finetune+evaluate per method and size. The base model 
 Prints the AUROC of the cluster scores for separating mostly corrupted clusters (>50% planted
 harmful members, per truth.jsonl) from the rest, eval accuracy per method and size (mean ± std
 over seeds), wall times, and last one JSON line. `--set key=value` overrides params (tuning).
+
+`--markdown PATH` also writes the result tables as Markdown, from the dict printed as the JSON line;
+`--from-json FILE` renders them from a saved JSON line (or a saved log ending in one) and runs nothing:
+
+    python benchmarks/quality.py --from-json docs/results/quality.json --markdown docs/results/quality.md
 """
 
 from __future__ import annotations
@@ -80,8 +85,8 @@ def harm_in_bad_clusters(assignments: pd.DataFrame, truth: list[dict]) -> float:
 
 
 def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], base_dir: Path) -> dict:
+    from shed import artifacts
     from shed.fileio import read_jsonl
-    from shed.stages.cluster import load_clusters
 
     raw = json.loads(json.dumps(base_raw))
     for key in SEEDED:
@@ -94,8 +99,8 @@ def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], 
         shutil.copytree(base_dir / "models/base", "models/base", dirs_exist_ok=True)
         for stage in SHARED:
             out["seconds"][stage] = run_stage(stage, raw)
-        assignments, _ = load_clusters()
-        truth = read_jsonl("data/prepared/truth.jsonl")
+        assignments, _ = artifacts.read_clusters()
+        truth = read_jsonl(artifacts.TRUTH)
         out["auroc"] = auroc(pd.read_csv("data/shapley/scores.csv"), assignments, truth)
         out["harm_in_bad_clusters"] = harm_in_bad_clusters(assignments, truth)
         runs = [(m, s) for m in methods for s in sizes] + [("full", 1.0)]
@@ -122,6 +127,86 @@ def summarize(runs: list[dict], key: str) -> dict:
             "values": [round(float(v), 4) for v in values]}
 
 
+PREFERRED = ["qocs", "qwcs", "random", "dsir"]
+
+
+def read_json_line(path: str) -> dict:
+    """The last line of `path` that is a JSON object: a saved JSON line, or a whole saved log."""
+    for line in reversed(Path(path).read_text(encoding="utf-8").splitlines()):
+        if line.strip().startswith("{"):
+            return json.loads(line)
+    raise SystemExit(f"{path}: no JSON line found")
+
+
+def _pm(stat: dict) -> str:
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def _size_label(size: float) -> str:
+    return f"{size * 100:g}% of the pool" if size <= 1 else f"{size:g} records"
+
+
+def markdown(result: dict, source: str | None) -> str:
+    """The benchmark's tables as Markdown, from the dict it prints as its JSON line."""
+    origin = f"`{source}`" if source else "the run that wrote this file (FILE: its JSON line)"
+    acc, seeds = result["acc"], result["seeds"]
+    by_method: dict[str, dict[float, dict]] = {}
+    for key, stat in acc.items():
+        if "@" in key:
+            method, size = key.split("@")
+            by_method.setdefault(method, {})[float(size)] = stat
+    sizes = sorted({s for v in by_method.values() for s in v})
+    methods = sorted(by_method, key=lambda m: (PREFERRED.index(m) if m in PREFERRED else len(PREFERRED), m))
+    seeds_text = ", ".join(map(str, seeds))
+    lines = [
+        "<!-- Written by benchmarks/quality.py; do not edit by hand. Regenerate with:",
+        f"     python benchmarks/quality.py --from-json {source or 'FILE'} --markdown <this file> -->",
+        "",
+        f"Source: {origin}. Seeds {seeds_text} (mean ± std over seeds; eval accuracy on the embedded",
+        "default's four-choice eval questions, chance 0.25).",
+        "",
+        "| method | " + " | ".join(_size_label(s) for s in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(_pm(by_method[m][s]) if s in by_method[m] else "" for s in sizes) + " |")
+    for key, label in (("full", "full pool"), ("base", "base model, not tuned")):
+        if key in acc:
+            lines.append(f"| {label} | {_pm(acc[key])} |" + " |" * (len(sizes) - 1))
+    lines += [
+        "",
+        (f"AUROC of the cluster scores (mostly corrupted clusters score low): {_pm(result['auroc'])}. "
+        f"Share of the planted harmful records in mostly corrupted clusters: {_pm(result['harm_in_bad_clusters'])}."),
+        "",
+        "Per seed:",
+        "",
+        "| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+        "|---|" + "---|" * (len(seeds) + 1),
+    ]
+    rows = [("AUROC", result["auroc"]), ("harmful in mostly corrupted clusters", result["harm_in_bad_clusters"])]
+    ordered = [f"{m}@{s:g}" for s in sizes for m in methods if f"{m}@{s:g}" in acc]
+    rows += [(k, acc[k]) for k in ordered + [k for k in ("full", "base") if k in acc]]
+    rows += [(k, acc[k]) for k in acc if k not in ordered and k not in ("full", "base")]
+    for label, stat in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in stat["values"]) + f" | {_pm(stat)} |")
+    seconds = result.get("seconds", {})
+    if seconds:
+        lines += ["", "Wall time in seconds (mean per seed; `base` once, `total` the whole run):", "",
+                  "| " + " | ".join(seconds) + " |", "|" + "---|" * len(seconds),
+                  "| " + " | ".join(f"{v:g}" for v in seconds.values()) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(result: dict, source: str | None, path: str | None) -> None:
+    text = markdown(result, source)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text, encoding="utf-8")
+        print(f"wrote {path}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -131,13 +216,20 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     parser.add_argument("--base-model", help="reuse this built models/base (same base params) instead of building one")
     parser.add_argument("--out", default=str(ROOT / "plots/quality.png"), help="PNG of accuracy against size")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the result tables as Markdown")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="render the Markdown from this saved JSON line (to --markdown, else stdout); run nothing")
     args = parser.parse_args()
+    if args.from_json:
+        write_markdown(read_json_line(args.from_json), args.from_json, args.markdown)
+        return
     logging.basicConfig(level=logging.WARNING)
     raw = yaml.safe_load(Path(args.params).read_text())
     for item in args.set:
         key, value = item.split("=", 1)
         set_dotted(raw, key, yaml.safe_load(value))
     out_png = Path(args.out).resolve()
+    markdown_path = str(Path(args.markdown).resolve()) if args.markdown else None  # the run changes directory
     start = time.perf_counter()
     runs = []
     with tempfile.TemporaryDirectory(prefix="shed-quality-base-") as base_dir:
@@ -181,6 +273,8 @@ def main() -> None:
     accuracy_png(str(out_png), curves, {f"{k} (mean)": v for k, v in refs.items()},
                  title=f"embedded default, seeds {args.seeds}")
     print(json.dumps(result, sort_keys=True))
+    if markdown_path:
+        write_markdown(result, None, markdown_path)
 
 
 if __name__ == "__main__":

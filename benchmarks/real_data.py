@@ -8,6 +8,11 @@
    mmlu_local (MMLU test CSVs) and arc_challenge_local (ARC-Challenge test JSONL), first --limit
    questions of each.
 3. The same tasks, files and model through lm-eval's own CLI; the scores must be equal.
+
+`--markdown PATH` also writes the tables as Markdown from the printed dict; `--from-json FILE`
+renders them from a saved JSON line and runs nothing:
+
+    python benchmarks/real_data.py --from-json docs/results/real_data.json --markdown docs/results/real_data.md
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ def token_stats(pool: list[dict], params) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from shed.stages.embed import record_text, resolve_model
+    from shed.embedding import resolve_model
+    from shed.records import record_text
 
     tok = AutoTokenizer.from_pretrained(resolve_model(params.embed.model), model_max_length=1 << 20)
     lengths = np.array([len(ids) for ids in tok([record_text(r, params.embed.fields) for r in pool])["input_ids"]])
@@ -117,6 +123,68 @@ def cli_scores(params, model_dir: Path, gguf: str, out_dir: Path) -> tuple[dict,
             for task, m in results.items()}, seconds
 
 
+def read_json_line(path: str) -> dict:
+    """The last line of `path` that is a JSON object: a saved JSON line, or a whole saved log."""
+    for line in reversed(Path(path).read_text(encoding="utf-8").splitlines()):
+        if line.strip().startswith("{"):
+            return json.loads(line)
+    raise SystemExit(f"{path}: no JSON line found")
+
+
+def markdown(figures: dict, source: str | None) -> str:
+    """The benchmark's tables as Markdown, from the dict it prints as its JSON line."""
+    origin = f"`{source}`" if source else "the run that wrote this file (FILE: its JSON line)"
+    d = figures["data"]
+    lines = [
+        "<!-- Written by benchmarks/real_data.py; do not edit by hand. Regenerate with:",
+        f"     python benchmarks/real_data.py --from-json {source or 'FILE'} --markdown <this file> -->",
+        "",
+        f"Source: {origin}. Alpaca 5k pool, MMLU val as the dev set, files read in place.",
+        "",
+        "Data stages (wall seconds):",
+        "",
+        "| records | dev questions | prepare | embed | cluster | total | records/s (embed) | records/s (total) | clusters |",
+        "|---|---|---|---|---|---|---|---|---|",
+        (f"| {d['records']:,} | {d['dev_questions']:,} | {d['prepare_s']:g} | {d['embed_s']:g} | {d['cluster_s']:g} | "
+        f"{d['data_total_s']:g} | {d['embed_records_per_s']:g} | {d['data_records_per_s']:g} | {d['clusters']} |"),
+        "",
+        (f"MiniLM tokens per record: mean {d['tokens_mean']:g}, 90th percentile {d['tokens_p90']}, "
+        f"mean embedded {d['tokens_embedded_mean']:g} (max_seq_length {d['max_seq_length']})."),
+    ]
+    machine = []
+    if "cpu_s" in d:
+        machine.append("process CPU seconds " + ", ".join(f"{k} {v:g}" for k, v in d["cpu_s"].items()))
+    if "cpu_cores" in d:
+        machine.append(f"{d['cpu_cores']} cores")
+    if "load_average_1m" in d:
+        machine.append(f"1-minute load average {d['load_average_1m']:g} at the end")
+    if machine:
+        lines += ["", "Machine: " + "; ".join(machine) + "."]
+    if "project" in figures:
+        lines += ["", (f"SmolLM2-135M-Instruct scored on the first {figures['limit']} questions of each task, by the "
+                  "project and by lm-eval's own CLI:"), "",
+                  "| task | metric | project | lm-eval CLI |", "|---|---|---|---|"]
+        for task, metrics in figures["project"].items():
+            for metric, value in metrics.items():
+                if metric == "n":
+                    continue
+                theirs = figures.get("lm_eval_cli", {}).get(task, {}).get(metric)
+                lines.append(f"| {task} | {metric} | {value:g} | {'' if theirs is None else f'{theirs:g}'} |")
+        lines += ["", (f"Equal to the CLI: {'yes' if figures.get('equal_to_cli') else 'no'}. Scoring time: project "
+                  f"{figures.get('project_score_s', float('nan')):g} s, CLI {figures.get('cli_score_s', float('nan')):g} s.")]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(figures: dict, source: str | None, path: str | None) -> None:
+    text = markdown(figures, source)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text, encoding="utf-8")
+        print(f"wrote {path}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=str(ROOT.parent / "shared"), help="folder holding data/ (read in place)")
@@ -126,7 +194,14 @@ def main() -> None:
     parser.add_argument("--embed-max-seq-length", type=int, default=0, help="0 = MiniLM's own 256 tokens")
     parser.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size")
     parser.add_argument("--skip-model", action="store_true", help="only the data stages")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the result tables as Markdown")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="render the Markdown from this saved JSON line (to --markdown, else stdout); run nothing")
     args = parser.parse_args()
+    if args.from_json:
+        write_markdown(read_json_line(args.from_json), args.from_json, args.markdown)
+        return
+    markdown_path = Path(args.markdown).resolve() if args.markdown else None  # main() changes directory
     setup_logging()
     shared = Path(args.shared).resolve()
     model_dir = ROOT / DEST
@@ -145,6 +220,8 @@ def main() -> None:
             figures["lm_eval_cli"] = {t: {k: round(v, 6) for k, v in m.items()} for t, m in theirs.items()}
             figures["equal_to_cli"] = all(abs(ours[t][k] - theirs[t][k]) < 1e-9 for t in theirs for k in theirs[t])
     print(json.dumps(figures, sort_keys=True))
+    if markdown_path:
+        write_markdown(json.loads(json.dumps(figures, sort_keys=True)), None, str(markdown_path))
 
 
 if __name__ == "__main__":

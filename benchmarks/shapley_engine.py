@@ -8,13 +8,15 @@
     benchmarks/.cache, gitignored), exact Shapley values are enumerated, and each estimator is
     run on the cached game: the evaluations it needs until its ranking reaches, and keeps,
     Spearman rho >= 0.95 with the exact values, averaged over seeds.
-The last line printed is one JSON object with every figure.
+The last line printed is one JSON object with every figure. `--markdown PATH` also writes the
+tables as Markdown from that dict; `--from-json FILE` renders them from a saved JSON line and runs nothing:
+
+    python benchmarks/shapley_engine.py --from-json docs/results/shapley_engine.json --markdown docs/results/shapley_engine.md
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -26,8 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-
-from shed.config import merge_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 WS = ROOT / "benchmarks/.cache/ws"
@@ -44,13 +44,16 @@ ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('
 
 
 # The code a cached game's values come from: when it changes, the cache is rebuilt.
-GAME_CODE = ["synthetic.py", "tiny.py", "training.py", "scoring.py", "prompts.py", "stages/shapley.py"]
+GAME_CODE = ["shed.stages.prepare", "shed.stages.base", "shed.stages.embed", "shed.stages.cluster", "shed.executors"]
 
 
 def prepare_workspace() -> None:
     """A 12-cluster workspace made by the pipeline's own stages (once; kept in the cache)."""
+    from shed.codedeps import fingerprint
+    from shed.config import merge_overrides
+
     params = yaml.safe_dump(merge_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), PARAMS), sort_keys=False)
-    code = hashlib.sha256(b"".join((ROOT / "src/shed" / f).read_bytes() for f in GAME_CODE)).hexdigest()
+    code = fingerprint(GAME_CODE)
     if (WS / "params.yaml").exists() and (WS / "params.yaml").read_text() == params \
             and (WS / "code.sha256").exists() and (WS / "code.sha256").read_text() == code \
             and (WS / "data/clusters/proxies.csv").exists():
@@ -65,14 +68,13 @@ def prepare_workspace() -> None:
 
 def load_game():
     """(params, proxy records by cluster, dev set, jobs for every subset keyed by frozenset)."""
+    from shed import artifacts
     from shed.config import load_params
-    from shed.fileio import read_jsonl
-    from shed.stages.cluster import load_clusters
-    from shed.stages.shapley import DEV, POOL, subset_key
+    from shed.jobstore import subset_key
 
     params = load_params("params.yaml")
-    pool = {r["id"]: r for r in read_jsonl(POOL)}
-    _, proxies = load_clusters()
+    pool = {r["id"]: r for r in artifacts.read_pool()}
+    _, proxies = artifacts.read_clusters()
     records = {int(c): pool[p] for c, p in zip(proxies["cluster"], proxies["proxy_id"])}
 
     def job(subset: frozenset) -> dict:
@@ -80,7 +82,16 @@ def load_game():
         key = subset_key([r["id"] for r in rows])
         return {"key": key, "records": rows, "seed": params.train.seed}
 
-    return params, records, read_jsonl(DEV), job
+    return params, records, artifacts.read_dev(), job
+
+
+def job_spec(params, dev: list[dict]):
+    from shed import artifacts
+    from shed.executors import JobSpec
+
+    cfg = params.shapley
+    return JobSpec(model=cfg.model, device="cpu", dtype=cfg.dtype, train=params.train, value=cfg.value, dev=dev,
+                   dev_path=artifacts.DEV)
 
 
 def job_list(count: int) -> list[frozenset]:
@@ -92,10 +103,9 @@ def job_list(count: int) -> list[frozenset]:
 def run_jobs(indices: list[int]) -> None:
     """One process: load model and data once, run the jobs, print their values (JSON)."""
     from shed.executors import JobRunner
-    from shed.stages.shapley import DEV
 
     params, _, dev, job = load_game()
-    runner = JobRunner(params, dev, DEV, "cpu", threads=1)  # one core each: the machine is shared
+    runner = JobRunner(job_spec(params, dev), "cpu", threads=1)  # one core each: the machine is shared
     subsets = job_list(max(indices) + 1)
     print(json.dumps([runner.run(job(subsets[i]))["value"] for i in indices]))
 
@@ -122,16 +132,17 @@ def throughput(count: int) -> dict:
 def full_game() -> dict[frozenset, float]:
     """v for all 4096 subsets, through the stage's job store (resumable, cached)."""
     from shed.executors import JobRunner
+    from shed.jobstore import JobStore, job_context
     from shed.shapley import all_subsets
-    from shed.stages.shapley import DEV, JobStore, job_context
 
     params, _, dev, job = load_game()
-    store = JobStore(WS / "game/jobs.jsonl", job_context(params.shapley, params.train, dev))
+    store = JobStore(WS / "game/jobs.jsonl", job_context(params.shapley.model, params.train, params.shapley.value,
+                                                         [q["id"] for q in dev]))
     subsets = all_subsets(list(range(PLAYERS)))
     jobs = {s: job(s) for s in subsets}
     missing = [j for j in jobs.values() if j["key"] not in store.values]
     start = time.perf_counter()
-    runner = JobRunner(params, dev, DEV, "cpu", threads=1) if missing else None
+    runner = JobRunner(job_spec(params, dev), "cpu", threads=1) if missing else None
     for i, result in enumerate(runner.run(j) for j in missing):
         store.put(result["key"], result["value"], size=result["size"])
         if i % 500 == 499:
@@ -173,16 +184,94 @@ def evaluations_to_rank(game: dict, seeds: int, max_k: int, n: int, target: floa
     return figures
 
 
+PAPER = "group_permutation"
+
+
+def read_json_line(path: str) -> dict:
+    """The last line of `path` that is a JSON object: a saved JSON line, or a whole saved log."""
+    for line in reversed(Path(path).read_text(encoding="utf-8").splitlines()):
+        if line.strip().startswith("{"):
+            return json.loads(line)
+    raise SystemExit(f"{path}: no JSON line found")
+
+
+def markdown(out: dict, source: str | None) -> str:
+    """The benchmark's tables as Markdown, from the dict it prints as its JSON line."""
+    origin = f"`{source}`" if source else "the run that wrote this file (FILE: its JSON line)"
+    t = out["throughput"]
+    lines = [
+        "<!-- Written by benchmarks/shapley_engine.py; do not edit by hand. Regenerate with:",
+        f"     python benchmarks/shapley_engine.py --from-json {source or 'FILE'} --markdown <this file> -->",
+        "",
+        f"Source: {origin}. A real {PLAYERS}-proxy game of the embedded default (tiny Llama + LoRA, CPU).",
+        "",
+        f"(a) Throughput, the same {t['jobs']} jobs run by the engine (one process, model loaded once) and in the",
+        "authors' style (a fresh process per job):",
+        "",
+        "| engine (jobs/min) | one process per job (jobs/min) | speedup | identical values |",
+        "|---|---|---|---|",
+        (f"| {t['engine_jobs_per_minute']:g} | {t['authors_jobs_per_minute']:g} | {t['speedup']:g}x | "
+        f"{'yes' if t['same_values'] else 'no'} |"),
+    ]
+    evals = out["evaluations_to_rho_0.95"]
+    groups = list(evals)  # "n=1", "n=2"
+    estimators = list(next(iter(evals.values())))
+    estimators.sort(key=lambda e: (e != PAPER, e))
+    lines += [
+        "",
+        "(b) Distinct evaluations (fine-tunes) an estimator has made when its ranking reaches, and keeps,",
+        "Spearman ρ ≥ 0.95 with the exact (enumerated) Shapley values; mean over seeds, seeds that reached",
+        "it in brackets (a seed that never reaches counts with all its evaluations); ratio to the paper's",
+        f"estimator ({PAPER}) at the same n:",
+        "",
+        "| estimator | " + " | ".join(f"{g} | ratio" for g in groups) + " |",
+        "|---|" + "---|---|" * len(groups),
+    ]
+    for e in estimators:
+        cells = []
+        for g in groups:
+            f, paper = evals[g][e], evals[g][PAPER]["evaluations"]
+            cells.append(f"{f['evaluations']:,.1f} ({f['reached']}) | {f['evaluations'] / paper:.2f}x")
+        lines.append(f"| {e}{' (paper)' if e == PAPER else ''} | " + " | ".join(cells) + " |")
+    if "best_over_paper_n1" in out:
+        lines += ["", f"Best estimator over the paper's at n=1: {out['best_over_paper_n1']:g}x the evaluations."]
+    if "exact" in out:
+        x = out["exact"]
+        lines += ["", (f"The game: v(all {PLAYERS} proxies) = {x['v_full']:.4f}, v(∅) = {x['v_empty']:.4f} "
+                  "(dev log-likelihood); exact Shapley values:"), "",
+                  "| " + " | ".join(f"proxy {i}" for i in range(len(x["values"]))) + " |",
+                  "|" + "---|" * len(x["values"]),
+                  "| " + " | ".join(f"{v:+.4f}" for v in x["values"]) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(out: dict, source: str | None, path: str | None) -> None:
+    text = markdown(out, source)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text, encoding="utf-8")
+        print(f"wrote {path}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--max-k", type=int, default=3000, help="orders run by the permutation estimators")
     parser.add_argument("--jobs", type=int, default=10)
+    parser.add_argument("--markdown", metavar="PATH", help="also write the result tables as Markdown")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="render the Markdown from this saved JSON line (to --markdown, else stdout); run nothing")
     parser.add_argument("--run-jobs", help=argparse.SUPPRESS)  # internal: one worker process
     args = parser.parse_args()
+    if args.from_json:
+        write_markdown(read_json_line(args.from_json), args.from_json, args.markdown)
+        return
     if args.run_jobs:
         run_jobs([int(i) for i in args.run_jobs.split(",")])
         return
+    markdown_path = str(Path(args.markdown).resolve()) if args.markdown else None  # the run changes directory
     sys.path.insert(0, str(ROOT / "src"))
     prepare_workspace()
     os.chdir(WS)
@@ -200,6 +289,8 @@ def main() -> None:
     best = min(f["evaluations"] for f in out["evaluations_to_rho_0.95"]["n=1"].values())
     out["best_over_paper_n1"] = round(best / paper, 3)
     print(json.dumps(out, sort_keys=True))
+    if markdown_path:
+        write_markdown(json.loads(json.dumps(out, sort_keys=True)), None, markdown_path)
 
 
 if __name__ == "__main__":
