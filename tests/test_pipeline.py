@@ -3,7 +3,34 @@
 import json
 
 import pytest
+import torch
 from helpers import DVC, ran_stages, sh
+
+from shed.scoring import context_and_choices
+
+
+def recomputed_accuracy(ws) -> tuple[int, int]:
+    """(correct, questions) of the fine-tuned model on the eval set, recomputed here without lm-eval:
+    a question is right when its gold choice has the highest summed log-likelihood."""
+    from peft import PeftModel
+
+    from shed.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(str(ws / "models/base"), "cpu", "float32")
+    model = PeftModel.from_pretrained(model, str(ws / "models/finetuned")).eval()
+    questions = [json.loads(line) for line in (ws / "data/prepared/eval.jsonl").read_text().splitlines()]
+    correct = 0
+    for q in questions:
+        context, choices = context_and_choices(q)
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        sums = []
+        for choice in choices:
+            cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].float(), -1)
+            sums.append(sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
+        correct += int(max(range(len(sums)), key=sums.__getitem__) == q["answer"])
+    return correct, len(questions)
 
 
 @pytest.mark.slow
@@ -17,7 +44,10 @@ def test_repro_runs_every_stage_and_writes_outputs(workspace):
     scores = (ws / "data/shapley/scores.csv").read_text().splitlines()
     assert scores[0] == "cluster,proxy_id,size,score,stderr,credits" and len(scores) == 9
     metrics = json.loads((ws / "metrics/eval.json").read_text())
-    assert 0.0 <= metrics["finetuned"]["shed_embedded"]["acc"] <= 1.0
+    assert set(metrics) == {"finetuned"}  # evaluate.include_base: false
+    correct, questions = recomputed_accuracy(ws)
+    assert questions == metrics["finetuned"]["shed_embedded"]["n"] == 40
+    assert metrics["finetuned"]["shed_embedded"]["acc"] == pytest.approx(correct / questions)
     jobs = (ws / "data/shapley_jobs/jobs.jsonl").read_text().splitlines()
     assert len(jobs) == json.loads((ws / "metrics/shapley.json").read_text())["jobs"] == 2 + 2 * (2 - 1)
     for png in ["clusters.png", "shapley.png", "convergence.png"]:
@@ -35,7 +65,21 @@ def test_sampler_change_reruns_only_sample_finetune_evaluate(workspace):
 @pytest.mark.slow
 def test_shapley_n_change_reuses_the_job_store_and_skips_upstream(workspace):
     ws, _ = workspace
+
+    def evaluated() -> set[tuple[int, ...]]:
+        return {tuple(json.loads(line)["clusters"]) for line in (ws / "data/shapley/subsets.jsonl").read_text().splitlines()}
+
+    def stored_jobs() -> int:
+        return len((ws / "data/shapley_jobs/jobs.jsonl").read_text().splitlines())
+
+    before, jobs_before = evaluated(), stored_jobs()
     out = sh(ws, DVC, "exp", "run", "-S", "shapley.n=3", "-S", "sample.method=qocs")
     assert ran_stages(out) == ["shapley", "sample", "finetune", "evaluate"]
     metrics = json.loads((ws / "metrics/shapley.json").read_text())
-    assert metrics["jobs_reused"] >= 2  # v(P) and v(∅) come from the persistent job store
+    after = evaluated()
+    assert () in after and tuple(range(8)) in after and () in before and tuple(range(8)) in before
+    # C=8, n=3: v(P), v(∅) and two subsets per permutation (fewer if both permutations share one).
+    assert metrics["jobs"] == len(after) <= 2 + 2 * (3 - 1)
+    # Exactly the subsets the n=4 run already evaluated (v(∅), v(P), any other in common) are reused.
+    assert metrics["jobs_reused"] == len(after & before) >= 2
+    assert metrics["jobs_run"] == len(after - before) == stored_jobs() - jobs_before

@@ -21,9 +21,22 @@ def test_recorded_grid_gives_one_row_per_model_method_and_size():
     assert {m for _, m, _ in keys} == {"qocs", "qwcs", "random", "dsir", "full"}
     qocs = next(s for s in summary if s["method"] == "qocs" and s["fraction"] == 0.1)
     assert qocs["records"] == 120 and qocs["acc"]["shed_embedded"][0] == pytest.approx(71 / 240)
+    # Every row against the recorded experiments, read straight from the JSON: one run each, so the
+    # mean is that run's accuracy (a whole number of the 240 questions) and the std is 0.
+    recorded = {}
+    for commit in json.loads(FIXTURE.read_text()):
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                metrics = rev["data"]["metrics"]
+                sample = metrics["metrics/sample.json"]["data"]
+                evals = metrics["metrics/eval.json"]["data"]
+                recorded[(sample["method"], sample["fraction"])] = (
+                    sample["size"], evals["finetuned"]["shed_embedded"]["acc"], evals["base"]["shed_embedded"]["acc"])
+    assert len(recorded) == 13 and set(recorded) == {(m, f) for _, m, f in keys}
     for s in summary:
-        for mean, std in s["acc"].values():
-            assert 0 <= mean <= 1 and std >= 0
+        size, acc, base = recorded[(s["method"], s["fraction"])]
+        assert s["records"] == size and s["runs"] == 1 and s["acc"] == {"shed_embedded": (acc, 0.0)}
+        assert s["base"] == {"shed_embedded": base} and acc * 240 == pytest.approx(round(acc * 240))
 
 
 def test_identical_params_count_once_and_seeds_average():
@@ -57,13 +70,16 @@ def test_two_fine_tuned_models_are_separate_groups_and_lines():
 
 
 def test_report_writes_markdown_and_png_and_rejects_an_empty_run(tmp_path):
-    report.main(["--json", str(FIXTURE), "--out", str(tmp_path)])
-    assert (tmp_path / "report.md").read_text().startswith("# Eval accuracy")
-    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in tmp_path.glob("accuracy-*.png"))
-    assert list(tmp_path.glob("accuracy-*.png"))
+    report.main(json_path=str(FIXTURE), out=str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# Eval accuracy")
+    assert "| models/base | models/base | qocs | 0.1 | 120 | 1 | 0.2958 |" in md  # 71/240
+    assert md.count("\n| models/base | models/base |") == 13
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy-shed_embedded.png", "report.md"]
+    assert (tmp_path / "accuracy-shed_embedded.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "empty.json").write_text("[]")
     result = subprocess.run([sys.executable, "-m", "shed", "report", "--json", str(tmp_path / "empty.json")],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 1 and "no evaluated experiment" in result.stderr
 
 
@@ -76,7 +92,8 @@ def test_queued_grid_runs_downstream_stages_and_reports(workspace, tmp_path):
         sh(ws, DVC, "exp", "run", "--queue", "-S", "sample.method=dsir", "-S", f"sample.subset_size={size}")
     sh(ws, DVC, "queue", "start", "-j", "1")
     status = wait_for_queue(ws)
-    assert "Failed" not in status and status.count("Success") >= 2, status
+    # The two queued experiments, and nothing else, ran (and succeeded).
+    assert "Failed" not in status and status.count("Success") == 2, status
     sh(ws, sys.executable, "-m", "shed", "report", "--out", str(tmp_path))
     md = (tmp_path / "report.md").read_text()
     assert "| dsir | 0.2 | 40 |" in md and "| dsir | 0.1 | 20 |" in md

@@ -55,9 +55,10 @@ def test_choice_logprob_picks_what_lm_eval_accuracy_picks(lm, questions, tmp_pat
     model, tokenizer = lm
     data = tmp_path / "dev.jsonl"
     data.write_text("".join(json.dumps(q) + "\n" for q in questions))
-    acc = LmEvalScorer(tokenizer, [mc_task_config("shed_dev", data)])(model)["shed_dev"]["acc"]
+    scores = LmEvalScorer(tokenizer, [mc_task_config("shed_dev", data)])(model)["shed_dev"]
     argmax = [int(choice_sums(model, tokenizer, q).argmax()) == q["answer"] for q in questions]
-    assert acc == pytest.approx(sum(argmax) / len(questions))
+    assert scores["acc"] == pytest.approx(sum(argmax) / len(questions))
+    assert scores["n"] == len(questions) == 24
 
 
 def test_gold_loglik_is_per_token_over_the_gold_choices(lm, questions):

@@ -1,10 +1,13 @@
 """LoRA training: the saved adapter is a DVC output, so its bytes must not depend on the process."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+from shed.config import TrainConfig
 
 pytestmark = pytest.mark.slow  # three fresh processes (~6 s of imports each)
 
@@ -29,4 +32,7 @@ def test_adapter_config_is_byte_identical_across_processes(tmp_path):
         subprocess.run([sys.executable, "-c", SAVE_ADAPTER, str(out)], env=env, check=True, capture_output=True)
         configs.append((out / "adapter_config.json").read_bytes())
     assert configs[0] == configs[1] == configs[2]
-    assert b'"target_modules": [\n    "down_proj",' in configs[0]  # sorted
+    # All seven default targets exist in a Llama and are listed sorted (not in set order).
+    assert json.loads(configs[0])["target_modules"] == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert sorted(TrainConfig().lora.target_modules) == json.loads(configs[0])["target_modules"]

@@ -1,14 +1,20 @@
-"""The one config schema: every block of params.yaml, its defaults, and its validation.
+"""The one config schema: every block of params.yaml, its defaults, help, allowed values and validation.
 
 Each stage reads only its own block(s) (and dvc.yaml lists exactly those), so a change to one
-block reruns only the stages downstream of it. Defaults here are the embedded default; the
-shipped params.yaml spells them out.
+block reruns only the stages downstream of it. The defaults here are the embedded default, and
+the shipped params.yaml spells out exactly these values (tests/test_config.py holds them equal).
+Each field carries its help and its rule (choices or bounds) in its metadata, as HF/trl
+dataclass configs do; rules between fields are each block's `check`.
 """
+
+# param() returns a dataclasses.field (a default_factory for lists and blocks); ruff cannot see through it.
+# ruff: noqa: RUF009
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,163 +23,267 @@ import yaml
 from shed.fileio import ShedError
 
 PARAMS_FILE = "params.yaml"
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+# Offline copies of lm-eval's mmlu / arc_challenge (src/shed/tasks), and the evaluate.* key giving their data.
+FILE_TASKS = {"mmlu_local": "mmlu_dir", "arc_challenge_local": "arc_file"}
+
+
+def param(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
+          gt: float | None = None, le: float | None = None, lt: float | None = None,
+          zero: str | None = None) -> Any:
+    """A dataclass field whose metadata holds its help and its rule.
+
+    `choices`: the allowed values (for a list, of each item); `ge`/`gt`/`le`/`lt`: bounds;
+    `zero`: what 0 means where 0 is allowed as a special value (`ge=0`). A nested block is
+    given as its class, a list as a list: both become a default_factory.
+    """
+    rules = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "zero": zero}
+    metadata = {"help": help, **{k: v for k, v in rules.items() if v is not None}}
+    if isinstance(default, type):
+        return dataclasses.field(default_factory=default, metadata=metadata)
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass
 class EmbeddedConfig:
     """The generated default pool (see shed.synthetic)."""
 
-    pool_size: int = 1200  # records in the pool
-    corrupt_fraction: float = 0.25  # share of planted harmful records
-    dev_size: int = 160  # multiple-choice questions for the value function
-    eval_size: int = 240  # held-out multiple-choice questions for the evaluate stage
-    seed: int = 0
+    pool_size: int = param(1200, "records in the pool", ge=1)
+    corrupt_fraction: float = param(0.25, "share of planted harmful records", ge=0, lt=1)
+    dev_size: int = param(160, "multiple-choice questions for the value function", ge=1)
+    eval_size: int = param(240, "held-out multiple-choice questions for the evaluate stage", ge=1)
+    seed: int = param(0, "seed of the generator", ge=0)
 
 
 @dataclass
 class PrepareConfig:
-    pool: str = "embedded"  # "embedded", a local .json/.jsonl/.csv/.parquet, or "hf:<dataset id>"
-    format: str = "auto"  # auto | alpaca | dolly | chat
-    split: str = "train"  # split of a hub dataset
-    dev: str = "embedded"  # multiple-choice file (JSONL {question, choices, answer}) or "embedded"
-    eval: str = "embedded"
-    dev_exclude: list[str] = field(default_factory=list)  # eval files (e.g. the MMLU dir) whose questions leave the dev set
-    duplicates: str = "drop"  # drop | keep | error  (exact duplicates share an id)
-    empty: str = "drop"  # drop | error  (records with a blank instruction or output)
-    max_records: int = 0  # 0 = all; otherwise the first N records after normalisation
-    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    """The pool of records to curate, the dev questions that value them, and the eval questions."""
+
+    pool: str = param("embedded", '"embedded", a local .json/.jsonl/.csv/.parquet, or "hf:<dataset id>"')
+    format: str = param("auto", "record layout of the pool", choices=("auto", "alpaca", "dolly", "chat"))
+    split: str = param("train", "split of a hub dataset")
+    dev: str = param("embedded", 'multiple-choice JSONL {question, choices, answer} for the Shapley value '
+                     'function, or "embedded"')
+    eval: str = param("embedded", 'multiple-choice JSONL for the evaluate stage (never the dev questions), '
+                      'or "embedded"')
+    dev_exclude: list[str] = param([], "eval files/dirs (e.g. the MMLU dir) whose questions leave the dev set")
+    duplicates: str = param("drop", "exact duplicates (they share an id)", choices=("drop", "keep", "error"))
+    empty: str = param("drop", "records with a blank instruction or output", choices=("drop", "error"))
+    max_records: int = param(0, "the first N records after normalisation", ge=0, zero="all")
+    embedded: EmbeddedConfig = param(EmbeddedConfig, EmbeddedConfig.__doc__)
 
 
 @dataclass
 class BaseConfig:
     """The embedded default's base model: a tiny Llama with a BPE tokenizer trained here."""
 
-    vocab_size: int = 2048
-    hidden_size: int = 192
-    layers: int = 4
-    heads: int = 4
-    intermediate_size: int = 512
-    max_length: int = 256
-    pretrain_steps: int = 300  # brief causal-LM pretraining on generated text (0 = random init)
-    pretrain_batch_size: int = 32
-    pretrain_lr: float = 3e-3
-    seed: int = 0
+    vocab_size: int = param(1024, "BPE vocabulary size", ge=1)
+    hidden_size: int = param(128, "hidden size (a multiple of base.heads)", ge=1)
+    layers: int = param(2, "decoder layers", ge=1)
+    heads: int = param(4, "attention heads", ge=1)
+    intermediate_size: int = param(256, "MLP inner size", ge=1)
+    max_length: int = param(256, "longest sequence in tokens", ge=1)
+    pretrain_steps: int = param(1500, "steps of causal-LM pretraining on generated text (enough for copying "
+                                "heads to form)", ge=0, zero="random init")
+    pretrain_batch_size: int = param(32, "pretraining batch size", ge=1)
+    pretrain_lr: float = param(0.003, "pretraining learning rate", gt=0)
+    seed: int = param(0, "seed of the tokenizer, weights and pretraining", ge=0)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.hidden_size % self.heads:
+            yield "hidden_size", f"must be a multiple of base.heads={self.heads}"
 
 
 @dataclass
 class EmbedConfig:
-    model: str = "all-MiniLM-L6-v2"  # a sentence-transformers name/path; MiniLM resolves offline
-    batch_size: int = 128
-    fields: list[str] = field(default_factory=lambda: ["instruction", "input", "output"])
-    device: str = "auto"
-    max_seq_length: int = 0  # tokens embedded per record; 0 = the model's own limit (MiniLM: 256)
+    """Sentence embeddings of the records (and, for shapley.dev_neighbours, of the dev questions)."""
+
+    model: str = param("all-MiniLM-L6-v2", "a sentence-transformers name/path; MiniLM resolves offline")
+    batch_size: int = param(128, "records per batch", ge=1)
+    fields: list[str] = param(["instruction", "input", "output"], "record fields embedded, in this order",
+                              choices=("instruction", "input", "output"))
+    device: str = param("auto", "auto, cpu, cuda, cuda:<i>, ...")
+    max_seq_length: int = param(0, "tokens embedded per record; CPU time grows with it", ge=0,
+                                zero="the model's own")
 
 
 @dataclass
 class ClusterConfig:
-    C: int = 60  # number of k-means clusters (= proxies valued by the Shapley stage)
-    algorithm: str = "auto"  # auto (k-means up to 50k records, mini-batch beyond) | kmeans | minibatch
-    seed: int = 0
+    """k-means over the embeddings: each cluster is a proxy valued by the Shapley stage."""
+
+    C: int = param(60, "number of clusters = proxies valued (paper: 3000)", ge=1)
+    algorithm: str = param("auto", "auto: k-means up to 50k records, mini-batch beyond",
+                           choices=("auto", "kmeans", "minibatch"))
+    seed: int = param(0, "k-means seed", ge=0)
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    """The LoRA adapter trained by the fine-tuning recipe."""
+
+    r: int = param(16, "adapter rank", ge=1)
+    alpha: int = param(32, "scaling numerator (scale = alpha / r)", ge=1)
+    dropout: float = param(0.0, "dropout on the adapter input", ge=0, lt=1)
+    target_modules: list[str] = param(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                      "modules that get an adapter")
 
 
 @dataclass
 class TrainConfig:
     """The fine-tuning recipe, shared by the Shapley utility and the finetune stage."""
 
-    template: str = "qa"  # qa | alpaca | vicuna | chat (the tokenizer's own chat template)
-    responses_only: bool = True  # loss on response tokens only
-    epochs: int = 3
-    lr: float = 3e-3
-    max_grad_norm: float = 1.0  # gradient clipping (0 = off), as the HF Trainer does by default
-    batch_size: int = 16
-    max_length: int = 128
-    seed: int = 0
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    template: str = param("qa", "prompt template (chat: the tokenizer's own chat template)",
+                          choices=("qa", "alpaca", "vicuna", "chat"))
+    responses_only: bool = param(True, "loss on response tokens only")
+    epochs: int = param(10, "passes over the data (a tiny model needs many over a few hundred records)", ge=1)
+    lr: float = param(0.003, "learning rate", gt=0)
+    max_grad_norm: float = param(1.0, "gradient clipping, as the HF Trainer does by default", ge=0, zero="off")
+    batch_size: int = param(16, "records per batch", ge=1)
+    max_length: int = param(128, "tokens per record", ge=1)
+    seed: int = param(0, "seed of the adapter init and the data order", ge=0)
+    lora: LoraConfig = param(LoraConfig, LoraConfig.__doc__)
 
 
 @dataclass
 class ShapleyConfig:
-    model: str = "models/base"  # hub id or local path; the embedded default is built by `shed base`
-    k: int = 4  # permutations
-    n: int = 1  # proxies removed per step (1: each proxy credited its own marginal)
-    seed: int = 0
-    estimator: str = "group_permutation"  # group_permutation (paper) | antithetic | regression | stratified
-    value: str = "loglik"  # loglik (negative dev loss) | choice_logprob (smooth MC accuracy) | accuracy (lm-eval)
-    dev_neighbours: int = 16  # 0: one game on the whole dev set (paper); m: each proxy on its m nearest questions
-    workers: int = 1  # jobs run concurrently: processes (CPU), one GPU each (cuda:i), or Ray actors
-    executor: str = "local"  # local | ray
-    device: str = "auto"
-    dtype: str = "auto"
+    """Shapley values of the clusters: the utility is the fine-tuned model's score on the dev set."""
+
+    model: str = param("models/base", "hub id or local path; the embedded default is built by `shed base`")
+    k: int = param(4, "permutations (paper: 10-20)", ge=1)
+    n: int = param(1, "proxies removed per step (paper: 60); 1 credits each proxy its own marginal", ge=1)
+    seed: int = param(0, "seed of the permutations", ge=0)
+    estimator: str = param("group_permutation", "Shapley estimator (group_permutation: the paper's)",
+                           choices=("group_permutation", "antithetic", "regression", "stratified"))
+    value: str = param("loglik", "value function: loglik (negative dev loss), choice_logprob (smooth MC "
+                       "accuracy), accuracy (lm-eval)", choices=("loglik", "choice_logprob", "accuracy"))
+    dev_neighbours: int = param(16, "m: each proxy valued on its m nearest dev questions (paper: 0, one game)",
+                                ge=0, zero="whole dev set")
+    workers: int = param(1, "concurrent jobs: processes on CPU, one GPU each (cuda:i), or Ray actors", ge=1)
+    executor: str = param("local", "where jobs run (ray: pip install 'shed[ray]')", choices=("local", "ray"))
+    device: str = param("auto", "auto, cpu, cuda, cuda:<i>, ...")
+    dtype: str = param("auto", "model weights' dtype (auto: bf16 on GPU, fp32 on CPU)", choices=DTYPES)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.dev_neighbours and self.value == "accuracy":
+            yield "dev_neighbours", ("needs per-question scores, which shapley.value accuracy (lm-eval) does not "
+                                     "give: use loglik or choice_logprob, or dev_neighbours 0")
 
 
 @dataclass
 class SampleConfig:
-    method: str = "qocs"  # qocs | qwcs | random | dsir | full
-    subset_size: float = 0.1  # a fraction of the pool (<= 1) or a record count (> 1)
-    temperature: float = 0.01  # QWCS: p(cluster) ∝ exp(score / T)
-    seed: int = 0
+    """The curated subset drawn from the valued clusters."""
+
+    method: str = param("qocs", "sampler", choices=("qocs", "qwcs", "random", "dsir", "full"))
+    subset_size: float = param(0.1, "a fraction of the pool (<= 1) or a record count (> 1)", gt=0)
+    temperature: float = param(0.01, "QWCS: p(cluster) ∝ exp(score / T)", gt=0)
+    seed: int = param(0, "sampling seed", ge=0)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.subset_size > 1 and self.subset_size != int(self.subset_size):
+            yield "subset_size", f"a count must be a whole number, got {self.subset_size}"
 
 
 @dataclass
 class FinetuneConfig:
-    model: str = "models/base"
-    device: str = "auto"
-    dtype: str = "auto"
+    """The final fine-tune on the curated subset."""
+
+    model: str = param("models/base", "hub id or local path; may differ from shapley.model (transferability)")
+    device: str = param("auto", "auto, cpu, cuda, cuda:<i>, ...")
+    dtype: str = param("auto", "model weights' dtype (auto: bf16 on GPU, fp32 on CPU)", choices=DTYPES)
 
 
 @dataclass
 class EvaluateConfig:
-    tasks: list[str] = field(default_factory=lambda: ["shed_embedded"])
-    batch_size: int = 32
-    limit: int = 0  # 0 = every question
-    include_base: bool = True  # also score the base model without the adapter
-    mmlu_dir: str = ""  # offline MMLU: a directory with test/ (original CSV layout)
-    arc_file: str = ""  # offline ARC: an AI2 ARC JSONL file
+    """Accuracy of the fine-tuned (and base) model on multiple-choice tasks."""
+
+    tasks: list[str] = param(["shed_embedded"], "project tasks (shed_embedded, shed_eval, mmlu_local, "
+                             "arc_challenge_local: offline) or lm-eval built-ins (mmlu, arc_challenge: online)")
+    batch_size: int = param(32, "questions per batch", ge=1)
+    limit: int = param(0, "questions scored per task", ge=0, zero="all")
+    include_base: bool = param(True, "also score the base model without the adapter")
+    mmlu_dir: str = param("", "offline MMLU for mmlu_local: a directory with test/ (original CSV layout)")
+    arc_file: str = param("", "offline ARC for arc_challenge_local: an AI2 ARC JSONL file")
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        for task in (t for t in self.tasks if t in FILE_TASKS):
+            key = FILE_TASKS[task]
+            if not getattr(self, key):
+                yield key, f"needed by task {task} (a path), got ''"
 
 
 # No key may be named "size" or "nfiles": DVC's run-cache key drops keys of those names at any
 # depth (dvc.stage.cache._get_cache_hash), so a run with another value would restore stale outputs.
 @dataclass
 class Params:
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    base: BaseConfig = field(default_factory=BaseConfig)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    shapley: ShapleyConfig = field(default_factory=ShapleyConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """All of params.yaml: one block per stage."""
+
+    prepare: PrepareConfig = param(PrepareConfig, PrepareConfig.__doc__)
+    base: BaseConfig = param(BaseConfig, BaseConfig.__doc__)
+    embed: EmbedConfig = param(EmbedConfig, EmbedConfig.__doc__)
+    cluster: ClusterConfig = param(ClusterConfig, ClusterConfig.__doc__)
+    train: TrainConfig = param(TrainConfig, TrainConfig.__doc__)
+    shapley: ShapleyConfig = param(ShapleyConfig, ShapleyConfig.__doc__)
+    sample: SampleConfig = param(SampleConfig, SampleConfig.__doc__)
+    finetune: FinetuneConfig = param(FinetuneConfig, FinetuneConfig.__doc__)
+    evaluate: EvaluateConfig = param(EvaluateConfig, EvaluateConfig.__doc__)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.shapley.n > self.cluster.C:
+            yield "shapley.n", f"must not exceed cluster.C={self.cluster.C}, got {self.shapley.n}"
 
 
-CHOICES = {
-    "prepare.format": {"auto", "alpaca", "dolly", "chat"},
-    "prepare.duplicates": {"drop", "keep", "error"},
-    "prepare.empty": {"drop", "error"},
-    "cluster.algorithm": {"auto", "kmeans", "minibatch"},
-    "train.template": {"qa", "alpaca", "vicuna", "chat"},
-    "shapley.estimator": {"group_permutation", "antithetic", "regression", "stratified"},
-    "shapley.value": {"loglik", "choice_logprob", "accuracy"},
-    "shapley.executor": {"local", "ray"},
-    "sample.method": {"qocs", "qwcs", "random", "dsir", "full"},
-}
-POSITIVE = [
-    "prepare.embedded.pool_size", "prepare.embedded.dev_size", "prepare.embedded.eval_size",
-    "base.vocab_size", "base.hidden_size", "base.layers", "base.heads", "base.intermediate_size",
-    "base.max_length", "base.pretrain_batch_size", "embed.batch_size", "cluster.C",
-    "train.epochs", "train.batch_size", "train.max_length", "train.lora.r", "train.lora.alpha",
-    "shapley.k", "shapley.n", "shapley.workers", "evaluate.batch_size",
-]  # fmt: skip
+def _bounds(meta: dict) -> str:
+    """A field's bounds in words ("" when it has none), as errors and `describe` say them."""
+    ge, gt, le, lt = (meta.get(k) for k in ("ge", "gt", "le", "lt"))
+    low, high = ge if ge is not None else gt, le if le is not None else lt
+    if low is not None and high is not None:
+        return f"in {'[' if ge is not None else '('}{low}, {high}{']' if le is not None else ')'}"
+    if ge == 0:
+        return f"0 ({meta['zero']}) or positive" if "zero" in meta else "0 or positive"
+    if gt == 0:
+        return "positive"
+    words = [f"at least {ge}" if ge is not None else f"greater than {gt}" if gt is not None else "",
+             f"at most {le}" if le is not None else f"less than {lt}" if lt is not None else ""]
+    return " and ".join(w for w in words if w)
+
+
+def _in_bounds(meta: dict, value: Any) -> bool:
+    return not (("ge" in meta and value < meta["ge"]) or ("gt" in meta and value <= meta["gt"])
+                or ("le" in meta and value > meta["le"]) or ("lt" in meta and value >= meta["lt"]))
+
+
+def _rule_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with `value` by field `f`'s choices and bounds, or None."""
+    choices = f.metadata.get("choices")
+    if choices and isinstance(value, list):
+        # Items are named by the key's singular: embed.fields -> "unknown field 'x'".
+        bad = [v for v in value if v not in choices]
+        return f"unknown {f.name.removesuffix('s')} {bad[0]!r} ({', '.join(choices)})" if bad else None
+    if choices and value not in choices:
+        return f"unknown value {value!r} (choose one of {', '.join(sorted(choices))})"
+    if not _in_bounds(f.metadata, value):
+        return f"must be {_bounds(f.metadata)}, got {value}"
+    return None
+
+
+def _validate(obj: Any, where: str, source: str) -> None:
+    """Each field's choices and bounds (nested blocks in turn), then the block's own `check`; raise on the first problem."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{where}.{f.name}" if where else f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate(value, key, source)
+        elif (problem := _rule_problem(f, value)) is not None:
+            raise ShedError(f"{source}: {key}: {problem}")
+    for name, problem in getattr(obj, "check", lambda: ())():
+        raise ShedError(f"{source}: {where + '.' if where else ''}{name}: {problem}")
+
+
+def validate(params: Params, source: str = PARAMS_FILE) -> Params:
+    """Check every field's choices and bounds, then the rules between fields; raise ShedError naming file and key."""
+    _validate(params, "", source)
+    return params
 
 
 def _build(cls: type, raw: Any, where: str, source: str) -> Any:
@@ -193,16 +303,15 @@ def _build(cls: type, raw: Any, where: str, source: str) -> Any:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if name not in raw:
             values[name] = default
-            continue
-        value = raw[name]
-        if dataclasses.is_dataclass(default):
-            values[name] = _build(type(default), value, key, source)
+        elif dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), raw[name], key, source)
         else:
-            values[name] = _coerce(value, default, key, source)
+            values[name] = _coerce(raw[name], default, key, source)
     return cls(**values)
 
 
 def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
+    """`value` as the type of `default` (an int may stand for a float, a string for a one-item list)."""
     def bad(expected: str) -> ShedError:
         return ShedError(f"{source}: {key}: expected {expected}, got {value!r}")
 
@@ -231,58 +340,6 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     return value
 
 
-def _get(params: Params, dotted: str) -> Any:
-    obj: Any = params
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def validate(params: Params, source: str = PARAMS_FILE) -> Params:
-    """Check ranges and choices; raise ShedError naming the file and key."""
-    for key, allowed in CHOICES.items():
-        value = _get(params, key)
-        if value not in allowed:
-            raise ShedError(f"{source}: {key}: unknown value {value!r} (choose one of {', '.join(sorted(allowed))})")
-    for key in POSITIVE:
-        if _get(params, key) < 1:
-            raise ShedError(f"{source}: {key}: must be at least 1, got {_get(params, key)}")
-    if params.shapley.dev_neighbours < 0:
-        raise ShedError(f"{source}: shapley.dev_neighbours: must be 0 (whole dev set) or positive, "
-                        f"got {params.shapley.dev_neighbours}")
-    if params.shapley.dev_neighbours and params.shapley.value == "accuracy":
-        raise ShedError(f"{source}: shapley.dev_neighbours: needs per-question scores, which shapley.value "
-                        "accuracy (lm-eval) does not give: use loglik or choice_logprob, or dev_neighbours 0")
-    if params.shapley.n > params.cluster.C:
-        raise ShedError(f"{source}: shapley.n: must not exceed cluster.C={params.cluster.C}, got {params.shapley.n}")
-    if params.sample.subset_size <= 0:
-        raise ShedError(f"{source}: sample.subset_size: must be positive (a fraction <= 1 or a count), "
-                        f"got {params.sample.subset_size}")
-    if params.sample.subset_size > 1 and params.sample.subset_size != int(params.sample.subset_size):
-        raise ShedError(f"{source}: sample.subset_size: a count must be a whole number, "
-                        f"got {params.sample.subset_size}")
-    if params.train.max_grad_norm < 0:
-        raise ShedError(f"{source}: train.max_grad_norm: must be 0 (off) or positive, got {params.train.max_grad_norm}")
-    if params.sample.temperature <= 0:
-        raise ShedError(f"{source}: sample.temperature: must be positive, got {params.sample.temperature}")
-    if not 0 <= params.prepare.embedded.corrupt_fraction < 1:
-        raise ShedError(f"{source}: prepare.embedded.corrupt_fraction: must be in [0, 1), got "
-                        f"{params.prepare.embedded.corrupt_fraction}")
-    if params.train.lr <= 0:
-        raise ShedError(f"{source}: train.lr: must be positive, got {params.train.lr}")
-    if not 0 <= params.train.lora.dropout < 1:
-        raise ShedError(f"{source}: train.lora.dropout: must be in [0, 1), got {params.train.lora.dropout}")
-    if params.base.hidden_size % params.base.heads:
-        raise ShedError(f"{source}: base.hidden_size: must be a multiple of base.heads={params.base.heads}")
-    if params.prepare.max_records < 0:
-        raise ShedError(f"{source}: prepare.max_records: must be 0 (all) or positive")
-    if params.embed.max_seq_length < 0:
-        raise ShedError(f"{source}: embed.max_seq_length: must be 0 (the model's own) or positive")
-    if params.evaluate.limit < 0:
-        raise ShedError(f"{source}: evaluate.limit: must be 0 (all) or positive")
-    return params
-
-
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read params.yaml (safe_load) into the schema, validated."""
     path = Path(path)
@@ -297,6 +354,37 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     return validate(_build(Params, raw, "", str(path)), str(path))
 
 
+def describe(block_name: str, params: Params | None = None) -> list[tuple[str, object, str]]:
+    """(dotted key, current value, help with its rule in words) for each key under `block_name`.
+
+    `block_name` is a block ("train"), a nested block ("train.lora") or one key ("embed.model"),
+    as artifacts.PARAMS names what a stage reads; without `params`, the defaults.
+    """
+    parent, _, name = block_name.rpartition(".")
+    obj: Any = params if params is not None else Params()
+    for part in filter(None, parent.split(".")):
+        obj = getattr(obj, part)
+    rows: list[tuple[str, object, str]] = []
+
+    def walk(f: dataclasses.Field, value: Any, key: str) -> None:
+        if dataclasses.is_dataclass(value):
+            for sub in dataclasses.fields(value):
+                walk(sub, getattr(value, sub.name), f"{key}.{sub.name}")
+            return
+        meta, rule = f.metadata, ""
+        if "choices" in meta:
+            rule = ("each " if isinstance(value, list) else "") + "one of " + ", ".join(meta["choices"])
+        elif _bounds(meta):
+            rule = _bounds(meta)
+        rows.append((key, value, f"{meta['help']}; {rule}" if rule else meta["help"]))
+
+    f = next((f for f in dataclasses.fields(obj) if f.name == name), None)
+    if f is None:
+        raise KeyError(f"{block_name}: no such params key")
+    walk(f, getattr(obj, name), block_name)
+    return rows
+
+
 def merge_overrides(base: dict, override: dict) -> dict:
     """A params mapping with `override`'s nested keys laid over `base` (tests and benchmarks' tiny configs)."""
     out = dict(base)
@@ -306,4 +394,5 @@ def merge_overrides(base: dict, override: dict) -> dict:
 
 
 def as_dict(obj: Any) -> dict:
+    """A config (or any block) as plain nested dicts, as params.yaml spells it."""
     return dataclasses.asdict(obj)

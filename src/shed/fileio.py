@@ -30,17 +30,21 @@ def _json_line(obj: Any) -> str:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds.
+    """Yield a temporary path next to `path`; move it over `path` only if the block succeeds.
 
-    Works for files and directories alike (whatever the block creates at the temporary path).
+    Works for files and directories alike (whatever the block creates at the temporary path). A
+    file replaces a file in one rename; anything involving a directory moves the old entry aside
+    first (two renames), and a block that creates nothing leaves `path` as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
     try:
         yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+        if not tmp.exists():
+            raise FileNotFoundError(f"{path}: the block wrote nothing at {tmp}")
+        if path.exists() and (path.is_dir() or tmp.is_dir()) and not path.is_symlink():
+            os.replace(path, tmp.parent / "replaced")
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)

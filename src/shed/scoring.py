@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from shed.config import FILE_TASKS
+
 TASK_DIR = Path(__file__).parent / "tasks"
 LOCAL_TASKS = {"shed_embedded": "shed_mc.yaml", "shed_eval": "shed_mc.yaml"}
-# Offline copies of lm-eval's mmlu / arc_challenge (tasks/*.yaml), and the evaluate.* key giving their data.
-FILE_TASKS = {"mmlu_local": "mmlu_dir", "arc_challenge_local": "arc_file"}
 
 
 @lru_cache

@@ -15,8 +15,8 @@ rerun after a crash, or with a larger k, reuses every finished job.
 With shapley.dev_neighbours = m > 0, each proxy is valued in its own game: the mean per-question
 dev score over the m dev questions nearest it (embed.model space, record and question embedded
 alike). One proxy's effect on the whole dev set is a small change buried in how the other
-proxies' fine-tune shifted every question; on the questions like it, it stands out (README:
-"Does it work?"). The jobs are the same; each records its per-question scores, and the
+proxies' fine-tune shifted every question; on the questions like it, it stands out
+(docs/results.md). The jobs are the same; each records its per-question scores, and the
 estimator, linear in the values, runs once on the vector game (shed.shapley.local_values).
 
 Outputs: data/shapley/scores.csv `cluster, proxy_id, size, score, stderr, credits`,
