@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shed.config import merge_overrides as merge
-
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
 TINY = {
@@ -49,3 +47,20 @@ def wait_for_queue(ws, timeout: float = 900) -> str:
         if not re.search(r"\b(Queued|Running)\b", status) or time.monotonic() > deadline:
             return status
         time.sleep(5)
+
+
+def choice_sums(model, tokenizer, question):
+    """Each choice's summed log-likelihood, one unpadded sequence at a time (scoring without lm-eval)."""
+    import torch
+
+    from shed.scoring import context_and_choices
+
+    context, choices = context_and_choices(question)
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    out = []
+    for choice in choices:
+        cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].float(), -1)
+        out.append(sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
+    return torch.tensor(out)

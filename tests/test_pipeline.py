@@ -3,10 +3,7 @@
 import json
 
 import pytest
-import torch
-from helpers import DVC, ran_stages, sh
-
-from shed.scoring import context_and_choices
+from helpers import DVC, choice_sums, ran_stages, sh
 
 
 def recomputed_accuracy(ws) -> tuple[int, int]:
@@ -19,17 +16,7 @@ def recomputed_accuracy(ws) -> tuple[int, int]:
     model, tokenizer = load_causal_lm(str(ws / "models/base"), "cpu", "float32")
     model = PeftModel.from_pretrained(model, str(ws / "models/finetuned")).eval()
     questions = [json.loads(line) for line in (ws / "data/prepared/eval.jsonl").read_text().splitlines()]
-    correct = 0
-    for q in questions:
-        context, choices = context_and_choices(q)
-        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-        sums = []
-        for choice in choices:
-            cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
-            with torch.no_grad():
-                logprobs = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].float(), -1)
-            sums.append(sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
-        correct += int(max(range(len(sums)), key=sums.__getitem__) == q["answer"])
+    correct = sum(int(choice_sums(model, tokenizer, q).argmax()) == q["answer"] for q in questions)
     return correct, len(questions)
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import choice_sums
 
 from shed import synthetic, tiny
 from shed.config import BaseConfig
@@ -28,19 +29,6 @@ def lm():
 @pytest.fixture(scope="module")
 def questions():
     return synthetic.generate_questions(24, seed=3, salt=5)
-
-
-def choice_sums(model, tokenizer, question):
-    """Each choice's summed log-likelihood, one unpadded sequence at a time."""
-    context, choices = context_and_choices(question)
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    out = []
-    for choice in choices:
-        cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].float(), -1)
-        out.append(sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
-    return torch.tensor(out)
 
 
 def test_choice_logprob_is_the_mean_log_softmax_of_the_gold_choice(lm, questions):
