@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shed.config import merge_overrides as merge  # noqa: F401  (the tests' tiny configs use it)
+
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
 TINY = {

@@ -8,7 +8,6 @@ Trainer) keeps the per-job overhead to tokenisation lookups and optimizer creati
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 
 import numpy as np
@@ -87,39 +86,57 @@ class LoraTrainer:
         return {"input_ids": input_ids.to(self.device), "labels": labels.to(self.device),
                 "attention_mask": mask.to(self.device)}
 
-    def fit(self, records: list[dict], seed: int, progress=None) -> dict:
-        """Reset the adapter from `seed` and train it on `records`. Empty records: the base model."""
+    def schedule(self, records: list[dict], seed: int) -> list[list[list[int]]]:
+        """The recipe's data order: per optimizer step, its micro-batches as indices into `records`."""
+        ids = [r["id"] for r in records]
+        size = self.cfg.batch_size
+        steps = []
+        for epoch in range(self.cfg.epochs):
+            order = epoch_order(ids, seed, epoch)
+            steps += [[order[b:b + size]] for b in range(0, len(order), size)]
+        return steps
+
+    def optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """AdamW over the adapter, with linear warmup (a tenth of the steps) and linear decay to 0."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
+        warmup = max(1, total_steps // 10)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+        return optimizer, scheduler
+
+    def fit(self, records: list[dict], seed: int, progress=None, callback=None) -> dict:
+        """Reset the adapter from `seed` and train it on `records`. Empty records: the base model.
+
+        `callback.before_step(step, batches, lr)`, if given, sees each step's micro-batches (tensors)
+        and learning rate with the model still at the parameters the step's gradients are taken at.
+        """
         start = time.perf_counter()
         self.reset(seed)
         self.model.eval()
         if not records:
             return {"steps": 0, "loss": float("nan"), "seconds": 0.0}
         encoded = [self.encode(r) for r in records]
-        cfg = self.cfg
-        steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
-        total = steps_per_epoch * cfg.epochs
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        warmup = max(1, total // 10)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
-        ids = [r["id"] for r in records]
+        steps = self.schedule(records, seed)
+        optimizer, scheduler = self.optimizer(len(steps))
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         self.model.train()
         losses = []
-        for epoch in range(cfg.epochs):
-            order = epoch_order(ids, seed, epoch)
-            for b in range(steps_per_epoch):
-                batch = self._batch([encoded[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]])
-                loss = self.model(**batch).loss
-                loss.backward()
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                if progress is not None:
-                    progress.update(1)
+        for step, micro_batches in enumerate(steps):
+            batches = [self._batch([encoded[i] for i in rows]) for rows in micro_batches]
+            if callback is not None:
+                callback.before_step(step, batches, scheduler.get_last_lr()[0])
+            loss = sum(self.model(**batch).loss for batch in batches)
+            loss.backward()
+            if self.cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if progress is not None:
+                progress.update(1)
         self.model.eval()
-        return {"steps": total, "loss": float(np.mean(losses[-steps_per_epoch:])),
+        per_epoch = len(steps) // self.cfg.epochs
+        return {"steps": len(steps), "loss": float(np.mean(losses[-per_epoch:])),
                 "seconds": time.perf_counter() - start}
