@@ -109,7 +109,8 @@ class LoraTrainer:
         """Reset the adapter from `seed` and train it on `records`. Empty records: the base model.
 
         `callback.before_step(step, batches, lr)`, if given, sees each step's micro-batches (tensors)
-        and learning rate with the model still at the parameters the step's gradients are taken at.
+        and learning rate with the model still at the parameters the step's gradients are taken at;
+        `callback.after_step(step, loss, lr)` sees the step's training loss once it is applied.
         """
         start = time.perf_counter()
         self.reset(seed)
@@ -124,8 +125,9 @@ class LoraTrainer:
         losses = []
         for step, micro_batches in enumerate(steps):
             batches = [self._batch([encoded[i] for i in rows]) for rows in micro_batches]
+            lr = scheduler.get_last_lr()[0]
             if callback is not None:
-                callback.before_step(step, batches, scheduler.get_last_lr()[0])
+                callback.before_step(step, batches, lr)
             loss = sum(self.model(**batch).loss for batch in batches)
             loss.backward()
             if self.cfg.max_grad_norm:
@@ -134,6 +136,8 @@ class LoraTrainer:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            if callback is not None:
+                callback.after_step(step, losses[-1], lr)
             if progress is not None:
                 progress.update(1)
         self.model.eval()
