@@ -1,0 +1,412 @@
+"""In-run (gradient) Shapley: value training examples inside one training run (SPEC.md, last section).
+
+At step t the first-order drop of dev question q's loss that training example z_i causes is
+`η_t · ⟨∇ℓ(z_i; θ_t), ∇ℓ(q; θ_t)⟩` (positive: z_i lowers the loss of q, i.e. raises its gold
+log-likelihood), with ℓ(z_i) example i's share of the batch loss, so that Σ_i ∇ℓ(z_i) is the batch
+gradient and a step's credits add up to the step's first-order change. Pure math, no file I/O:
+the shapley stage runs the loop, this module computes each step's credits and accumulates them.
+
+Gradient products. No maintained library fits: none of dattri, bergson or opacus is installed; dattri
+and bergson value examples from saved checkpoints or gradient stores (bergson writes projected
+gradients to disk through its own pipeline), not per step inside a training loop; opacus needs its
+own module wrapper and knows nothing of PEFT; torch.func's vmap over a Hugging Face model breaks on
+its data-dependent mask code. So it is hand-written, with hooks on every trainable `nn.Linear` (a
+PEFT LoRA layer's `lora_A.default` and `lora_B.default`): the layer's input a (tokens x in) and
+the gradient g at its output (tokens x out) give example n's gradient `Σ_t g_{n,t} ⊗ a_{n,t}`
+exactly (peft's dropout and scaling are inside a and g, since the hooks sit on A and B themselves).
+These per-example gradients are formed for the LoRA matrices only (r x in, out x r), never for the
+base model. "Ghost" products (Σ_{t,s} (g_{i,t}·g_{q,s})(a_{i,t}·a_{q,s})) would skip forming them,
+but cost T_i·T_q·(in+out) per pair against r·(in+out) per example here: for LoRA ranks the per-
+example gradient is the smaller object, and having it also allows an elementwise (Adam)
+preconditioner, which ghost products cannot apply. Dev gradients are contracted with the training
+gradients layer by layer as they arrive, so the dev set's gradients are never all held at once.
+
+Update direction. The default credit uses the plain SGD direction, η_t times the gradient: it is
+what SPEC.md states as exact for SGD (linear in the batch, so a step's credits add up to its
+first-order term) and what In-Run Data Shapley derives. η_t is the caller's choice; the natural one
+is the scheduler's current learning rate times the clip coefficient of the step (`clip_coefficient`),
+which is the scale of the step actually taken. The training itself uses AdamW, whose update is not
+linear in the batch; `adam_preconditioner` gives the explicit alternative, LESS-style: each
+gradient divided elementwise by Adam's bias-corrected second moment at this step,
+`1/(sqrt(v̂_t)+ε)`, momentum left out (an example's gradient enters this step's update with weight
+(1-β1)/(1-β1^t) and later ones with weights summing to about 1 - that: crediting it with weight 1 now
+folds its delayed share into this step). Weight decay moves no data, so it is credited to no one.
+
+Rows must be independent in the forward pass (no batch norm): true of causal LMs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shed.scoring import context_and_choices
+from shed.shapley import Player, ShapleyResult, _stderr_of, _value
+
+Batch = dict[str, torch.Tensor]  # input_ids, labels, attention_mask (as LoraTrainer._batch makes them)
+Grads = dict[str, torch.Tensor]  # parameter name -> tensor (per example: a leading example axis)
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+def dev_rows(tokenizer, questions: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per dev question, tokenised as `scoring.gold_loglik` scores it: the context
+    "Question: ...\\nAnswer:" and the gold continuation " choice" tokenised apart, no BOS, no EOS;
+    the loss on the continuation only. With reduction "example" a row's loss is minus the question's
+    per-question gold_loglik."""
+    rows = []
+    for q in questions:
+        context, choices = context_and_choices(q)
+        c = tokenizer(context, add_special_tokens=False)["input_ids"]
+        t = tokenizer(choices[q["answer"]], add_special_tokens=False)["input_ids"]
+        rows.append((c + t, [-100] * len(c) + t))
+    return rows
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_token_id: int | None, device=None) -> Batch:
+    """Right-padded tensors, as `LoraTrainer._batch` makes them (pad id, labels -100, mask 0 past each row)."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id or 0, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def response_tokens(batch: Batch) -> np.ndarray:
+    """Tokens each row's loss is taken over (labels other than -100 after the first position)."""
+    return (batch["labels"][:, 1:] != -100).sum(1).cpu().numpy()
+
+
+def token_weights(batch: Batch) -> np.ndarray:
+    """Each dev question's share of the dev set's gold tokens: `gold_loglik`'s whole-dev score is the
+    token-weighted mean of the per-question scores, so its credit is this weighting of per-question credits."""
+    n = response_tokens(batch).astype(float)
+    return n / max(n.sum(), 1.0)
+
+
+def _rows(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows start:stop of a batch, trimmed of the columns that are padding in all of them."""
+    part = {k: v[start:stop] for k, v in batch.items()}
+    width = int(part["attention_mask"].sum(1).max())
+    return {k: v[:, :width] for k, v in part.items()}
+
+
+# --- per-example gradients -----------------------------------------------------------------------
+
+def lora_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """The trainable parameters, in model order: each must be the weight or bias of an `nn.Linear`
+    (a LoRA A or B), since only those get per-example gradients. Raises ValueError otherwise (DoRA
+    magnitudes, LoRA on embeddings, modules_to_save), rather than leaving a parameter out silently."""
+    covered = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            for pname, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    covered[f"{name}.{pname}"] = p
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, _ in trainable if n not in covered]
+    if missing:
+        raise ValueError(f"in-run credits need every trainable parameter in an nn.Linear; not: {missing[:3]}")
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (no LoRA adapter?)")
+    return trainable
+
+
+def _linear_modules(model) -> dict[str, torch.nn.Linear]:
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and any(p.requires_grad for p in m.parameters(recurse=False))}
+
+
+def _row_losses(model, batch: Batch, reduction: str) -> torch.Tensor:
+    """Per-row losses ℓ_n of a batch (next-token NLL over labels != -100), in at least float32.
+
+    reduction "batch": ℓ_n = row n's summed NLL / the batch's label tokens, so Σ_n ℓ_n is the loss
+    Hugging Face computes for the batch (its mean over all label tokens). "example": ℓ_n = row n's
+    mean NLL over its own label tokens (a dev question's loss: minus its per-question gold_loglik).
+    A row without label tokens has ℓ_n = 0 (and no gradient)."""
+    if reduction not in ("batch", "example"):
+        raise ValueError(f"reduction must be 'batch' or 'example', not {reduction!r}")
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                            ignore_index=-100, reduction="none").view(labels.shape)
+    tokens = (labels != -100).sum(1)
+    if reduction == "batch":
+        return nll.sum(1) / max(int(tokens.sum()), 1)
+    return nll.sum(1) / tokens.clamp(min=1)
+
+
+def _backward_per_example(model, batch: Batch, reduction: str,
+                          sink: Callable[[str, torch.Tensor], None]) -> tuple[torch.Tensor, Grads]:
+    """One forward and backward of the batch; `sink(name, g)` receives, for every trainable Linear
+    parameter, its per-example gradients g (rows x param shape). Returns (per-row losses, batch
+    gradient by name). Uses torch.autograd.grad: the parameters' .grad are left untouched."""
+    named = lora_parameters(model)
+    modules = _linear_modules(model)
+    keep = batch["attention_mask"].bool()  # padding positions contribute nothing, even if non-finite
+    rows, width = keep.shape
+
+    def hook(name: str, module: torch.nn.Linear):
+        def forward_hook(_module, inputs, output):
+            if not output.requires_grad:
+                return
+            a = inputs[0].detach()
+
+            def on_grad(g):
+                dtype = module.weight.dtype
+                a3 = a.reshape(rows, -1, a.shape[-1]).to(dtype)
+                g3 = g.detach().reshape(rows, -1, g.shape[-1]).to(dtype)
+                if g3.shape[1] == width:  # exactly 0 at padding already, unless non-finite: make sure
+                    g3 = torch.where(keep[..., None], g3, 0)
+                if module.weight.requires_grad:
+                    sink(f"{name}.weight", torch.einsum("nto,nti->noi", g3, a3))
+                if module.bias is not None and module.bias.requires_grad:
+                    sink(f"{name}.bias", g3.sum(1))
+
+            output.register_hook(on_grad)
+        return forward_hook
+
+    handles = [m.register_forward_hook(hook(name, m)) for name, m in modules.items()]
+    try:
+        with torch.enable_grad():
+            losses = _row_losses(model, batch, reduction)
+            grads = torch.autograd.grad(losses.sum(), [p for _, p in named], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    batch_grad = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)}
+    return losses.detach(), batch_grad
+
+
+@dataclass
+class ExampleGrads:
+    """Per-example gradients of the trainable (LoRA) parameters for one batch."""
+
+    grads: Grads  # name -> (rows, *param shape); sums over rows to `batch_grad`
+    batch_grad: Grads  # name -> the gradient of Σ_n ℓ_n (reduction "batch": what loss.backward() gives)
+    losses: torch.Tensor  # (rows,) ℓ_n; Σ_n ℓ_n = the batch loss for reduction "batch"
+
+    @property
+    def loss(self) -> float:
+        return float(self.losses.sum())
+
+    def flat(self) -> torch.Tensor:
+        """(rows, P): each example's gradient, parameters concatenated in model order."""
+        return torch.cat([g.reshape(g.shape[0], -1) for g in self.grads.values()], dim=1)
+
+
+def per_example_grads(model, batch: Batch, reduction: str = "batch") -> ExampleGrads:
+    """Every example's gradient of its loss ℓ_n (see `_row_losses` for the two reductions) with
+    respect to the trainable parameters, in the model's current mode (train: with LoRA dropout, as
+    the update sees it), at the current parameters. Leaves .grad untouched."""
+    per: Grads = {}
+
+    def sink(name: str, g: torch.Tensor) -> None:
+        per[name] = per[name] + g if name in per else g
+
+    losses, batch_grad = _backward_per_example(model, batch, reduction, sink)
+    names = list(batch_grad)
+    rows = batch["input_ids"].shape[0]
+    grads = {n: per[n] if n in per else batch_grad[n].new_zeros((rows, *batch_grad[n].shape)) for n in names}
+    return ExampleGrads(grads, batch_grad, losses)
+
+
+# --- credits -------------------------------------------------------------------------------------
+
+def clip_coefficient(grad: Grads, max_norm: float) -> float:
+    """The factor torch.nn.utils.clip_grad_norm_ scales a gradient by (1 when max_norm is 0: no clipping)."""
+    if not max_norm:
+        return 1.0
+    norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grad.values()))
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, torch.nn.Parameter]],
+                        grad: Grads) -> Grads:
+    """The LESS-style alternative to the SGD direction: per parameter, 1/(sqrt(v̂_t) + ε) with v̂_t
+    Adam's bias-corrected second moment after this step's gradient `grad` (the gradient the optimizer
+    is about to see, clipped if the step clips), read from the optimizer's state before its step.
+    Defined from the first step on (v̂_1 = g_1²). Pass it to `step_credits(preconditioner=...)`."""
+    name_of = {id(p): n for n, p in named}
+    out = {}
+    for group in optimizer.param_groups:
+        beta2, eps = group["betas"][1], group["eps"]
+        for p in group["params"]:
+            if id(p) not in name_of:
+                continue
+            name = name_of[id(p)]
+            state = optimizer.state.get(p, {})
+            step = float(state["step"]) + 1 if "step" in state else 1.0
+            g = grad[name].to(p.dtype)
+            v = state["exp_avg_sq"] * beta2 + (1 - beta2) * g * g if "exp_avg_sq" in state else (1 - beta2) * g * g
+            out[name] = 1.0 / ((v / (1 - beta2 ** step)).sqrt() + eps)
+    missing = set(name_of.values()) - set(out)
+    if missing:
+        raise ValueError(f"parameters not in the optimizer: {sorted(missing)[:3]}")
+    return out
+
+
+def _scaled(train: Grads, preconditioner: Grads | None) -> Grads:
+    return train if preconditioner is None else {n: g * preconditioner[n] for n, g in train.items()}
+
+
+def credits_from_grads(train: ExampleGrads, dev: ExampleGrads, lr: float,
+                       preconditioner: Grads | None = None) -> np.ndarray:
+    """(train rows x dev rows): lr · ⟨P ⊙ ∇ℓ(z_i), ∇ℓ(q)⟩ from materialised gradients (P = 1 unless a
+    preconditioner is given). `step_credits` computes the same without holding the dev gradients."""
+    scaled = _scaled(train.grads, preconditioner)
+    out = sum(torch.einsum("ip,qp->iq", scaled[n].flatten(1), dev.grads[n].flatten(1)) for n in scaled)
+    return (lr * out.double()).cpu().numpy()
+
+
+@dataclass
+class StepCredits:
+    """One training step's credits and what the optimizer step needs."""
+
+    credits: np.ndarray  # (batch rows, dev questions) float64: lr · ⟨P ⊙ ∇ℓ(z_i), ∇ℓ(q)⟩ at θ_t
+    loss: float  # the training batch's loss (Hugging Face's mean over its label tokens)
+    grad: Grads  # its gradient, what loss.backward() would accumulate: `write_grads` puts it in .grad
+    dev_losses: np.ndarray  # (dev questions,) ℓ(q; θ_t), minus the per-question gold_loglik before the step
+
+
+def step_credits(model, train_batch: Batch, dev_batch: Batch, lr: float, *,
+                 preconditioner: Grads | None = None, dev_chunk: int = 0) -> StepCredits:
+    """The credits of one training step, with the model at θ_t, before the update.
+
+    train_batch: the step's micro-batch (LoraTrainer._batch), taken in the model's current mode
+    (train, as the update sees it). dev_batch: one row per dev question (`collate(dev_rows(...))`),
+    taken in eval mode (as scoring sees it; the modes are restored after). lr: the step size η_t
+    credited (the scheduler's current lr, times `clip_coefficient` when the step clips).
+    preconditioner: None for the SGD direction (default), or `adam_preconditioner(...)`.
+    dev_chunk: dev questions per forward pass (0: all at once).
+
+    Two forward/backward passes (the batch, then the dev set in chunks), no .grad touched: the
+    returned `grad` is the batch gradient, so the loop needs no backward of its own
+    (`write_grads(model, step.grad)`, clip, `optimizer.step()`)."""
+    train = per_example_grads(model, train_batch, "batch")
+    scaled = _scaled(train.grads, preconditioner)
+    rows = dev_batch["input_ids"].shape[0]
+    dots = torch.zeros((train_batch["input_ids"].shape[0], rows), dtype=torch.float64,
+                       device=train_batch["input_ids"].device)
+    dev_losses = []
+    chunk = dev_chunk or rows
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        for start in range(0, rows, chunk):
+            stop = min(start + chunk, rows)
+
+            def sink(name: str, g: torch.Tensor, start=start, stop=stop) -> None:
+                dots[:, start:stop] += torch.einsum("ip,qp->iq", scaled[name].flatten(1),
+                                                    g.flatten(1)).double()
+
+            losses, _ = _backward_per_example(model, _rows(dev_batch, start, stop), "example", sink)
+            dev_losses.append(losses.double())
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    return StepCredits((lr * dots).cpu().numpy(), train.loss, train.batch_grad, torch.cat(dev_losses).cpu().numpy())
+
+
+def write_grads(model, grad: Grads) -> None:
+    """Set each trainable parameter's .grad to `grad` (replacing what was there), as loss.backward()
+    on a zeroed model would: the one place this module touches .grad."""
+    for name, p in lora_parameters(model):
+        p.grad = grad[name].detach().clone()
+
+
+# --- accumulating over steps and runs ------------------------------------------------------------
+
+class InRunCredits:
+    """Credits per (run, player, dev question), summed over each run's steps, in float64.
+
+    `add` after every step; `vector_result` / `result` read them as a `ShapleyResult` (one credit per
+    run, the value their mean, stderr over runs); `state` / `from_state` carry them exactly through a
+    checkpoint (plain arrays + JSON-able metadata)."""
+
+    VERSION = 1
+
+    def __init__(self, players: Sequence[Player], n_dev: int, runs: int):
+        if runs < 1 or n_dev < 1:
+            raise ValueError("runs and n_dev must be at least 1")
+        self.players = list(players)
+        self.index = {p: i for i, p in enumerate(self.players)}
+        if len(self.index) != len(self.players):
+            raise ValueError("players must be distinct")
+        self.totals = np.zeros((runs, len(self.players), n_dev))
+        self.steps = np.zeros(runs, dtype=np.int64)  # steps credited per run
+
+    @property
+    def runs(self) -> int:
+        return self.totals.shape[0]
+
+    @property
+    def n_dev(self) -> int:
+        return self.totals.shape[2]
+
+    def add(self, run: int, batch_players: Sequence[Player], credits) -> None:
+        """Add one step's credits (batch rows x dev questions, e.g. `StepCredits.credits`) of run `run`;
+        row r belongs to batch_players[r] (a player twice in a batch gets both rows)."""
+        credits = credits.detach().double().cpu().numpy() if isinstance(credits, torch.Tensor) else credits
+        credits = np.asarray(credits, dtype=np.float64)
+        if credits.shape != (len(batch_players), self.n_dev):
+            raise ValueError(f"credits of shape {credits.shape}, expected {(len(batch_players), self.n_dev)}")
+        np.add.at(self.totals[run], [self.index[p] for p in batch_players], credits)
+        self.steps[run] += 1
+
+    def vector_result(self, runs: int | None = None) -> ShapleyResult:
+        """One credit vector (per dev question) per run and player, over the first `runs` runs (all by
+        default): a vector-game result for `shed.shapley.local_values` (dev_neighbours games).
+        estimates: running values after each run; evaluations_made: steps credited after each run;
+        evaluations: none (nothing is retrained)."""
+        return self._result(self.totals[: runs or self.runs], self.steps[: runs or self.runs])
+
+    def result(self, weights: np.ndarray, runs: int | None = None) -> ShapleyResult:
+        """The scalar game whose dev value weighs question q by weights[q] (`token_weights` for the
+        whole dev set as gold_loglik scores it; uniform 1/Q for a plain mean)."""
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (self.n_dev,):
+            raise ValueError(f"weights of shape {weights.shape}, expected {(self.n_dev,)}")
+        return self._result(self.totals[: runs or self.runs] @ weights, self.steps[: runs or self.runs])
+
+    def _result(self, totals: np.ndarray, steps: np.ndarray) -> ShapleyResult:
+        credits = {p: [_value(totals[r, i]) for r in range(len(totals))] for i, p in enumerate(self.players)}
+        values = {p: _value(np.mean(c, axis=0)) for p, c in credits.items()}
+        stderr = {p: _stderr_of(c) for p, c in credits.items()}
+        estimates = [{p: _value(np.mean(totals[: r + 1, i], axis=0)) for i, p in enumerate(self.players)}
+                     for r in range(len(totals))]
+        return ShapleyResult(values, stderr, credits, {}, estimates, [int(s) for s in np.cumsum(steps)])
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """(arrays, metadata): numpy arrays (safetensors-friendly) and JSON-able metadata; `from_state`
+        rebuilds an identical accumulator. Players must be ints or strings."""
+        players = []
+        for p in self.players:
+            if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, np.integer, str)):
+                raise TypeError(f"player {p!r}: only int and str players can be saved")
+            players.append(int(p) if isinstance(p, (int, np.integer)) else p)
+        arrays = {"totals": np.ascontiguousarray(self.totals), "steps": np.ascontiguousarray(self.steps)}
+        return ({k: v.copy() for k, v in arrays.items()},
+                {"version": self.VERSION, "players": players, "n_dev": self.n_dev, "runs": self.runs})
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], meta: dict) -> InRunCredits:
+        if meta.get("version") != cls.VERSION:
+            raise ValueError(f"in-run credits state version {meta.get('version')!r}, expected {cls.VERSION}")
+        out = cls(meta["players"], meta["n_dev"], meta["runs"])
+        totals, steps = np.asarray(arrays["totals"]), np.asarray(arrays["steps"])
+        if totals.shape != out.totals.shape or steps.shape != out.steps.shape:
+            raise ValueError(f"in-run credits state: arrays of shape {totals.shape}, {steps.shape} do not match "
+                             f"{out.totals.shape}, {out.steps.shape}")
+        out.totals[...] = totals
+        out.steps[...] = steps
+        return out
