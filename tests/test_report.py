@@ -1,62 +1,67 @@
-"""`shed report`: parsing `dvc exp show --json` (a recorded real run) into the table and the plot."""
+"""`shed report`: dvc.api.exp_show() rows (a recorded real run) into the table and the plot."""
 
 import json
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import DVC, restore_head, sh, wait_for_queue
 
 from shed import report
 
-# `dvc exp show --json` of the README's grid on the embedded default (params and metrics kept).
-FIXTURE = Path(__file__).parent / "fixtures" / "exp_show.json"
+# dvc.api.exp_show() of a tiny grid: the qocs baseline, then qwcs and random experiments (random at
+# 0.2 with seeds 0 and 1); evaluate.include_base false. The workspace row repeats the last experiment.
+FIXTURE = Path(__file__).parent / "fixtures" / "exp_rows.json"
 
 
 def test_recorded_grid_gives_one_row_per_model_method_and_size():
-    summary = report.table(report.runs(json.loads(FIXTURE.read_text())))
+    rows = json.loads(FIXTURE.read_text())
+    summary = report.table(report.runs(rows))
     keys = [(s["model"], s["method"], s["fraction"]) for s in summary]
-    assert len(keys) == len(set(keys)) == 13 and summary[-1]["method"] == "full"  # 4 methods x 3 sizes + full
-    assert {m for _, m, _ in keys} == {"qocs", "qwcs", "random", "dsir", "full"}
-    qocs = next(s for s in summary if s["method"] == "qocs" and s["fraction"] == 0.1)
-    assert qocs["records"] == 120 and qocs["acc"]["shed_embedded"][0] == pytest.approx(71 / 240)
-    # Every row against the recorded experiments, read straight from the JSON: one run each, so the
-    # mean is that run's accuracy (a whole number of the 240 questions) and the std is 0.
-    recorded = {}
-    for commit in json.loads(FIXTURE.read_text()):
-        for exp in commit.get("experiments") or []:
-            for rev in exp["revs"]:
-                metrics = rev["data"]["metrics"]
-                sample = metrics["metrics/sample.json"]["data"]
-                evals = metrics["metrics/eval.json"]["data"]
-                recorded[(sample["method"], sample["fraction"])] = (
-                    sample["size"], evals["finetuned"]["shed_embedded"]["acc"], evals["base"]["shed_embedded"]["acc"])
-    assert len(recorded) == 13 and set(recorded) == {(m, f) for _, m, f in keys}
+    assert keys == [("models/base", "qocs", 0.1), ("models/base", "qwcs", 0.1), ("models/base", "random", 0.1),
+                    ("models/base", "random", 0.2)]
+    # Every row against the recorded experiments, read straight from the rows (the workspace repeats one).
+    recorded = defaultdict(list)
+    for row in rows[1:]:
+        recorded[(row["sample.method"], row["sample.subset_size"])].append(
+            (int(row["size"]), row["finetuned.shed_embedded.acc"]))
     for s in summary:
-        size, acc, base = recorded[(s["method"], s["fraction"])]
-        assert s["records"] == size and s["runs"] == 1 and s["acc"] == {"shed_embedded": (acc, 0.0)}
-        assert s["base"] == {"shed_embedded": base} and acc * 240 == pytest.approx(round(acc * 240))
+        runs = recorded[(s["method"], s["fraction"])]
+        accs = [acc for _, acc in runs]
+        assert s["records"] == runs[0][0] == round(s["fraction"] * 200) and s["runs"] == len(runs)
+        assert s["acc"]["shed_embedded"] == pytest.approx((np.mean(accs), np.std(accs)))
+        assert s["base"] == {}  # include_base: false
+    assert next(s for s in summary if s["fraction"] == 0.2)["runs"] == 2  # seeds 0 and 1 averaged
 
 
 def test_identical_params_count_once_and_seeds_average():
-    def exp(seed, acc):
-        return {"rev": f"r{seed}{acc}", "name": None, "data": {
-            "params": {"params.yaml": {"data": {"sample": {"method": "random", "subset_size": 0.1, "seed": seed},
-                                                 "finetune": {"model": "m"}, "shapley": {"model": "m"}}}},
-            "metrics": {"metrics/eval.json": {"data": {"finetuned": {"t": {"acc": acc}}, "base": {"t": {"acc": 0.2}}}},
-                        "metrics/sample.json": {"data": {"fraction": 0.1, "size": 12}}}}}
+    def exp(rev, seed, acc):
+        return {"rev": rev, "Experiment": None, "typ": "branch_commit", "State": None, "sample.method": "random",
+                "sample.subset_size": 0.1, "sample.seed": seed, "finetune.model": "m", "shapley.model": "m",
+                "base.seed": 0, "finetuned.t.acc": acc, "finetuned.t.acc_norm": 0.9, "base.t.acc": 0.2,
+                "fraction": 0.1, "size": 12.0}
 
-    commit = {**exp(0, 0.4), "experiments": [{"revs": [exp(0, 0.4)]}, {"revs": [exp(1, 0.6)]}],
-              }
-    rows = report.runs([{"rev": "workspace", "data": {}}, commit])
-    assert len(rows) == 2  # the baseline and its identical experiment count once
-    (row,) = report.table(rows)
+    rows = [{"rev": "workspace", "typ": "baseline"}, exp("main", 0, 0.4), exp("a1", 0, 0.4), exp("b2", 1, 0.6),
+            {**exp("c3", 2, 0.9), "State": "Queued", "finetuned.t.acc": None}]
+    runs = report.runs(rows)
+    assert len(runs) == 2  # the baseline and its identical experiment count once; the queued one not at all
+    assert runs[0]["acc"] == {"t": 0.4} and runs[0]["base"] == {"t": 0.2}  # base.seed is a param, not a metric
+    (row,) = report.table(runs)
     assert row["runs"] == 2 and row["acc"]["t"] == pytest.approx((0.5, 0.1)) and row["records"] == 12
     md = report.markdown([row])
     assert "| m | m | random | 0.1 | 12 | 2 | 0.5000 ± 0.1000 |" in md and "m t 0.2000" in md
     lines, refs = report.curves([row], "t")
     assert lines == {"random": [(0.1, 0.5, pytest.approx(0.1))]} and refs == {"base": 0.2}
+
+
+def test_metrics_prefixed_with_their_file_are_read_too():
+    row = {"rev": "x", "sample.method": "qocs", "sample.subset_size": 0.1, "metrics/eval.json:finetuned.t.acc": 0.7,
+           "metrics/sample.json:size": 5.0, "metrics/sample.json:fraction": 0.1, "size": 99.0}
+    (run,) = report.runs([row])
+    assert run["acc"] == {"t": 0.7} and run["records"] == 5 and run["fraction"] == 0.1
 
 
 def test_two_fine_tuned_models_are_separate_groups_and_lines():
@@ -73,8 +78,8 @@ def test_report_writes_markdown_and_png_and_rejects_an_empty_run(tmp_path):
     report.main(json_path=str(FIXTURE), out=str(tmp_path))
     md = (tmp_path / "report.md").read_text()
     assert md.startswith("# Eval accuracy")
-    assert "| models/base | models/base | qocs | 0.1 | 120 | 1 | 0.2958 |" in md  # 71/240
-    assert md.count("\n| models/base | models/base |") == 13
+    assert "| models/base | models/base | qocs | 0.1 | 20 | 1 | 0.2750 |" in md  # 11 of 40
+    assert md.count("\n| models/base | models/base |") == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy-shed_embedded.png", "report.md"]
     assert (tmp_path / "accuracy-shed_embedded.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "empty.json").write_text("[]")
@@ -100,8 +105,6 @@ def test_queued_grid_runs_downstream_stages_and_reports(workspace, tmp_path):
 
 
 def test_the_workspace_counts_only_when_nothing_else_was_evaluated():
-    data = json.loads(FIXTURE.read_text())
-    evaluated = data[1]["experiments"][0]["revs"][0]["data"]  # a finished experiment's params and metrics
-    workspace = {"rev": "workspace", "data": evaluated, "experiments": None}
-    assert len(report.runs([workspace, *data[1:]])) == 13
-    assert [r["name"] for r in report.runs([workspace])] == ["workspace"]
+    rows = json.loads(FIXTURE.read_text())
+    assert "workspace" not in [r["name"] for r in report.runs(rows)]
+    assert [r["name"] for r in report.runs(rows[:1])] == ["workspace"]

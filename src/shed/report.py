@@ -1,8 +1,8 @@
 """`shed report`: every experiment's eval accuracy as a Markdown table and a PNG per task
 (accuracy against subset size, one line per method, full pool and base model as references).
 
-    shed report                               # runs `dvc exp show --json`
-    shed report --json exps.json --out reports
+    shed report                               # reads dvc.api.exp_show()
+    shed report --json exps.json --out reports   # a saved dvc.api.exp_show() (a JSON list of rows)
 
 Rows are grouped by fine-tuned model, so one curated dataset fine-tuned on two models
 (finetune.model != shapley.model: transferability) shows as two groups. Experiments with
@@ -11,63 +11,72 @@ identical params are counted once; those differing only in seeds are averaged (m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import subprocess
+import re
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from shed.fileio import ShedError, write_text
+from shed.fileio import ShedError, read_json, write_text
 
 log = logging.getLogger(__name__)
 
-PARAMS = "params.yaml"
 EVAL = "metrics/eval.json"
 SAMPLE = "metrics/sample.json"
+# dvc.api.exp_show flattens metrics to their keys, prefixed with the file only where two files share a key.
+ACC = re.compile(rf"^(?:{re.escape(EVAL)}:)?(finetuned|base)\.(.+)\.acc$")
 
 
-def _entries(exp_show: list) -> list[tuple[str, dict]]:
-    """(name, data) of each baseline commit, each experiment, then the workspace (dvc 3.x layout)."""
-    out, workspace = [], []
-    for commit in exp_show:
-        if commit.get("rev") == "workspace":
-            workspace = [("workspace", commit["data"])] if commit.get("data") else []
-        elif commit.get("data"):
-            out.append((commit.get("name") or commit.get("rev", "?")[:7], commit["data"]))
-        for exp in commit.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                if rev.get("data"):
-                    out.append((rev.get("name") or exp.get("name") or rev.get("rev", "?")[:7], rev["data"]))
-    return out + workspace
+def param_keys() -> list[str]:
+    """Every params.yaml key in dotted form (the config schema's fields)."""
+    from shed.config import Params
+
+    def walk(cls: type, prefix: str) -> list[str]:
+        out = []
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out += walk(type(default), f"{prefix}{f.name}.") if dataclasses.is_dataclass(default) \
+                else [prefix + f.name]
+        return out
+
+    return walk(Params, "")
 
 
-def _file_data(section: dict | None, path: str) -> dict:
-    return ((section or {}).get(path) or {}).get("data") or {}
+def _metric(row: dict, path: str, key: str):
+    return row.get(f"{path}:{key}", row.get(key))
 
 
-def runs(exp_show: list) -> list[dict]:
-    """One row per distinct finished experiment: its params and eval accuracies."""
-    rows, seen = [], set()
-    for name, data in _entries(exp_show):
-        params = _file_data(data.get("params"), PARAMS)
-        evals = _file_data(data.get("metrics"), EVAL)
-        if not params or not evals.get("finetuned") or (name == "workspace" and rows):
-            continue  # queued, failed, never evaluated; the workspace (metrics may predate params) only alone
-        key = json.dumps(params, sort_keys=True)
-        if key in seen:
+def runs(rows: list[dict]) -> list[dict]:
+    """One row per distinct finished experiment: its params and eval accuracies. The workspace
+    counts only when nothing else was evaluated (its metrics may predate its params)."""
+    keys = param_keys()
+    ordered = [r for r in rows if r.get("rev") != "workspace"] + [r for r in rows if r.get("rev") == "workspace"]
+    out, seen = [], set()
+    for row in ordered:
+        params = {k: row[k] for k in keys if k in row}
+        acc = {"finetuned": {}, "base": {}}
+        for key, value in row.items():
+            match = ACC.match(key)
+            if match and key not in params and isinstance(value, (int, float)):
+                acc[match[1]][match[2]] = float(value)
+        if not params or not acc["finetuned"] or (row.get("rev") == "workspace" and out):
+            continue  # queued, failed, never evaluated
+        fingerprint = json.dumps(params, sort_keys=True, default=str)
+        if fingerprint in seen:
             continue
-        seen.add(key)
-        sample, sampled = params.get("sample", {}), _file_data(data.get("metrics"), SAMPLE)
-        rows.append({
-            "name": name, "method": sample.get("method", "?"),
-            "fraction": float(sampled.get("fraction", sample.get("subset_size", 0.0))), "records": sampled.get("size"),
-            "model": params.get("finetune", {}).get("model", "?"), "valued_with": params.get("shapley", {}).get("model", "?"),
-            "acc": {t: m["acc"] for t, m in evals["finetuned"].items() if "acc" in m},
-            "base": {t: m["acc"] for t, m in (evals.get("base") or {}).items() if "acc" in m},
+        seen.add(fingerprint)
+        fraction, size = _metric(row, SAMPLE, "fraction"), _metric(row, SAMPLE, "size")
+        out.append({
+            "name": row.get("Experiment") or str(row.get("rev", "?")), "method": params.get("sample.method", "?"),
+            "fraction": float(fraction if fraction is not None else params.get("sample.subset_size", 0.0)),
+            "records": int(size) if size is not None else None,
+            "model": params.get("finetune.model", "?"), "valued_with": params.get("shapley.model", "?"),
+            "acc": acc["finetuned"], "base": acc["base"],
         })
-    return rows
+    return out
 
 
 def table(rows: list[dict]) -> list[dict]:
@@ -128,27 +137,26 @@ def curves(summary: list[dict], task: str) -> tuple[dict, dict]:
     return dict(lines), refs
 
 
-def load_exp_show(path: str | None) -> list:
+def load_rows(path: str | None) -> list[dict]:
+    """Experiment rows: from `dvc.api.exp_show()` in this repository, or a saved list of them."""
     if path:
-        text = Path(path).read_text(encoding="utf-8")
+        data = read_json(path)
     else:
-        result = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise ShedError(f"dvc exp show --json failed: {result.stderr.strip()[-500:]}")
-        text = result.stdout
-    start = text.find("[")  # dvc may print notices before the JSON
-    try:
-        data = json.loads(text[start:]) if start >= 0 else None
-    except json.JSONDecodeError as exc:
-        raise ShedError(f"{path or 'dvc exp show --json'}: not valid JSON ({exc.msg})") from None
-    if not isinstance(data, list):
-        raise ShedError(f"{path or 'dvc exp show --json'}: expected a JSON list of commits")
+        import dvc.api
+        from dvc.exceptions import DvcException
+
+        try:
+            data = dvc.api.exp_show()
+        except DvcException as exc:
+            raise ShedError(f"dvc.api.exp_show: {exc}") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ShedError(f"{path or 'dvc.api.exp_show'}: expected a JSON list of experiment rows")
     return data
 
 
 def main(json_path: str | None = None, out: str = "reports") -> None:
     """The report of every finished experiment -> `out`/report.md and `out`/accuracy-<task>.png."""
-    summary = table(runs(load_exp_show(json_path)))
+    summary = table(runs(load_rows(json_path)))
     if not summary:
         raise ShedError("no evaluated experiment found (run `dvc exp run` or `dvc queue start` first)")
     from shed import plots
