@@ -8,6 +8,14 @@
     benchmarks/.cache, gitignored), exact Shapley values are enumerated, and each estimator is
     run on the cached game: the evaluations it needs until its ranking reaches, and keeps,
     Spearman rho >= 0.95 with the exact values, averaged over seeds.
+(c) In-run valuation (shapley.method inrun, shed.inrun): k training runs on all 12 proxies,
+    credited step by step, in both credit directions (sgd, adam); Spearman rho of its values with
+    the reference after each run and its wall time, next to each retrain estimator's rho at the
+    same wall time (the evaluations that time buys, at the measured seconds per job; mean over
+    seeds) and, with the exact game, the evaluations each needs to rank as well as in-run does.
+    The reference is the exact values; with --no-exact the 4,096 subsets are not all fine-tuned and
+    the reference is a KernelSHAP (regression) estimate from --reference-jobs fine-tunes of the same
+    game (through the same job store, so a later full run reuses them), which favours regression.
 The last line printed is one JSON object with every figure. `--markdown PATH` also writes the
 tables as Markdown from that dict; `--from-json FILE` renders them from a saved JSON line and runs nothing:
 
@@ -184,6 +192,139 @@ def evaluations_to_rank(game: dict, seeds: int, max_k: int, n: int, target: floa
     return figures
 
 
+# --- (c) in-run valuation against retraining --------------------------------------------------------
+
+def seconds_per_job(count: int = 6) -> float:
+    """Median wall time of one fine-tune-and-score job of this game, one thread (as the game's jobs run)."""
+    from shed.executors import JobRunner
+
+    params, _, dev, job = load_game()
+    runner = JobRunner(job_spec(params, dev), "cpu", threads=1)
+    times = []
+    for subset in job_list(count):
+        start = time.perf_counter()
+        runner.run(job(subset))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+class LazyGame:
+    """v(S) from the game's job store, fine-tuning (and storing) the subsets not in it yet."""
+
+    def __init__(self):
+        from shed.jobstore import JobStore, job_context
+
+        self.params, _, self.dev, self.job = load_game()
+        self.store = JobStore(WS / "game/jobs.jsonl", job_context(self.params.shapley.model, self.params.train,
+                                                                  self.params.shapley.value, [q["id"] for q in self.dev]))
+        self.runner = None
+        self.run_now = 0
+
+    def __call__(self, subset: frozenset) -> float:
+        job = self.job(subset)
+        if job["key"] not in self.store.values:
+            if self.runner is None:
+                from shed.executors import JobRunner
+
+                self.runner = JobRunner(job_spec(self.params, self.dev), "cpu", threads=1)
+            result = self.runner.run(job)
+            self.store.put(result["key"], result["value"], size=result["size"])
+            self.run_now += 1
+        return self.store.values[job["key"]]
+
+
+def regression_reference(game, jobs: int) -> tuple[np.ndarray, dict]:
+    """KernelSHAP values from the largest k whose subsets number at most `jobs` (seed 0), and how stable
+    they are: rho between the estimate at half those iterations and at all of them."""
+    from shed.shapley import regression, schedule
+
+    players = list(range(PLAYERS))
+    k = 1
+    while len(schedule("regression", players, k + 1, 1, 0)) <= jobs:
+        k += 1
+    start = time.perf_counter()
+    result = regression(players, game, k=k, n=1, seed=0)
+    half = regression(players, game, k=max(1, k // 2), n=1, seed=0)
+    values = np.array([result.values[p] for p in players])
+    info = {"kind": "regression", "evaluations": len(result.evaluations), "k": k,
+            "rho_half_vs_full": round(spearman(np.array([half.values[p] for p in players]), values), 4),
+            "values": [round(float(v), 6) for v in values], "seconds": round(time.perf_counter() - start, 1)}
+    print(f"(c) reference: KernelSHAP on {info['evaluations']} subsets (k={k}); rho(half, full) = "
+          f"{info['rho_half_vs_full']}")
+    return values, info
+
+
+def inrun_runs(k: int, direction: str) -> dict:
+    """k in-run valuation runs on the game's 12 proxies (one thread), whole-dev token-weighted values:
+    the running values after each run and the wall time of each."""
+    import torch
+
+    from shed import inrun
+    from shed.models import load_causal_lm
+    from shed.training import LoraTrainer
+
+    torch.set_num_threads(1)
+    params, records, dev, _ = load_game()
+    players = list(range(PLAYERS))
+    model, tokenizer = load_causal_lm(params.shapley.model, "cpu", params.shapley.dtype)
+    trainer = LoraTrainer(model, tokenizer, params.train)
+    dev_batch = inrun.collate(inrun.dev_rows(tokenizer, dev), tokenizer.pad_token_id, trainer.device)
+    credits = inrun.InRunCredits(players, len(dev), k)
+    times = []
+    start = time.perf_counter()
+    inrun.value_runs(trainer, [records[c] for c in players], players, dev_batch, credits, list(range(k)),
+                     direction=direction, on_run=lambda s: times.append(time.perf_counter() - start))
+    result = credits.result(inrun.token_weights(dev_batch))
+    return {"estimates": [[e[p] for p in players] for e in result.estimates], "seconds": times,
+            "steps_per_run": int(credits.steps[0])}
+
+
+def same_wall_time(game, truth: np.ndarray, budget: int, seeds: int) -> dict:
+    """Per retrain estimator (n=1), mean over seeds: rho with `truth` of its estimate from the most
+    iterations whose distinct subsets number at most `budget` (one iteration if even one needs more)."""
+    from shed.shapley import ESTIMATORS, schedule
+
+    players = list(range(PLAYERS))
+    out = {}
+    for name, estimator in ESTIMATORS.items():
+        rhos, evaluations = [], []
+        for seed in range(1, seeds + 1):  # seed 0 made the regression reference
+            k = 1
+            while len(schedule(name, players, k + 1, 1, seed)) <= budget:
+                k += 1
+            result = estimator(players, game, k=k, n=1, seed=seed)
+            rhos.append(spearman(np.array([result.values[p] for p in players]), truth))
+            evaluations.append(len(result.evaluations))
+        out[name] = {"rho": round(float(np.mean(rhos)), 4), "rho_min": round(float(np.min(rhos)), 4),
+                     "evaluations": float(np.mean(evaluations)), "over_budget": bool(np.mean(evaluations) > budget)}
+        print(f"    {name:18s} rho {out[name]['rho']:+.3f} (min {out[name]['rho_min']:+.3f}) "
+              f"from {out[name]['evaluations']:.0f} evaluations")
+    return out
+
+
+def inrun_comparison(utility, truth: np.ndarray, k: int, seeds: int, per_job: float, max_k: int,
+                     exact_game: dict | None = None) -> dict:
+    """(c) for both directions; `utility` gives v(S) (from the cache, or fine-tuning what is missing);
+    `exact_game`, when every subset is cached, also gives the evaluations retraining needs to match."""
+    out = {"seconds_per_retrain_job": round(per_job, 3), "k": k}
+    for direction in ("sgd", "adam"):
+        runs = inrun_runs(k, direction)
+        rho = [round(spearman(np.array(e), truth), 4) for e in runs["estimates"]]
+        seconds = runs["seconds"][-1]
+        budget = max(1, int(seconds / per_job))
+        print(f"(c) in-run ({direction}), {runs['steps_per_run']} steps a run: rho after each run {rho}, "
+              f"{seconds:.1f} s for {k} runs = the time of {budget} retrain jobs; retrain at that time:")
+        figures = {"rho": rho, "seconds": [round(t, 2) for t in runs["seconds"]],
+                   "values": [round(v, 6) for v in runs["estimates"][-1]], "budget_evaluations": budget,
+                   "retrain_same_time": same_wall_time(utility, truth, budget, seeds)}
+        if exact_game is not None:  # every subset is cached: what retraining needs to rank as well as in-run does
+            print(f"    evaluations to reach (and keep) in-run's rho {rho[-1]}:")
+            figures["retrain_evaluations_to_match"] = evaluations_to_rank(exact_game, seeds, max_k, 1,
+                                                                          target=rho[-1])
+        out[direction] = figures
+    return out
+
+
 PAPER = "group_permutation"
 
 
@@ -198,21 +339,61 @@ def read_json_line(path: str) -> dict:
 def markdown(out: dict, source: str | None) -> str:
     """The benchmark's tables as Markdown, from the dict it prints as its JSON line."""
     origin = f"`{source}`" if source else "the run that wrote this file (FILE: its JSON line)"
-    t = out["throughput"]
     lines = [
         "<!-- Written by benchmarks/shapley_engine.py; do not edit by hand. Regenerate with:",
         f"     python benchmarks/shapley_engine.py --from-json {source or 'FILE'} --markdown <this file> -->",
         "",
         f"Source: {origin}. A real {PLAYERS}-proxy game of the embedded default (tiny Llama + LoRA, CPU).",
-        "",
-        f"(a) Throughput, the same {t['jobs']} jobs run by the engine (one process, model loaded once) and in the",
-        "authors' style (a fresh process per job):",
-        "",
-        "| engine (jobs/min) | one process per job (jobs/min) | speedup | identical values |",
-        "|---|---|---|---|",
-        (f"| {t['engine_jobs_per_minute']:g} | {t['authors_jobs_per_minute']:g} | {t['speedup']:g}x | "
-        f"{'yes' if t['same_values'] else 'no'} |"),
     ]
+    if "throughput" in out:
+        t = out["throughput"]
+        lines += [
+            "",
+            (f"(a) Throughput, the same {t['jobs']} jobs run by the engine (one process, model loaded once) and in "
+             "the authors' style (a fresh process per job):"),
+            "",
+            "| engine (jobs/min) | one process per job (jobs/min) | speedup | identical values |",
+            "|---|---|---|---|",
+            (f"| {t['engine_jobs_per_minute']:g} | {t['authors_jobs_per_minute']:g} | {t['speedup']:g}x | "
+             f"{'yes' if t['same_values'] else 'no'} |"),
+        ]
+    if "evaluations_to_rho_0.95" in out:
+        lines += retrain_tables(out)
+    if "inrun" in out:
+        lines += inrun_tables(out)
+    return "\n".join(lines) + "\n"
+
+
+def inrun_tables(out: dict) -> list[str]:
+    """(c): in-run's rho and time next to each retrain estimator's rho at the same time."""
+    ref, x = out["reference"], out["inrun"]
+    truth = ("the exact Shapley values" if ref["kind"] == "exact" else
+             f"a KernelSHAP estimate from {ref['evaluations']} fine-tunes (the exact game was not computed; "
+             f"this reference favours `regression`; its rho between half and all its iterations: "
+             f"{ref['rho_half_vs_full']})")
+    lines = ["", (f"(c) In-run valuation ({x['k']} runs on all {PLAYERS} proxies, credited at every step) against "
+                  f"{truth}: Spearman ρ after each run, and the wall time of all runs; next to it, each retrain "
+                  f"estimator (n = 1) at the same wall time ({x['seconds_per_retrain_job']} s a fine-tune and "
+                  "score job), ρ mean over seeds (min in brackets):"), "",
+             "| method | ρ | seconds | evaluations |", "|---|---|---|---|"]
+    for direction in ("sgd", "adam"):
+        f = x[direction]
+        lines.append(f"| inrun ({direction}) | {' → '.join(f'{r:+.3f}' for r in f['rho'])} | "
+                     f"{f['seconds'][-1]:g} | — |")
+        for name, g in f["retrain_same_time"].items():
+            note = " (one iteration, over the time)" if g["over_budget"] else ""
+            lines.append(f"| retrain {name}{note} | {g['rho']:+.3f} ({g['rho_min']:+.3f}) | "
+                         f"{g['evaluations'] * x['seconds_per_retrain_job']:.1f} | {g['evaluations']:g} |")
+        if "retrain_evaluations_to_match" in f:
+            need = ", ".join(f"{n} {g['evaluations']:,.0f} ({g['reached']})"
+                             for n, g in f["retrain_evaluations_to_match"].items())
+            lines.append(f"| evaluations each retrain estimator needs to reach and keep ρ {f['rho'][-1]:+.3f} | "
+                         f"{need} | | |")
+    return lines
+
+
+def retrain_tables(out: dict) -> list[str]:
+    lines = []
     evals = out["evaluations_to_rho_0.95"]
     groups = list(evals)  # "n=1", "n=2"
     estimators = list(next(iter(evals.values())))
@@ -242,7 +423,7 @@ def markdown(out: dict, source: str | None) -> str:
                   "| " + " | ".join(f"proxy {i}" for i in range(len(x["values"]))) + " |",
                   "|" + "---|" * len(x["values"]),
                   "| " + " | ".join(f"{v:+.4f}" for v in x["values"]) + " |"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_markdown(out: dict, source: str | None, path: str | None) -> None:
@@ -260,6 +441,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--max-k", type=int, default=3000, help="orders run by the permutation estimators")
     parser.add_argument("--jobs", type=int, default=10)
+    parser.add_argument("--no-exact", action="store_true",
+                        help="do not fine-tune all 4,096 subsets: (b) is skipped and (c) ranks against a KernelSHAP "
+                             "estimate from --reference-jobs fine-tunes")
+    parser.add_argument("--reference-jobs", type=int, default=500)
+    parser.add_argument("--inrun-k", type=int, default=4, help="in-run valuation runs")
+    parser.add_argument("--skip-throughput", action="store_true", help="skip (a)")
     parser.add_argument("--markdown", metavar="PATH", help="also write the result tables as Markdown")
     parser.add_argument("--from-json", metavar="FILE",
                         help="render the Markdown from this saved JSON line (to --markdown, else stdout); run nothing")
@@ -275,7 +462,19 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     prepare_workspace()
     os.chdir(WS)
-    out = {"throughput": throughput(args.jobs)}
+    out = {} if args.skip_throughput else {"throughput": throughput(args.jobs)}
+    per_job = seconds_per_job()
+    if args.no_exact:
+        lazy = LazyGame()
+        truth, out["reference"] = regression_reference(lazy, args.reference_jobs)
+        out["reference"]["jobs_run_now"] = lazy.run_now
+        out["inrun"] = inrun_comparison(lazy, truth, args.inrun_k, args.seeds, per_job, args.max_k)
+        out["inrun"]["jobs_run_now"] = lazy.run_now
+        lazy.store.close()
+        print(json.dumps(out, sort_keys=True))
+        if markdown_path:
+            write_markdown(json.loads(json.dumps(out, sort_keys=True)), None, markdown_path)
+        return
     game = full_game()
     from shed.shapley import exact_shapley
 
@@ -283,11 +482,15 @@ def main() -> None:
     print("    exact values:", " ".join(f"{exact[p]:+.4f}" for p in range(PLAYERS)))
     out["exact"] = {"v_full": game[frozenset(range(PLAYERS))], "v_empty": game[frozenset()],
                     "values": [round(exact[p], 6) for p in range(PLAYERS)]}
+    out["reference"] = {"kind": "exact", "evaluations": len(game)}
     print(f"(b) evaluations to Spearman rho >= 0.95 with exact values, mean of {args.seeds} seeds:")
     out["evaluations_to_rho_0.95"] = {f"n={n}": evaluations_to_rank(game, args.seeds, args.max_k, n) for n in (1, 2)}
     paper = out["evaluations_to_rho_0.95"]["n=1"]["group_permutation"]["evaluations"]
     best = min(f["evaluations"] for f in out["evaluations_to_rho_0.95"]["n=1"].values())
     out["best_over_paper_n1"] = round(best / paper, 3)
+    truth = np.array([exact[p] for p in range(PLAYERS)])
+    out["inrun"] = inrun_comparison(game.__getitem__, truth, args.inrun_k, args.seeds, per_job, args.max_k,
+                                    exact_game=game)
     print(json.dumps(out, sort_keys=True))
     if markdown_path:
         write_markdown(json.loads(json.dumps(out, sort_keys=True)), None, markdown_path)

@@ -53,6 +53,18 @@ def mc_file(name, content, key="eval"):
 
 
 MMLU_OK = '"What is 1+1?",1,2,3,4,B\n'
+
+
+def parquet(rows) -> bytes:
+    import io
+
+    import pandas as pd
+
+    buffer = io.BytesIO()
+    pd.DataFrame(rows).to_parquet(buffer)
+    return buffer.getvalue()
+
+
 # id: (stage, files, params, setup, expected text in the one error line)
 CASES = {
     "empty_file": ("prepare", *pool("pool.jsonl", ""), None, "pool.jsonl: empty file"),
@@ -61,39 +73,39 @@ CASES = {
     "truncated_json_array": ("prepare", *pool("pool.json", json.dumps(ALPACA)[:-5]), None,
                              "pool.json: line 1: not valid JSON"),
     "array_item_not_object": ("prepare", *pool("pool.json", '[{"instruction": "a", "output": "b"}, 7]'), None,
-                              "pool.json: record 1: expected a JSON object, got int"),
+                              "pool.json: item 2: expected a JSON object, got int"),
     "missing_field": ("prepare", *pool("pool.jsonl", jsonl([ALPACA[0], {"instruction": "x"}])), None,
-                      "pool.jsonl: record 1: field 'output' is missing"),
+                      "pool.jsonl: line 2: field 'output' is missing"),
     "null_field": ("prepare", *pool("pool.json", json.dumps([{"instruction": None, "output": "o"}])), None,
-                   "pool.json: record 0: field 'instruction' is null"),
+                   "pool.json: item 1: field 'instruction' is null"),
     "wrong_type": ("prepare", *pool("pool.jsonl", jsonl([ALPACA[0], {"instruction": "x", "output": 3}])), None,
-                   "pool.jsonl: record 1: field 'output' must be a string, got int"),
+                   "pool.jsonl: line 2: field 'output' must be a string, got int"),
     "not_utf8": ("prepare", *pool("pool.jsonl", b'{"instruction": "caf\xe9", "output": "x"}\n'), None,
                  "pool.jsonl: line 1: not UTF-8 (byte 0xe9"),
     "csv_wrong_header": ("prepare", *pool("pool.csv", "prompt,completion\na,b\n"), None,
-                         "pool.csv: record 0: cannot detect the schema from fields ['completion', 'prompt']"),
+                         "pool.csv: row 1 (the header): cannot detect the schema from fields ['completion', 'prompt']"),
     "csv_header_for_other_format": ("prepare", {"pool.csv": "instruction,output\na,b\n"},
                                     "prepare:\n  pool: pool.csv\n  format: dolly\n", None,
-                                    "pool.csv: record 0: field 'response' is missing"),
+                                    "pool.csv: row 2: field 'response' is missing"),
     "corrupt_parquet": ("prepare", *pool("pool.parquet", b"PAR1 not really"), None,
                         "pool.parquet: not a readable Parquet file"),
     "unsupported_suffix": ("prepare", *pool("pool.xml", "<a/>"), None, "pool.xml: unsupported file type '.xml'"),
     "pool_not_found": ("prepare", {}, "prepare:\n  pool: nowhere.jsonl\n", None, "nowhere.jsonl: file not found"),
     "chat_without_assistant": ("prepare", *pool("pool.jsonl", jsonl([{"messages": [{"role": "user", "content": "hi"}]}])),
-                               None, "pool.jsonl: record 0: field 'messages' has no user turn followed by an assistant"),
+                               None, "pool.jsonl: line 1: field 'messages' has no user turn followed by an assistant"),
     "duplicate_refused": ("prepare", {"pool.json": json.dumps(ALPACA + ALPACA[:1])},
                           "prepare:\n  pool: pool.json\n  duplicates: error\n", None,
-                          "pool.json: record 2: exact duplicate"),
+                          "pool.json: item 3: exact duplicate"),
     "eval_answer_out_of_range": ("prepare", *mc_file("eval.jsonl", jsonl([{**MC[0], "answer": 5}])), None,
-                                 "eval.jsonl: record 0: field 'answer' is 5, out of range for 2 choices"),
+                                 "eval.jsonl: line 1: field 'answer' is 5, out of range for 2 choices"),
     "eval_choices_not_list": ("prepare", *mc_file("eval.jsonl", jsonl([{**MC[0], "choices": "4"}])), None,
-                              "eval.jsonl: record 0: field 'choices' must be a list"),
+                              "eval.jsonl: line 1: field 'choices' must be a list"),
     "mmlu_csv_bad_answer": ("prepare", *mc_file("dev.csv", MMLU_OK + '"Q?",1,2,3,4,E\n', key="dev"), None,
-                            "dev.csv: line 2: field 'answer' is 'E', expected one of A, B, C, D"),
+                            "dev.csv: row 2: field 'answer' is 'E', expected one of A, B, C, D"),
     "mmlu_csv_wrong_columns": ("prepare", *mc_file("dev.csv", "question,A,B,C,D\n", key="dev"), None,
-                               "dev.csv: line 1: expected 6 columns"),
+                               "dev.csv: row 1: expected 6 columns"),
     "arc_answer_not_a_label": ("prepare", *mc_file("arc.jsonl", jsonl([ARC_OK, {**ARC_OK, "answerKey": "E"}])), None,
-                               "arc.jsonl: record 1: field 'answerKey' is 'E', not one of the labels ['1', '2']"),
+                               "arc.jsonl: line 2: field 'answerKey' is 'E', not one of the labels ['1', '2']"),
     "dev_eval_overlap": ("prepare", {"pool.json": json.dumps(ALPACA), "dev.jsonl": jsonl(MC), "eval.jsonl": jsonl(MC)},
                          "prepare:\n  pool: pool.json\n  dev: dev.jsonl\n  eval: eval.jsonl\n", None,
                          "dev.jsonl: 1 dev questions also appear in the eval set eval.jsonl"),
@@ -117,13 +129,27 @@ CASES = {
                           "models/none.gguf: model file not found"),
     "eval_mmlu_answer_out_of_range": ("evaluate", {"mmlu/test/x_test.csv": MMLU_OK + '"Q?",1,2,3,4,F\n'},
                                       "evaluate:\n  tasks: [mmlu_local]\n  mmlu_dir: mmlu\n", None,
-                                      "x_test.csv: line 2: field 'answer' is 'F'"),
+                                      "x_test.csv: row 2: field 'answer' is 'F'"),
     "eval_arc_missing_stem": ("evaluate", {"arc.jsonl": jsonl([ARC_OK, {**ARC_OK, "question": {"choices": []}}])},
                               "evaluate:\n  tasks: [arc_challenge_local]\n  arc_file: arc.jsonl\n", None,
-                              "arc.jsonl: record 1: field 'question.stem' is missing"),
+                              "arc.jsonl: line 2: field 'question.stem' is missing"),
     "eval_overlaps_dev": ("evaluate", {"mmlu/test/x_test.csv": MMLU_OK},
                           "evaluate:\n  tasks: [mmlu_local]\n  mmlu_dir: mmlu\n", mmlu_dev,
                           "data/prepared/dev.jsonl: 1 dev questions also appear in the eval set mmlu"),
+    # One case per reader: the position counts what the user sees (blank lines, the CSV header, rows that span lines).
+    "reader_jsonl_counts_blank_lines": ("prepare", *pool("pool.jsonl", jsonl(ALPACA[:1]) + "\n\n" + jsonl([{"instruction": "x", "output": 3}])),
+                                        None, "pool.jsonl: line 4: field 'output' must be a string, got int"),
+    "reader_json_array_items": ("prepare", *pool("pool.json", json.dumps([ALPACA[0], {"instruction": "x"}])), None,
+                                "pool.json: item 2: field 'output' is missing"),
+    "reader_csv_rows_count_the_header": ("prepare", {"pool.csv": "instruction,output\na,b\n\"multi\nline\",\nc,d\n"},
+                                         "prepare:\n  pool: pool.csv\n  empty: error\n", None,
+                                         "pool.csv: row 3: field 'output' is empty (prepare.empty=error)"),
+    "reader_parquet_rows": ("prepare", *pool("pool.parquet", parquet([ALPACA[0], {**ALPACA[1], "output": None}])), None,
+                            "pool.parquet: row 2: field 'output' is null"),
+    "reader_mmlu_csv_rows_not_lines": ("prepare", *mc_file("dev.csv", '"Two\nlines?",1,2,3,4,B\n"Q?",1,2,3,4,E\n', key="dev"),
+                                       None, "dev.csv: row 2: field 'answer' is 'E'"),
+    "reader_arc_jsonl_counts_blank_lines": ("prepare", *mc_file("arc.jsonl", jsonl([ARC_OK]) + "\n" + jsonl([{**ARC_OK, "answerKey": "E"}])),
+                                            None, "arc.jsonl: line 3: field 'answerKey' is 'E'"),
     "hub_dataset_offline": ("prepare", {}, "prepare:\n  pool: hf:nobody/no-such-dataset\n", None,
                             "hf:nobody/no-such-dataset: could not load split 'train' from the hub"),
     "eval_mmlu_dir_unset": ("evaluate", {}, "evaluate:\n  tasks: [mmlu_local]\n", None,

@@ -27,7 +27,7 @@ def test_prepare_keeps_earlier_outputs_when_the_new_input_is_bad(tmp_path):
     (tmp_path / "bad.json").write_text('[{"instruction": "x", "output": null}]')
     (tmp_path / "params.yaml").write_text("prepare:\n  pool: bad.json\n")
     result = run_shed(tmp_path, "prepare")
-    assert result.returncode == 1 and "bad.json: record 0: field 'output' is null" in result.stderr
+    assert result.returncode == 1 and "bad.json: item 1: field 'output' is null" in result.stderr
     assert (tmp_path / "data/prepared/pool.jsonl").read_bytes() == before
 
 

@@ -26,15 +26,15 @@ def test_duplicates_dropped_kept_or_refused():
     assert len(normalize_pool(rows, "p.json", duplicates="drop")) == 1
     kept = normalize_pool(rows, "p.json", duplicates="keep")
     assert len(kept) == 2 and kept[0]["id"] != kept[1]["id"]
-    with pytest.raises(ShedError, match="record 1: exact duplicate"):
+    with pytest.raises(ShedError, match="item 2: exact duplicate"):
         normalize_pool(rows, "p.json", duplicates="error")
 
 
 @pytest.mark.parametrize("row,message", [
-    ({"instruction": "i"}, "record 0: field 'output' is missing"),
-    ({"instruction": None, "output": "o"}, "record 0: field 'instruction' is null"),
-    ({"instruction": "i", "output": 3}, "record 0: field 'output' must be a string"),
-    ({"instruction": " ", "output": "o"}, "record 0: field 'instruction' is empty"),
+    ({"instruction": "i"}, "item 1: field 'output' is missing"),
+    ({"instruction": None, "output": "o"}, "item 1: field 'instruction' is null"),
+    ({"instruction": "i", "output": 3}, "item 1: field 'output' must be a string"),
+    ({"instruction": " ", "output": "o"}, "item 1: field 'instruction' is empty"),
 ])
 def test_bad_pool_records_name_record_and_field(row, message):
     with pytest.raises(ShedError, match=message):
@@ -64,7 +64,7 @@ def test_json_array_in_a_jsonl_named_file_is_read(tmp_path):
 def test_choice_sets_validate_answer_range():
     ok = normalize_choice_set([{"question": "q", "choices": ["a", "b"], "answer": "B"}], "e.jsonl")
     assert ok[0]["answer"] == 1
-    with pytest.raises(ShedError, match="record 0: field 'answer' is 4, out of range for 2 choices"):
+    with pytest.raises(ShedError, match="item 1: field 'answer' is 4, out of range for 2 choices"):
         normalize_choice_set([{"question": "q", "choices": ["a", "b"], "answer": 4}], "e.jsonl")
 
 
@@ -96,3 +96,51 @@ def test_detected_schema_is_logged(caplog):
     with caplog.at_level("INFO", logger="shed"):
         normalize_pool([{"instruction": "i", "context": "", "response": "o"}], "d.jsonl")
     assert "prepare.format=auto: detected the dolly schema" in caplog.text
+
+
+# Positions are 1-based and named by what the user opens: one test per reader.
+BAD = {"instruction": "x", "output": 3}
+
+
+def _fails_at(path, message):
+    with pytest.raises(ShedError, match=message):
+        normalize_pool(load_rows(str(path)), str(path))
+
+
+def test_jsonl_positions_are_file_lines_counting_blank_ones(tmp_path):
+    path = tmp_path / "pool.jsonl"
+    path.write_text('\n{"instruction": "a", "output": "b"}\n\n' + json.dumps(BAD) + "\n", encoding="utf-8")
+    assert [load_rows(str(path)).where(i) for i in range(2)] == ["line 2", "line 4"]
+    _fails_at(path, r"pool.jsonl: line 4: field 'output' must be a string, got int")
+
+
+def test_json_array_positions_are_items(tmp_path):
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}, BAD], indent=2), encoding="utf-8")
+    _fails_at(path, r"pool.json: item 2: field 'output' must be a string, got int")
+
+
+def test_csv_positions_are_spreadsheet_rows_with_the_header_as_row_1(tmp_path):
+    path = tmp_path / "pool.csv"
+    path.write_text('instruction,output\n"two\nlines",b\nc,\n', encoding="utf-8")
+    with pytest.raises(ShedError, match=r"pool.csv: row 3: field 'output' is empty"):
+        normalize_pool(load_rows(str(path)), str(path), empty="error")
+    (tmp_path / "other.csv").write_text("prompt,completion\na,b\n", encoding="utf-8")
+    _fails_at(tmp_path / "other.csv", r"other.csv: row 1 \(the header\): cannot detect the schema")
+
+
+def test_parquet_positions_are_rows(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "pool.parquet"
+    pd.DataFrame([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": None}]).to_parquet(path)
+    _fails_at(path, r"pool.parquet: row 2: field 'output' is null")
+
+
+def test_rows_built_in_memory_are_items():
+    from shed.data import where
+
+    assert where([{}, {}], 1) == "item 2"
+    with pytest.raises(ShedError, match=r"mem: item 2: field 'choices'"):
+        normalize_choice_set([{"question": "q", "choices": ["a", "b"], "answer": 0},
+                              {"question": "r", "choices": "ab", "answer": 0}], "mem")

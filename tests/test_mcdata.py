@@ -120,3 +120,23 @@ def test_dev_exclude_drops_questions_of_the_eval_files(tmp_path):
     params = Params()
     params.prepare.dev, params.prepare.dev_exclude = str(tmp_path / "dev.jsonl"), [str(root)]
     assert [q["question"] for q in build(params)["dev"]] == ["Fresh question"]
+
+
+def test_mmlu_csv_positions_are_rows_even_when_a_field_spans_lines(tmp_path):
+    path = tmp_path / "x_test.csv"
+    path.write_text('"Two\nlines",a,b,c,d,A\n"Q",a,b,c,d,Z\n', encoding="utf-8")
+    with pytest.raises(ShedError, match=r"x_test.csv: row 2: field 'answer' is 'Z'"):
+        load_choice_set(str(path))
+
+
+def test_arc_positions_are_jsonl_lines_counting_blank_ones(tmp_path):
+    (tmp_path / "arc.jsonl").write_text(json.dumps(ARC) + "\n\n" + json.dumps({**ARC, "answerKey": "9"}) + "\n")
+    with pytest.raises(ShedError, match=r"arc.jsonl: line 3: field 'answerKey' is '9'"):
+        load_choice_set(str(tmp_path / "arc.jsonl"))
+
+
+def test_our_choice_jsonl_positions_are_lines(tmp_path):
+    rows = [{"question": "q", "choices": ["a", "b"], "answer": 0}, {"question": "r", "choices": ["a", "b"], "answer": 2}]
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ShedError, match=r"dev.jsonl: line 2: field 'answer' is 2, out of range"):
+        load_choice_set(str(tmp_path / "dev.jsonl"))

@@ -7,12 +7,14 @@ Stages import this module (never each other); dvc.yaml's outs and data deps are 
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from shed.fileio import ShedError, atomic_path, read_jsonl, write_csv, write_json, write_jsonl
+from shed import env
+from shed.fileio import ShedError, atomic_path, read_json, read_jsonl, write_csv, write_json, write_jsonl
 
 # prepare
 PREPARED = "data/prepared"
@@ -26,6 +28,7 @@ BASE_MODEL = "models/base"
 EMBED = "data/embed"
 EMBEDDINGS = f"{EMBED}/embeddings.npy"  # float32, row i = the record on line i of ids.txt
 EMBED_IDS = f"{EMBED}/ids.txt"
+EMBED_PARTIAL = "data/.embed.partial"  # an unfinished embed run: its chunks so far (resume), never a DVC output
 # cluster
 CLUSTERS = "data/clusters"
 ASSIGNMENTS = f"{CLUSTERS}/assignments.csv"  # id, cluster, distance, proxy (pool order)
@@ -34,9 +37,10 @@ CLUSTERS_PNG = "plots/clusters.png"
 # shapley
 SHAPLEY = "data/shapley"
 SCORES = f"{SHAPLEY}/scores.csv"  # cluster, proxy_id, size, score, stderr, credits
-SUBSETS = f"{SHAPLEY}/subsets.jsonl"  # each evaluated subset and its value
+SUBSETS = f"{SHAPLEY}/subsets.jsonl"  # retrain: each evaluated subset and its value; inrun: one summary per run
 JOBS_DIR = "data/shapley_jobs"
 JOBS = f"{JOBS_DIR}/jobs.jsonl"  # the persistent job store (shed.jobstore)
+INRUN_RUNS = f"{JOBS_DIR}/inrun"  # shapley.method inrun: <context>/run-NNNN.{safetensors,json}, one per finished run
 SCORES_PLOT = "plots/shapley_scores.csv"
 SHAPLEY_PNG = "plots/shapley.png"
 CONVERGENCE_PNG = "plots/convergence.png"
@@ -46,10 +50,25 @@ DATASET = f"{CURATED}/dataset.jsonl"  # the curated records, in selection order
 MANIFEST = f"{CURATED}/manifest.json"
 # finetune
 FINETUNED = "models/finetuned"
+FINETUNE_CURVE = "dvclive/finetune/plots/metrics"  # dvclive's per-step loss.tsv and lr.tsv: dvc plots
 
 
 def metrics(stage: str) -> str:
     return f"metrics/{'eval' if stage == 'evaluate' else stage}.json"
+
+
+# The headline numbers with short names (eval accuracy per task, Shapley seconds and jobs, ...): what
+# `dvc exp show` compares. Each stage replaces its own keys; dvc.yaml lists it under the top-level metrics.
+SUMMARY = "metrics/summary.json"
+
+
+def write_metrics(stage: str, values: dict, headline: dict | None = None, device: str | None = None) -> None:
+    """A stage's metrics file, with the environment that produced it (shed.env.describe) under "env";
+    `headline` keys also go to SUMMARY. Both written atomically."""
+    write_json(metrics(stage), {**values, "env": env.describe(device)})
+    if headline:
+        summary = read_json(SUMMARY) if Path(SUMMARY).is_file() else {}
+        write_json(SUMMARY, {**(summary if isinstance(summary, dict) else {}), **headline})
 
 
 # What each stage reads and writes (metrics aside): dvc.yaml must say the same.
@@ -81,7 +100,7 @@ OUTPUTS = {
     "cluster": [CLUSTERS, CLUSTERS_PNG],
     "shapley": [SHAPLEY, JOBS_DIR, SHAPLEY_PNG, CONVERGENCE_PNG, SCORES_PLOT],
     "sample": [CURATED],
-    "finetune": [FINETUNED],
+    "finetune": [FINETUNED, FINETUNE_CURVE],
     "evaluate": [],
 }
 
@@ -120,6 +139,17 @@ def write_embeddings(vectors: np.ndarray, ids: list[str]) -> None:
         tmp.mkdir()
         np.save(tmp / Path(EMBEDDINGS).name, vectors)
         (tmp / Path(EMBED_IDS).name).write_text("".join(i + "\n" for i in ids), encoding="utf-8")
+
+
+def commit_embeddings(partial: str | Path, ids: list[str]) -> None:
+    """A finished chunked run's embeddings.npy (written in place, memory-mapped) and the ids as EMBED, all
+    or nothing; the partial directory goes."""
+    partial = Path(partial)
+    with atomic_path(EMBED) as tmp:
+        tmp.mkdir()
+        (partial / Path(EMBEDDINGS).name).rename(tmp / Path(EMBEDDINGS).name)
+        (tmp / Path(EMBED_IDS).name).write_text("".join(i + "\n" for i in ids), encoding="utf-8")
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def read_clusters() -> tuple[pd.DataFrame, pd.DataFrame]:

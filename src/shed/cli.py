@@ -15,9 +15,13 @@ import importlib
 import sys
 from pathlib import Path
 
-from shed import __version__, artifacts
-from shed.codedeps import STAGES, module_path
-from shed.fileio import ShedError, setup_logging
+from shed import env
+
+env.pin()  # first, before numpy and torch load: they read the kernel and thread settings when loaded
+
+from shed import __version__, artifacts  # noqa: E402
+from shed.codedeps import STAGES, module_path  # noqa: E402
+from shed.fileio import ShedError, setup_logging  # noqa: E402
 
 
 def _summary(module: str) -> str:

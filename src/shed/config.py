@@ -100,11 +100,20 @@ class BaseConfig:
 class EmbedConfig:
     """Sentence embeddings of the records (and, for shapley.dev_neighbours, of the dev questions)."""
 
-    model: str = param("all-MiniLM-L6-v2", "a sentence-transformers name/path; MiniLM resolves offline")
-    batch_size: int = param(128, "records per batch", ge=1)
+    model: str = param("all-MiniLM-L6-v2", "a sentence-transformers name/path (MiniLM resolves offline); "
+                       "static:<that> distils it to static token vectors (model2vec, cached: ~100x faster on a "
+                       "CPU); or a model2vec directory")
+    backend: str = param("torch", "runtime of a transformer model: torch, or its ONNX export run by onnxruntime "
+                         "(onnx, onnx-int8) or OpenVINO (pip install 'shed[fast]' / 'shed[openvino]')",
+                         choices=("torch", "onnx", "onnx-int8", "openvino"))
+    batch_size: int = param(128, "records per batch (batches are sorted by length)", ge=1)
+    chunk_size: int = param(4096, "records embedded and written per chunk: a killed run resumes from the last "
+                            "finished chunk", ge=1)
     fields: list[str] = param(["instruction", "input", "output"], "record fields embedded, in this order",
                               choices=("instruction", "input", "output"))
-    device: str = param("auto", "auto, cpu, cuda, cuda:<i>, ...")
+    device: str = param("auto", "auto, cpu, cuda, cuda:<i>, ... (backend torch)")
+    dtype: str = param("float32", "backend torch: weights' dtype on CUDA (auto: float16 on CUDA); CPUs run "
+                       "float32", choices=("float32", "float16", "auto"))
     max_seq_length: int = param(0, "tokens embedded per record; CPU time grows with it", ge=0,
                                 zero="the model's own")
 
@@ -114,18 +123,19 @@ class ClusterConfig:
     """k-means over the embeddings: each cluster is a proxy valued by the Shapley stage."""
 
     C: int = param(60, "number of clusters = proxies valued (paper: 3000)", ge=1)
-    algorithm: str = param("auto", "auto: k-means up to 50k records, mini-batch beyond",
-                           choices=("auto", "kmeans", "minibatch"))
+    algorithm: str = param("auto", "auto: scikit-learn k-means up to 50k records, mini-batch beyond; faiss: FAISS "
+                           "k-means (GPU when present; minutes for C=3000 on 1M records; pip install 'shed[fast]')",
+                           choices=("auto", "kmeans", "minibatch", "faiss"))
     seed: int = param(0, "k-means seed", ge=0)
 
 
 @dataclass
 class LoraConfig:
-    """The LoRA adapter trained by the fine-tuning recipe."""
+    """The LoRA adapter trained by the fine-tuning recipe (fp32 weights; see train.* for precision)."""
 
-    r: int = param(16, "adapter rank", ge=1)
-    alpha: int = param(32, "scaling numerator (scale = alpha / r)", ge=1)
-    dropout: float = param(0.0, "dropout on the adapter input", ge=0, lt=1)
+    r: int = param(16, "adapter rank (paper: 128)", ge=1)
+    alpha: int = param(32, "scaling numerator (scale = alpha / r; paper: 256)", ge=1)
+    dropout: float = param(0.0, "dropout on the adapter input (paper: 0.1)", ge=0, lt=1)
     target_modules: list[str] = param(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                       "modules that get an adapter")
 
@@ -140,10 +150,30 @@ class TrainConfig:
     epochs: int = param(10, "passes over the data (a tiny model needs many over a few hundred records)", ge=1)
     lr: float = param(0.003, "learning rate", gt=0)
     max_grad_norm: float = param(1.0, "gradient clipping, as the HF Trainer does by default", ge=0, zero="off")
-    batch_size: int = param(16, "records per batch", ge=1)
-    max_length: int = param(128, "tokens per record", ge=1)
+    batch_size: int = param(16, "records per optimizer step (paper: 128)", ge=1)
+    micro_batch_size: int = param(0, "records per forward/backward pass; gradients accumulate over a step's "
+                                  "micro-batches, weighted by label tokens, so the step equals one full batch "
+                                  "(paper: 8)", ge=0, zero="batch_size")
+    gradient_checkpointing: bool = param(False, "recompute each layer's activations in the backward pass: "
+                                         "activation memory of one layer instead of all, ~30% more compute")
+    group_by_length: bool = param(False, "within each step, put records of similar length in the same "
+                                  "micro-batch: the step's records and update are unchanged, padding shrinks")
+    warmup_ratio: float = param(0.1, "share of the steps with a linear lr warmup, floor(steps x ratio), "
+                                "at least 1 (paper: 0.04)", ge=0, lt=1)
+    max_length: int = param(128, "tokens per record (paper: 1024); may not exceed the model's own",
+                            ge=0, zero="the model's own")
     seed: int = param(0, "seed of the adapter init and the data order", ge=0)
     lora: LoraConfig = param(LoraConfig, LoraConfig.__doc__)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            yield "micro_batch_size", (f"train.batch_size={self.batch_size} must be a multiple of it, "
+                                       f"got {self.micro_batch_size}")
+
+    @property
+    def micro_batch(self) -> int:
+        """Records per forward/backward pass (micro_batch_size, or batch_size for 0)."""
+        return self.micro_batch_size or self.batch_size
 
 
 @dataclass
@@ -151,7 +181,11 @@ class ShapleyConfig:
     """Shapley values of the clusters: the utility is the fine-tuned model's score on the dev set."""
 
     model: str = param("models/base", "hub id or local path; the embedded default is built by `shed base`")
-    k: int = param(4, "permutations (paper: 10-20)", ge=1)
+    method: str = param("retrain", "retrain: fine-tune and score proxy subsets (the paper's); inrun: one fit on "
+                        "all proxies per run, each proxy credited its first-order drop of the dev loss at every "
+                        "step (In-Run Data Shapley; docs/engine.md)", choices=("retrain", "inrun"))
+    k: int = param(4, "permutations (paper: 10-20); method inrun: training runs, each with its own data order",
+                   ge=1)
     n: int = param(1, "proxies removed per step (paper: 60); 1 credits each proxy its own marginal", ge=1)
     seed: int = param(0, "seed of the permutations", ge=0)
     estimator: str = param("group_permutation", "Shapley estimator (group_permutation: the paper's)",
@@ -164,8 +198,16 @@ class ShapleyConfig:
     executor: str = param("local", "where jobs run (ray: pip install 'shed[ray]')", choices=("local", "ray"))
     device: str = param("auto", "auto, cpu, cuda, cuda:<i>, ...")
     dtype: str = param("auto", "model weights' dtype (auto: bf16 on GPU, fp32 on CPU)", choices=DTYPES)
+    direction: str = param("sgd", "method inrun: the update direction credited: sgd (lr x clip x gradient, "
+                           "In-Run Data Shapley's) or adam (each gradient through Adam's preconditioner, LESS-style)",
+                           choices=("sgd", "adam"))
+    dev_chunk: int = param(0, "method inrun: dev questions per gradient pass (bounds memory on a large dev set)",
+                           ge=0, zero="all at once")
 
     def check(self) -> Iterator[tuple[str, str]]:
+        if self.method == "inrun" and self.value != "loglik":
+            yield "value", (f"method inrun credits the gradient of the dev loss, so only value loglik; "
+                            f"got {self.value}")
         if self.dev_neighbours and self.value == "accuracy":
             yield "dev_neighbours", ("needs per-question scores, which shapley.value accuracy (lm-eval) does not "
                                      "give: use loglik or choice_logprob, or dev_neighbours 0")

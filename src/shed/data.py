@@ -3,6 +3,10 @@
 A pool record becomes `{id, instruction, input, output}`; `id` is a content hash, so it is the
 same on every machine and every run, and nothing downstream is keyed by text.
 A multiple-choice record becomes `{id, question, choices, answer}` with `answer` a 0-based index.
+
+Errors name a record as the user finds it in the file, 1-based: "line N" in JSON Lines, "row N" in
+CSV (the header is row 1, as a spreadsheet shows it) and Parquet or hub datasets, "item N" in a
+JSON array (and in lists built in memory).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from shed.fileio import ShedError, read_json, read_jsonl
+from shed.fileio import ShedError, _read_text, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +29,27 @@ POOL_FORMATS = {
 CHAT_KEYS = ("conversations", "messages")
 USER_ROLES = {"user", "human"}
 ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model"}
+
+
+class Rows(list):
+    """Raw rows that remember where each came from: `where(i)` names row i for the user, 1-based."""
+
+    def __init__(self, rows, unit: str = "item", numbers: list[int] | None = None, header: str | None = None):
+        super().__init__(rows)
+        self.unit, self.numbers, self.header = unit, numbers, header
+
+    def where(self, i: int) -> str:
+        return f"{self.unit} {self.numbers[i] if self.numbers is not None else i + 1}"
+
+
+def where(rows: list, i: int) -> str:
+    """Row i's position as the user can find it: "line N", "row N" or "item N" (1-based)."""
+    return rows.where(i) if isinstance(rows, Rows) else f"item {i + 1}"
+
+
+def jsonl_line_numbers(path: str | Path) -> list[int]:
+    """The 1-based line number of each record `read_jsonl` returns (it skips blank lines)."""
+    return [n for n, line in enumerate(_read_text(Path(path)).split("\n"), start=1) if line.strip()]
 
 
 def record_id(*parts: str) -> str:
@@ -54,12 +79,13 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
             raise ShedError(f"{path}: empty file") from None
         except pd.errors.ParserError as exc:
             raise ShedError(f"{path}: not valid CSV ({str(exc).strip().splitlines()[-1]})") from None
-        return frame.to_dict(orient="records")
+        # Row numbers as a spreadsheet shows them: the header is row 1.
+        return Rows(frame.to_dict(orient="records"), "row", list(range(2, len(frame) + 2)), header="row 1 (the header)")
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            return Rows(pq.read_table(path).to_pylist(), "row")
         except Exception as exc:  # pyarrow raises several types for corrupt files
             raise ShedError(f"{path}: not a readable Parquet file ({type(exc).__name__})") from None
     raise ShedError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl, .csv or .parquet)")
@@ -71,15 +97,15 @@ def _load_json_any(path: Path) -> list[dict]:
     if not head:
         raise ShedError(f"{path}: empty file")
     if head.startswith(b"["):
-        rows = read_json(path)
+        rows = Rows(read_json(path), "item")
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
-                raise ShedError(f"{path}: record {i}: expected a JSON object, got {type(row).__name__}")
+                raise ShedError(f"{path}: {rows.where(i)}: expected a JSON object, got {type(row).__name__}")
         return rows
     rows = read_jsonl(path)
     if not rows:
         raise ShedError(f"{path}: empty file")
-    return rows
+    return Rows(rows, "line", jsonl_line_numbers(path))
 
 
 def _load_hub(dataset_id: str, split: str) -> list[dict]:
@@ -87,57 +113,57 @@ def _load_hub(dataset_id: str, split: str) -> list[dict]:
 
     log.info("loading hub dataset %s (split %s)", dataset_id, split)
     try:
-        return list(datasets.load_dataset(dataset_id, split=split))
+        return Rows(datasets.load_dataset(dataset_id, split=split), "row")
     except Exception as exc:
         raise ShedError(f"hf:{dataset_id}: could not load split {split!r} from the hub "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                         "offline, download it first or point prepare.pool at a local file") from None
 
 
-def detect_format(row: dict, source: str) -> str:
+def detect_format(row: dict, source: str, position: str = "item 1") -> str:
     if any(k in row for k in CHAT_KEYS):
         return "chat"
     if "response" in row and "instruction" in row:
         return "dolly"
     if "instruction" in row and "output" in row:
         return "alpaca"
-    raise ShedError(f"{source}: record 0: cannot detect the schema from fields {sorted(row)[:8]} "
+    raise ShedError(f"{source}: {position}: cannot detect the schema from fields {sorted(row)[:8]} "
                     "(expected instruction/input/output, instruction/context/response, or conversations/messages); "
                     "set prepare.format")
 
 
-def _text(row: dict, key: str, source: str, index: int, required: bool) -> str:
+def _text(row: dict, key: str, source: str, at: str, required: bool) -> str:
     value = row.get(key)
     if value is None:
         if required:
             what = "missing" if key not in row else "null"
-            raise ShedError(f"{source}: record {index}: field {key!r} is {what}")
+            raise ShedError(f"{source}: {at}: field {key!r} is {what}")
         return ""
     if not isinstance(value, str):
-        raise ShedError(f"{source}: record {index}: field {key!r} must be a string, got {type(value).__name__}")
+        raise ShedError(f"{source}: {at}: field {key!r} must be a string, got {type(value).__name__}")
     return value
 
 
-def _chat_record(row: dict, source: str, index: int) -> tuple[str, str]:
+def _chat_record(row: dict, source: str, at: str) -> tuple[str, str]:
     key = next(k for k in CHAT_KEYS if k in row)
     turns = row[key]
     if not isinstance(turns, list) or not turns:
-        raise ShedError(f"{source}: record {index}: field {key!r} must be a non-empty list of turns")
+        raise ShedError(f"{source}: {at}: field {key!r} must be a non-empty list of turns")
     user = assistant = None
     for t, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise ShedError(f"{source}: record {index}: field {key}[{t}] must be an object")
+            raise ShedError(f"{source}: {at}: field {key}[{t}] must be an object")
         role = turn.get("role", turn.get("from"))
         text = turn.get("content", turn.get("value"))
         if not isinstance(role, str) or not isinstance(text, str):
-            raise ShedError(f"{source}: record {index}: field {key}[{t}] needs string role/from and content/value")
+            raise ShedError(f"{source}: {at}: field {key}[{t}] needs string role/from and content/value")
         if user is None and role.lower() in USER_ROLES:
             user = text
         elif user is not None and role.lower() in ASSISTANT_ROLES:
             assistant = text
             break
     if not user or not assistant:
-        raise ShedError(f"{source}: record {index}: field {key!r} has no user turn followed by an assistant turn")
+        raise ShedError(f"{source}: {at}: field {key!r} has no user turn followed by an assistant turn")
     return user, assistant
 
 
@@ -148,33 +174,34 @@ def normalize_pool(rows: list[dict], source: str, fmt: str = "auto", duplicates:
     if not rows:
         raise ShedError(f"{source}: empty pool (no records)")
     if fmt == "auto":
-        fmt = detect_format(rows[0], source)
+        fmt = detect_format(rows[0], source, getattr(rows, "header", None) or where(rows, 0))
         log.info("%s: prepare.format=auto: detected the %s schema from fields %s (set prepare.format to override)",
                  source, fmt, sorted(rows[0])[:8])
     records, seen, dropped, blank = [], set(), 0, 0
     for i, row in enumerate(rows):
+        at = where(rows, i)
         if not isinstance(row, dict):
-            raise ShedError(f"{source}: record {i}: expected an object, got {type(row).__name__}")
+            raise ShedError(f"{source}: {at}: expected an object, got {type(row).__name__}")
         if fmt == "chat":
             if not any(k in row for k in CHAT_KEYS):
-                raise ShedError(f"{source}: record {i}: field 'conversations' or 'messages' is missing")
-            instruction, output = _chat_record(row, source, i)
+                raise ShedError(f"{source}: {at}: field 'conversations' or 'messages' is missing")
+            instruction, output = _chat_record(row, source, at)
             inp = ""
         else:
             k_ins, k_inp, k_out = POOL_FORMATS[fmt]
-            instruction = _text(row, k_ins, source, i, required=True)
-            inp = _text(row, k_inp, source, i, required=False)
-            output = _text(row, k_out, source, i, required=True)
+            instruction = _text(row, k_ins, source, at, required=True)
+            inp = _text(row, k_inp, source, at, required=False)
+            output = _text(row, k_out, source, at, required=True)
         if not instruction.strip() or not output.strip():
             if empty == "error":
                 field = "instruction" if not instruction.strip() else "output"
-                raise ShedError(f"{source}: record {i}: field {field!r} is empty (prepare.empty=error)")
+                raise ShedError(f"{source}: {at}: field {field!r} is empty (prepare.empty=error)")
             blank += 1
             continue
         rid = record_id(instruction, inp, output)
         if rid in seen:
             if duplicates == "error":
-                raise ShedError(f"{source}: record {i}: exact duplicate of an earlier record (id {rid})")
+                raise ShedError(f"{source}: {at}: exact duplicate of an earlier record (id {rid})")
             if duplicates == "drop":
                 dropped += 1
                 continue
@@ -196,11 +223,12 @@ def normalize_choice_set(rows: list[dict], source: str) -> list[dict]:
         raise ShedError(f"{source}: empty file (no questions)")
     out, seen = [], set()
     for i, row in enumerate(rows):
-        question = _text(row, "question", source, i, required=True)
+        at = where(rows, i)
+        question = _text(row, "question", source, at, required=True)
         choices = row.get("choices")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            raise ShedError(f"{source}: record {i}: field 'choices' must be a list of at least 2 strings")
-        answer = _answer_index(row.get("answer"), len(choices), source, i)
+            raise ShedError(f"{source}: {at}: field 'choices' must be a list of at least 2 strings")
+        answer = _answer_index(row.get("answer"), len(choices), source, at)
         qid = row.get("id") if isinstance(row.get("id"), str) else record_id(question, *choices)
         if qid in seen:
             continue
@@ -209,11 +237,11 @@ def normalize_choice_set(rows: list[dict], source: str) -> list[dict]:
     return out
 
 
-def _answer_index(answer: Any, n_choices: int, source: str, index: int) -> int:
+def _answer_index(answer: Any, n_choices: int, source: str, at: str) -> int:
     if isinstance(answer, str) and len(answer) == 1 and answer.isalpha():
         answer = ord(answer.upper()) - ord("A")
     if isinstance(answer, bool) or not isinstance(answer, int):
-        raise ShedError(f"{source}: record {index}: field 'answer' must be a choice index or letter, got {answer!r}")
+        raise ShedError(f"{source}: {at}: field 'answer' must be a choice index or letter, got {answer!r}")
     if not 0 <= answer < n_choices:
-        raise ShedError(f"{source}: record {index}: field 'answer' is {answer}, out of range for {n_choices} choices")
+        raise ShedError(f"{source}: {at}: field 'answer' is {answer}, out of range for {n_choices} choices")
     return answer

@@ -1,13 +1,15 @@
 """Running fine-tune-and-score jobs: in-process, in worker processes, or as Ray actors.
 
 A job is (key, proxy records, seed) and a `JobSpec` says how to run it (model, recipe, value);
-its value depends on nothing else, so any executor gives the same values as any other. Each worker loads the model, tokenizer and dev set once and then
-runs many jobs (the authors started a fresh process per job, reloading a 7B model each time).
+its value depends on nothing else, so any executor gives the same values as any other. Each worker
+loads the model, tokenizer and dev set once and then runs many jobs (the authors started a fresh
+process per job, reloading a 7B model each time); several workers may share a GPU.
 Executors yield results as jobs finish, so the caller records each one the moment it completes.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -77,16 +79,19 @@ class JobRunner:
 
 
 def worker_devices(device: str, workers: int) -> list[str]:
-    """One accelerator per worker where there are enough (cuda:i), else the CPU for all."""
+    """Each worker's device: for "cuda" (or "auto" on a GPU machine) the GPUs round robin, cuda:0,
+    cuda:1, ..., cuda:0, ..., so `workers` may exceed the GPU count (several small jobs share a GPU);
+    a named device (cpu, cuda:1, ...) for all workers."""
     import torch
 
     from shed.models import resolve_device
 
     device = resolve_device(device)
     if device == "cuda" and workers > 1:
-        if torch.cuda.device_count() < workers:
-            raise ShedError(f"shapley.workers: {workers} workers need {workers} GPUs, found {torch.cuda.device_count()}")
-        return [f"cuda:{i}" for i in range(workers)]
+        count = torch.cuda.device_count()
+        if count < 1:
+            raise ShedError("shapley.device: cuda, but no CUDA device is visible")
+        return [f"cuda:{i % count}" for i in range(workers)]
     return [device] * workers
 
 
@@ -106,8 +111,10 @@ _RUNNER: JobRunner | None = None  # the worker process's runner, loaded once by 
 
 def _init_worker(spec: JobSpec, devices: list[str], threads: int, slots) -> None:
     global _RUNNER
-    slot = slots.get()  # which device this process owns
-    _RUNNER = JobRunner(spec, devices[slot], threads if devices[slot] == "cpu" else 0)
+    slot = slots.get()  # which device this process runs on (GPUs may host several workers)
+    # CPU threads split between the workers on any device: several workers per GPU would otherwise each
+    # start a thread per core for their CPU-side work.
+    _RUNNER = JobRunner(spec, devices[slot], threads)
 
 
 def _run_in_worker(job: dict) -> dict:
@@ -115,7 +122,7 @@ def _run_in_worker(job: dict) -> dict:
 
 
 def run_processes(spec: JobSpec, jobs: list[dict], workers: int) -> Iterator[dict]:
-    """`workers` spawned processes (spawn: no forked torch/CUDA state), each owning a device."""
+    """`workers` spawned processes (spawn: no forked torch/CUDA state), placed by `worker_devices`."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -134,7 +141,9 @@ def run_processes(spec: JobSpec, jobs: list[dict], workers: int) -> Iterator[dic
 
 
 def run_ray(spec: JobSpec, jobs: list[dict], workers: int) -> Iterator[dict]:
-    """The same jobs on Ray actors (one GPU each where there are GPUs), e.g. across a cluster."""
+    """The same jobs on Ray actors, e.g. across a cluster. Where there are GPUs each actor asks for an
+    equal share of one, 1 / ceil(workers / GPUs in the cluster), so more workers than GPUs pack several
+    actors onto each GPU (as `worker_devices` does locally) and every actor fits."""
     try:
         import ray
     except ImportError:
@@ -143,7 +152,9 @@ def run_ray(spec: JobSpec, jobs: list[dict], workers: int) -> Iterator[dict]:
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    gpus = 1 if torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+    cluster_gpus = cluster_gpus or (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    gpus = 1 / math.ceil(workers / cluster_gpus) if cluster_gpus else 0
     threads = threads_per_worker(workers)
     actor = ray.remote(num_gpus=gpus, num_cpus=1)(JobRunner)
     device = "cuda" if gpus else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES: each actor sees its own GPU as cuda

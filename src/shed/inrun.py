@@ -37,7 +37,9 @@ Rows must be independent in the forward pass (no batch norm): true of causal LMs
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +51,8 @@ from shed.shapley import Player, ShapleyResult, _stderr_of, _value
 
 Batch = dict[str, torch.Tensor]  # input_ids, labels, attention_mask (as LoraTrainer._batch makes them)
 Grads = dict[str, torch.Tensor]  # parameter name -> tensor (per example: a leading example axis)
+
+log = logging.getLogger(__name__)
 
 
 # --- batches -------------------------------------------------------------------------------------
@@ -317,6 +321,16 @@ def step_credits(model, train_batch: Batch, dev_batch: Batch, lr: float, *,
     return StepCredits((lr * dots).cpu().numpy(), train.loss, train.batch_grad, torch.cat(dev_losses).cpu().numpy())
 
 
+def batch_gradient(model, batch: Batch) -> Grads:
+    """The gradient of the batch's loss (Hugging Face's mean over its label tokens) with respect to the
+    trainable parameters, in the model's current mode; .grad untouched."""
+    named = lora_parameters(model)
+    with torch.enable_grad():
+        loss = _row_losses(model, batch, "batch").sum()
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)}
+
+
 def write_grads(model, grad: Grads) -> None:
     """Set each trainable parameter's .grad to `grad` (replacing what was there), as loss.backward()
     on a zeroed model would: the one place this module touches .grad."""
@@ -410,3 +424,222 @@ class InRunCredits:
         out.totals[...] = totals
         out.steps[...] = steps
         return out
+
+    def clear_run(self, run: int) -> None:
+        """Forget run `run`'s credits (before it is run again from its start)."""
+        self.totals[run] = 0.0
+        self.steps[run] = 0
+
+    def run_slice(self, run: int) -> InRunCredits:
+        """Run `run` alone, as a one-run accumulator (what a per-run checkpoint saves)."""
+        out = InRunCredits(self.players, self.n_dev, 1)
+        out.totals[0] = self.totals[run]
+        out.steps[0] = self.steps[run]
+        return out
+
+    def put_run(self, run: int, one: InRunCredits) -> None:
+        """Set run `run` from a one-run accumulator of the same players and dev questions (`run_slice`'s inverse)."""
+        if one.players != self.players or one.n_dev != self.n_dev or one.runs != 1:
+            raise ValueError("put_run: a one-run accumulator of the same players and dev questions is needed")
+        self.totals[run] = one.totals[0]
+        self.steps[run] = one.steps[0]
+
+
+# --- the in-run valuation driver: one LoRA fit per run, credited step by step (no file I/O) -------
+
+@torch.no_grad()
+def dev_losses(model, dev_batch: Batch, dev_chunk: int = 0) -> np.ndarray:
+    """ℓ(q; θ) per dev question at the model's current parameters, in eval mode (minus the
+    per-question gold_loglik), float64; the modes are restored after."""
+    rows = dev_batch["input_ids"].shape[0]
+    chunk = dev_chunk or rows
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        out = [_row_losses(model, _rows(dev_batch, s, min(s + chunk, rows)), "example").double()
+               for s in range(0, rows, chunk)]
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    return torch.cat(out).cpu().numpy()
+
+
+@dataclass
+class RunSummary:
+    """One in-run valuation run: its seed, steps and what the dev loss did."""
+
+    run: int
+    seed: int
+    steps: int
+    train_loss: float  # the trainer's mean step loss over the last epoch
+    seconds: float  # the whole fit, credits included
+    credit_seconds: float  # of which computing credits
+    dev_before: np.ndarray  # ℓ(q; θ_0) per dev question
+    dev_after: np.ndarray  # ℓ(q; θ_T) per dev question, after the last step
+    first_order: np.ndarray  # Σ_steps Σ_examples credits per dev question: the first-order prediction of
+    #                          dev_before - dev_after (the drop of each question's loss over the run)
+
+
+class CreditCallback:
+    """`LoraTrainer.fit`'s callback for run `run`: before each update, each example's credit per dev
+    question at θ_t, added to `credits` under its player.
+
+    The credit of example i at step t is `η_t · c_t · ⟨∇ℓ_i, ∇ℓ(q)⟩` (SGD direction): η_t the
+    scheduler's learning rate of the step, c_t the step's gradient-clipping coefficient (computed from
+    the step's full gradient, the token-weighted sum of its micro-batches' gradients), ℓ_i example i's
+    share of the step's loss. With gradient accumulation the step's loss is the mean over all its
+    micro-batches' label tokens, so a micro-batch's credits (normalised over its own tokens by
+    `step_credits`) are weighted by its share of the step's label tokens; with one micro-batch (the
+    default) the weight is 1. A step's credits add up to the first-order change of each question's
+    loss along the clipped SGD step `-η_t c_t ∇L_batch`.
+
+    `adam=(beta2, eps)` credits along Adam's direction instead (LESS-style, `adam_preconditioner`):
+    each example's gradient divided elementwise by the optimizer's bias-corrected second moment at
+    this step, `1/(sqrt(v̂_t)+ε)`, momentum left out. The callback sees no optimizer, so it keeps its
+    own copy of v from the steps' clipped full gradients (what Adam accumulates), at the price of one
+    more forward/backward of the training batch per step (the preconditioner must be known before the
+    dev gradients are contracted). A step's credits then add up to the first-order change along
+    `-η_t P_t ⊙ c_t ∇L_batch`, the update of an Adam with β1 = 0 (at the first step, Adam's own).
+
+    `step_players[t][m]` lists the players of step t's micro-batch m row by row (from the trainer's
+    own `schedule`); `step_rows[t][m]`, if given, their token ids, checked against the batches the
+    trainer passes, so that a credit can never land on the wrong player."""
+
+    def __init__(self, model, dev_batch: Batch, credits: InRunCredits, run: int,
+                 step_players: list[list[list[Player]]], max_grad_norm: float, *,
+                 step_rows: list[list[list[list[int]]]] | None = None, dev_chunk: int = 0,
+                 adam: tuple[float, float] | None = None):
+        self.model, self.dev_batch, self.credits, self.run = model, dev_batch, credits, run
+        self.step_players, self.step_rows = step_players, step_rows
+        self.max_grad_norm, self.dev_chunk = max_grad_norm, dev_chunk
+        self.adam = adam
+        self.exp_avg_sq: Grads = {}
+        self.adam_steps = 0
+        self.seconds = 0.0
+        self.dev_before: np.ndarray | None = None
+        self.first_order = np.zeros(credits.n_dev)
+        self.expected_loss: float | None = None
+        self.loss_mismatch: tuple[int, float, float] | None = None  # the first step whose loss disagreed
+
+    def _check(self, step: int, batches: list[Batch]) -> None:
+        players = self.step_players[step]
+        if len(batches) != len(players) or any(b["input_ids"].shape[0] != len(p) for b, p in zip(batches, players)):
+            raise RuntimeError(f"in-run credits: step {step}'s batches do not match the trainer's schedule "
+                               f"({[b['input_ids'].shape[0] for b in batches]} rows, expected {[len(p) for p in players]})")
+        if self.step_rows is None:
+            return
+        for m, (batch, rows) in enumerate(zip(batches, self.step_rows[step])):
+            ids = batch["input_ids"].cpu()
+            for j, row in enumerate(rows):
+                if ids.shape[1] < len(row) or not torch.equal(ids[j, : len(row)], torch.tensor(row, dtype=ids.dtype)):
+                    raise RuntimeError(f"in-run credits: step {step}, micro-batch {m}, row {j} is not the record "
+                                       "the trainer's schedule puts there")
+
+    def _adam_preconditioner(self, batches: list[Batch], shares: list[float]) -> Grads:
+        """1/(sqrt(v̂_t)+ε) with v_t = β2 v_{t-1} + (1-β2) g_t², g_t the step's clipped full gradient."""
+        beta2, eps = self.adam
+        grad: Grads = {}
+        for batch, share in zip(batches, shares):
+            for name, g in batch_gradient(self.model, batch).items():
+                grad[name] = grad[name] + share * g if name in grad else share * g
+        coefficient = clip_coefficient(grad, self.max_grad_norm)
+        self.adam_steps += 1
+        out = {}
+        for name, g in grad.items():
+            g = g * coefficient
+            v = self.exp_avg_sq.get(name)
+            self.exp_avg_sq[name] = v = (1 - beta2) * g * g if v is None else beta2 * v + (1 - beta2) * g * g
+            out[name] = 1.0 / ((v / (1 - beta2 ** self.adam_steps)).sqrt() + eps)
+        return out
+
+    def before_step(self, step: int, batches: list[Batch], lr: float) -> None:
+        start = time.perf_counter()
+        self._check(step, batches)
+        tokens = [int(response_tokens(b).sum()) for b in batches]
+        total = max(sum(tokens), 1)
+        shares = [n / total for n in tokens]
+        preconditioner = self._adam_preconditioner(batches, shares) if self.adam else None
+        parts, players, grad, loss = [], [], {}, 0.0
+        for batch, who, share in zip(batches, self.step_players[step], shares):
+            s = step_credits(self.model, batch, self.dev_batch, 1.0, preconditioner=preconditioner,
+                             dev_chunk=self.dev_chunk)
+            parts.append(s.credits * share)
+            players.extend(who)
+            for name, g in s.grad.items():
+                grad[name] = grad[name] + share * g if name in grad else share * g
+            loss += share * s.loss
+            if self.dev_before is None:
+                self.dev_before = s.dev_losses
+        step_credits_ = np.concatenate(parts) * (lr * clip_coefficient(grad, self.max_grad_norm))
+        self.credits.add(self.run, players, step_credits_)
+        self.first_order += step_credits_.sum(0)
+        self.expected_loss = loss
+        self.seconds += time.perf_counter() - start
+
+    def after_step(self, step: int, loss: float, lr: float) -> None:
+        # The trainer's step loss must be the one the credits were normalised to: a mismatch (another
+        # micro-batch normalisation) would mis-scale every credit. Dropout and half precision make the
+        # two forwards differ slightly, hence the tolerance; the first mismatch is kept for the caller.
+        if self.expected_loss is not None and self.loss_mismatch is None \
+                and abs(loss - self.expected_loss) > 1e-2 * max(1.0, abs(self.expected_loss)):
+            self.loss_mismatch = (step, loss, self.expected_loss)
+        self.expected_loss = None
+
+
+def run_seed(train_seed: int, run: int) -> int:
+    """Run r's seed: the recipe's seed plus r. It seeds both the adapter init and the data order
+    (`LoraTrainer.fit`), so runs differ in both; run 0 is the recipe's own fit on all proxies."""
+    return train_seed + run
+
+
+DIRECTIONS = ("sgd", "adam")
+
+
+def adam_settings(trainer) -> tuple[float, float]:
+    """(beta2, eps) of the trainer's optimizer (`trainer.optimizer`), which must be Adam or AdamW."""
+    optimizer, _ = trainer.optimizer(1)
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        raise TypeError(f"direction adam: the trainer's optimizer is {type(optimizer).__name__}, not Adam(W)")
+    group = optimizer.param_groups[0]
+    return float(group["betas"][1]), float(group["eps"])
+
+
+def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batch: Batch, credits: InRunCredits,
+               runs: Sequence[int], *, direction: str = "sgd", dev_chunk: int = 0, progress=None,
+               on_run: Callable[[RunSummary], None] | None = None) -> list[RunSummary]:
+    """In-run valuation: for each run r in `runs`, one `trainer.fit` on all `records` (the proxies;
+    records[i] is players[i]'s) with seed `run_seed(trainer.cfg.seed, r)`, credited step by step into
+    `credits` run r (cleared first). direction: "sgd" (the plain gradient, default) or "adam" (Adam's
+    preconditioned one); see `CreditCallback`. `on_run(summary)` is called after each completed run
+    (the stage checkpoints there). `progress`: a tqdm-like bar, updated once per step. No file I/O."""
+    if len(records) != len(players):
+        raise ValueError("records and players must pair up")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+    adam = adam_settings(trainer) if direction == "adam" else None
+    out = []
+    for run in runs:
+        seed = run_seed(trainer.cfg.seed, run)
+        schedule = trainer.schedule(records, seed)
+        step_players = [[[players[i] for i in micro] for micro in step] for step in schedule]
+        step_rows = [[[trainer.encode(records[i])[0] for i in micro] for micro in step] for step in schedule]
+        credits.clear_run(run)
+        callback = CreditCallback(trainer.model, dev_batch, credits, run, step_players, trainer.cfg.max_grad_norm,
+                                  step_rows=step_rows, dev_chunk=dev_chunk, adam=adam)
+        if progress is not None and hasattr(progress, "set_postfix"):
+            progress.set_postfix(run=run)
+        fit = trainer.fit(records, seed=seed, progress=progress, callback=callback)
+        if callback.loss_mismatch is not None:
+            step, got, expected = callback.loss_mismatch
+            log.warning("in-run credits, run %d: the trainer's step %d loss %.6g is not the credited batches' "
+                        "token-weighted loss %.6g (LoRA dropout draws differ; otherwise the trainer normalises "
+                        "its micro-batches differently and the credits are mis-scaled)", run, step, got, expected)
+        if int(credits.steps[run]) != fit["steps"]:
+            raise RuntimeError(f"in-run credits: {int(credits.steps[run])} steps credited, the fit took {fit['steps']}")
+        summary = RunSummary(run, seed, fit["steps"], fit["loss"], fit["seconds"], callback.seconds,
+                             callback.dev_before, dev_losses(trainer.model, dev_batch, dev_chunk),
+                             callback.first_order)
+        out.append(summary)
+        if on_run is not None:
+            on_run(summary)
+    return out

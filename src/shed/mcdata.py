@@ -4,7 +4,8 @@ MMLU: one headerless CSV per subject and split, `question,A,B,C,D,answer` (`<dir
 ARC: one JSON object per line, `{id, question: {stem, choices: [{text, label}]}, answerKey}`; labels
 may be A-E or 1-5. Rows come out in the schema of lm-eval's built-in tasks (hub `cais/mmlu`,
 `allenai/ai2_arc`), so the project's offline tasks use those tasks' prompts unchanged. Every
-malformed row raises ShedError naming the file, line and field.
+malformed row raises ShedError naming the file, the position (1-based: "row N" in a CSV, which has no
+header here; "line N" in JSONL) and the field.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import io
 import re
 from pathlib import Path
 
-from shed.data import load_rows, normalize_choice_set
+from shed.data import Rows, jsonl_line_numbers, load_rows, normalize_choice_set
 from shed.fileio import ShedError, _read_text, read_jsonl
 
 MMLU_LETTERS = ("A", "B", "C", "D")
@@ -42,14 +43,13 @@ def read_mmlu_csv(path: Path) -> list[dict]:
         raise ShedError(f"{path}: empty file")
     rows, subject = [], mmlu_subject(path)
     reader = csv.reader(io.StringIO(text))
-    for fields in reader:
-        line = reader.line_num
+    for row, fields in enumerate(reader, start=1):  # rows, not lines: a quoted field may span lines
         if len(fields) != 6:
-            raise ShedError(f"{path}: line {line}: expected 6 columns (question,A,B,C,D,answer), got {len(fields)}")
+            raise ShedError(f"{path}: row {row}: expected 6 columns (question,A,B,C,D,answer), got {len(fields)}")
         if fields[5].strip() not in MMLU_LETTERS:
-            raise ShedError(f"{path}: line {line}: field 'answer' is {fields[5]!r}, expected one of A, B, C, D")
+            raise ShedError(f"{path}: row {row}: field 'answer' is {fields[5]!r}, expected one of A, B, C, D")
         if not fields[0].strip():
-            raise ShedError(f"{path}: line {line}: field 'question' is empty")
+            raise ShedError(f"{path}: row {row}: field 'question' is empty")
         rows.append({"subject": subject, "question": fields[0], "choices": fields[1:5],
                      "answer": MMLU_LETTERS.index(fields[5].strip())})
     return rows
@@ -62,8 +62,9 @@ def mmlu_rows(directory: str | Path, split: str = "test") -> list[dict]:
 def arc_rows(path: str | Path) -> list[dict]:
     """AI2 ARC JSONL as `{id, question, choices: {text, label}, answerKey}` (the hub schema)."""
     rows = []
-    for i, row in enumerate(read_jsonl(path)):
-        where = f"{path}: record {i}"
+    records = read_jsonl(path)
+    for i, (row, line) in enumerate(zip(records, jsonl_line_numbers(path))):
+        where = f"{path}: line {line}"
         stem = row.get("question", {}).get("stem") if isinstance(row.get("question"), dict) else None
         if not isinstance(stem, str) or not stem.strip():
             raise ShedError(f"{where}: field 'question.stem' is missing or not a string")
@@ -87,11 +88,13 @@ def load_choice_set(source: str) -> list[dict]:
     path = Path(source)
     if path.is_dir() or path.suffix.lower() == ".csv":
         rows = mmlu_rows(path) if path.is_dir() else read_mmlu_csv(path)
-        return normalize_choice_set([{k: r[k] for k in ("question", "choices", "answer")} for r in rows], source)
+        rows = [{k: r[k] for k in ("question", "choices", "answer")} for r in rows]
+        return normalize_choice_set(rows if path.is_dir() else Rows(rows, "row"), source)
     rows = load_rows(source)  # JSON Lines or a JSON array, whatever the suffix
     if rows and isinstance(rows[0].get("question"), dict):
-        rows = [{"question": r["question"], "choices": r["choices"]["text"],
-                 "answer": r["choices"]["label"].index(r["answerKey"])} for r in arc_rows(path)]
+        rows = Rows([{"question": r["question"], "choices": r["choices"]["text"],
+                      "answer": r["choices"]["label"].index(r["answerKey"])} for r in arc_rows(path)],
+                    rows.unit, rows.numbers)
     return normalize_choice_set(rows, source)
 
 

@@ -30,6 +30,54 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
         raise ShedError(f"dtype: unknown value {dtype!r} (auto, float32, bfloat16, float16)") from None
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def base_dtype(model) -> torch.dtype:
+    """The dtype the base weights were loaded in: the first frozen floating-point parameter's (any
+    floating-point parameter's when none is frozen yet, before an adapter is added)."""
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    frozen = [p for p in floats if not p.requires_grad]
+    return (frozen or floats)[0].dtype if floats else torch.float32
+
+
+def autocast_dtype(model) -> torch.dtype | None:
+    """The training precision policy's autocast dtype for `model`'s forward passes, or None (plain fp32).
+
+    The policy: base weights stay in the dtype they were loaded in (`resolve_dtype`: bf16 on CUDA, fp32
+    on CPU); trainable weights (the LoRA adapter) are fp32 (`upcast_trainable`), so the optimizer and its
+    states are fp32; where the base weights are half precision, forward passes run under autocast to
+    that dtype, so the adapter's matmuls run at the base's speed while its master weights stay fp32.
+    fp16 (not bf16) also needs a loss scaler (`needs_grad_scaler`)."""
+    dtype = base_dtype(model)
+    return dtype if dtype in HALF else None
+
+
+def needs_grad_scaler(model) -> bool:
+    """fp16 base weights: gradients underflow without loss scaling (bf16 has fp32's exponent range)."""
+    return base_dtype(model) == torch.float16
+
+
+def upcast_trainable(model) -> int:
+    """Trainable parameters (the LoRA adapter) to fp32, in place; returns how many were cast."""
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast += 1
+    return cast
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence `model` was built for (its config's position limit), or None if it names none."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _locate(name_or_path: str) -> tuple[str, str | None]:
     """(directory or hub id, gguf file name or None)."""
     path = Path(name_or_path)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from shed import artifacts, tiny
 from shed.config import Params
-from shed.fileio import atomic_path, write_json
+from shed.fileio import atomic_path
 from shed.synthetic import pretraining_corpus
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,6 @@ def main(params: Params) -> None:
     with atomic_path(artifacts.BASE_MODEL) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    write_json(artifacts.metrics("base"), {"parameters": n_params, "pretrain_steps": cfg.pretrain_steps,
-                         "pretrain_loss": round(losses[-1], 4) if losses else None})
+    artifacts.write_metrics("base", {"parameters": n_params, "pretrain_steps": cfg.pretrain_steps,
+                                     "pretrain_loss": round(losses[-1], 4) if losses else None})
     log.info("base model -> %s/", artifacts.BASE_MODEL)

@@ -3,7 +3,9 @@
     shed cluster                       # params.yaml: cluster.*
 
 Outputs (data/clusters/): assignments.csv `id, cluster, distance, proxy` (pool order) and
-proxies.csv `cluster, proxy_id, size`; a picture of the clusters in plots/clusters.png.
+proxies.csv `cluster, proxy_id, size`; a picture of the clusters in plots/clusters.png (at most 50k records
+of a larger pool, every proxy among them). cluster.algorithm faiss: FAISS k-means for large pools. A
+cluster left empty is dropped (clusters renumbered) and counted in metrics/cluster.json (empty_dropped).
 """
 
 from __future__ import annotations
@@ -13,30 +15,43 @@ import logging
 import numpy as np
 import pandas as pd
 
-from shed import artifacts, clustering, plots
+from shed import artifacts, clustering, plots, streaming
 from shed.config import Params
-from shed.fileio import ShedError, write_json
+from shed.fileio import ShedError
 
 log = logging.getLogger(__name__)
 
 
+PLOT_RECORDS = 50_000  # the picture shows at most this many records (all proxies among them)
+
+
 def main(params: Params) -> None:
     cfg = params.cluster
-    vectors, ids = artifacts.read_embeddings()
+    vectors, ids = artifacts.read_embeddings(mmap=True)  # memory-mapped: read once, never copied whole
     if cfg.C > len(ids):
         raise ShedError(f"params.yaml: cluster.C: {cfg.C} clusters asked for, but the pool has only {len(ids)} records")
-    log.info("k-means: %d records into %d clusters (seed %d)", len(ids), cfg.C, cfg.seed)
+    log.info("k-means (%s): %d records into %d clusters (seed %d)", cfg.algorithm, len(ids), cfg.C, cfg.seed)
     labels, centroids = clustering.kmeans(vectors, cfg.C, cfg.seed, cfg.algorithm)
     distances = clustering.distances_to_centroids(vectors, labels, centroids)
     proxy_rows = clustering.proxies(labels, distances)
     is_proxy = np.zeros(len(ids), dtype=bool)
     is_proxy[list(proxy_rows.values())] = True
     assignments = pd.DataFrame({"id": ids, "cluster": labels, "distance": distances.round(6), "proxy": is_proxy})
-    sizes = np.bincount(labels, minlength=cfg.C)
-    proxies = pd.DataFrame({"cluster": sorted(proxy_rows), "proxy_id": [ids[proxy_rows[c]] for c in sorted(proxy_rows)],
-                            "size": [int(sizes[c]) for c in sorted(proxy_rows)]})
+    sizes = np.bincount(labels)
+    clusters = np.array(sorted(proxy_rows))
+    id_array = np.asarray(ids, dtype=object)
+    proxies = pd.DataFrame({"cluster": clusters, "proxy_id": id_array[[proxy_rows[c] for c in clusters]],
+                            "size": sizes[clusters]})
     artifacts.write_clusters(assignments, proxies)
-    write_json(artifacts.metrics("cluster"), {"clusters": int(len(proxies)), "size_min": int(sizes.min()),
-                                              "size_median": float(np.median(sizes)), "size_max": int(sizes.max())})
-    plots.clusters_png(artifacts.CLUSTERS_PNG, vectors, labels, proxy_rows)
+    artifacts.write_metrics("cluster", {"clusters": int(len(proxies)), "size_min": int(sizes.min()),
+                                              "size_median": float(np.median(sizes)), "size_max": int(sizes.max()),
+                                              "empty_dropped": clustering.empty_clusters(cfg.C, labels),
+                                              "peak_rss_mb": streaming.peak_rss_mb()})
+    rows = np.arange(len(ids))
+    if len(ids) > PLOT_RECORDS:  # a sample of the records (every proxy among them) keeps the picture cheap
+        rows = np.union1d(rows[:: -(-len(ids) // PLOT_RECORDS)], list(proxy_rows.values()))
+        log.info("picture: %d of %d records", len(rows), len(ids))
+    position = np.searchsorted(rows, list(proxy_rows.values()))
+    plots.clusters_png(artifacts.CLUSTERS_PNG, np.asarray(vectors[rows]), labels[rows],
+                       dict(zip(proxy_rows, position.tolist())))
     log.info("clusters -> %s/, picture -> %s", artifacts.CLUSTERS, artifacts.CLUSTERS_PNG)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from shed import artifacts
 from shed.config import Params
-from shed.fileio import write_json
 from shed.mcdata import arc_rows, mmlu_rows, question_key, refuse_overlap
 from shed.models import load_causal_lm
 from shed.scoring import FILE_TASKS, LOCAL_TASKS, LmEvalScorer, mc_task_config
@@ -54,7 +53,9 @@ def main(params: Params) -> None:
         metrics["base"] = scorer(model)
     log.info("scoring the fine-tuned model on %s", ", ".join(cfg.tasks))
     metrics["finetuned"] = scorer(PeftModel.from_pretrained(model, artifacts.FINETUNED).eval())
-    write_json(artifacts.metrics("evaluate"), metrics)
+    artifacts.write_metrics("evaluate", metrics, device=str(model.device), headline={
+        "acc": {task: m.get("acc") for task, m in metrics["finetuned"].items()},
+        **({"acc_base": {task: m.get("acc") for task, m in metrics["base"].items()}} if "base" in metrics else {})})
     for task, m in metrics["finetuned"].items():
         log.info("%s: acc %.4f (base %s) -> %s", task, m.get("acc", float("nan")),
                  f"{metrics['base'][task]['acc']:.4f}" if "base" in metrics else "not scored", artifacts.metrics("evaluate"))

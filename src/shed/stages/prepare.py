@@ -11,15 +11,157 @@ truth.jsonl (which records were planted as harmful: read by benchmarks only, nev
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
-from shed import artifacts, synthetic
+from shed import artifacts, streaming, synthetic
 from shed.config import Params
-from shed.data import load_rows, normalize_pool
-from shed.fileio import ShedError, write_json
+from shed.data import POOL_FORMATS, detect_format, load_rows, normalize_pool, record_id
+from shed.fileio import ShedError
 from shed.mcdata import load_choice_set, question_key, refuse_overlap
 
 log = logging.getLogger(__name__)
+
+
+# Streaming a file pool: JSON Lines and Parquet a chunk at a time; other sources (a JSON array, CSV, a hub
+# dataset) are loaded whole by shed.data and handed out in chunks. Normalisation is shed.data.normalize_pool's,
+# chunk by chunk, with the pool-wide state (record index, seen ids, counts) kept here. On bad input the
+# whole-file reference path (normalize_pool(load_rows(...))) is run to raise its error, so the one-line
+# message is exactly that path's, and nothing has been written.
+def iter_rows(source: str, split: str = "train", chunk_size: int = streaming.CHUNK) -> Iterator[list[dict]]:
+    """Raw rows of a pool source in chunks: streamed for JSONL and Parquet, else shed.data.load_rows'."""
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if source.startswith("hf:") or not path.is_file() or suffix not in {".json", ".jsonl", ".parquet"}:
+        yield from _chunks(load_rows(source, split), chunk_size)
+        return
+    if suffix == ".parquet":
+        try:
+            yield from streaming.iter_parquet(source, chunk_size)
+        except ShedError as exc:
+            raise streaming.reference_error(lambda: load_rows(source, split), exc) from None
+        return
+    with path.open("rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head or head.startswith(b"["):  # empty, or a JSON array: shed.data reads (and judges) it whole
+        yield from _chunks(load_rows(source, split), chunk_size)
+        return
+    empty = True
+    for chunk in streaming.iter_jsonl(path, chunk_size):
+        empty = False
+        yield chunk
+    if empty:
+        load_rows(source, split)  # raises: empty file
+
+
+def _chunks(rows: list, chunk_size: int) -> Iterator[list]:
+    for start in range(0, len(rows), chunk_size):
+        yield rows[start:start + chunk_size]
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _sentinel(fmt: str) -> dict:
+    """A valid record of format `fmt` (never blank), to test a single row with normalize_pool."""
+    if fmt == "chat":
+        return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    k_ins, k_inp, k_out = POOL_FORMATS[fmt]
+    return {k_ins: "q", k_inp: "", k_out: "a"}
+
+
+def _normalized_rows(rows: list[dict], source: str, fmt: str, empty: str) -> list[dict | None]:
+    """shed.data's mapping of each row (None: a blank record, dropped); raises ShedError on a bad row."""
+    try:
+        out = normalize_pool(rows, source, fmt, "keep", "error")
+        return list(out)  # one record per row: nothing is dropped with keep/error
+    except ShedError:
+        pass
+    # A bad or a blank row in this chunk: row by row, next to a valid one (so the pool is never all blank).
+    result: list[dict | None] = []
+    sentinel = _sentinel(fmt)
+    for row in rows:
+        with _quiet("shed.data"):
+            out = normalize_pool([row, sentinel], source, fmt, "keep", "drop")
+        if len(out) == 1:
+            if empty == "error":
+                raise ShedError(f"{source}: a record is empty (prepare.empty=error)")
+            result.append(None)
+        else:
+            result.append(out[0])
+    return result
+
+
+def normalize_chunks(chunks: Iterable[list[dict]], source: str, fmt: str = "auto", duplicates: str = "drop",
+                     empty: str = "drop") -> Iterator[list[dict]]:
+    """shed.data.normalize_pool over a pool given in chunks: the same records, ids and errors, chunk by chunk."""
+    def stream() -> Iterator[list[dict]]:
+        nonlocal fmt
+        seen: set[str] = set()
+        index = dropped = blank = 0
+        for rows in chunks:
+            if not rows:
+                continue
+            if fmt == "auto":
+                fmt = detect_format(rows[0], source)
+                log.info("%s: prepare.format=auto: detected the %s schema from fields %s (set prepare.format to "
+                         "override)", source, fmt, sorted(rows[0])[:8])
+            records = []
+            for record in _normalized_rows(rows, source, fmt, empty):
+                i, index = index, index + 1
+                if record is None:
+                    blank += 1
+                    continue
+                parts = (record["instruction"], record["input"], record["output"])
+                rid = record_id(*parts)
+                if rid in seen:
+                    if duplicates == "error":
+                        raise ShedError(f"{source}: record {i}: exact duplicate of an earlier record (id {rid})")
+                    if duplicates == "drop":
+                        dropped += 1
+                        continue
+                    rid = record_id(*parts, str(i))
+                seen.add(rid)
+                records.append({"id": rid, "instruction": parts[0], "input": parts[1], "output": parts[2]})
+            if records:
+                yield records
+        if not index:
+            raise ShedError(f"{source}: empty pool (no records)")
+        if dropped:
+            log.info("%s: dropped %d exact duplicate records (prepare.duplicates=drop)", source, dropped)
+        if blank:
+            log.info("%s: dropped %d records with an empty instruction or output (prepare.empty=drop)", source, blank)
+        if not seen:
+            raise ShedError(f"{source}: no usable records (all empty or duplicates)")
+
+    return stream()
+
+
+def pool_records(source: str, split: str = "train", fmt: str = "auto", duplicates: str = "drop", empty: str = "drop",
+                 chunk_size: int = 0) -> Iterator[dict]:
+    """Normalised records `{id, instruction, input, output}` of a pool source, read in chunks.
+
+    The same records as normalize_pool(load_rows(source)); on bad input, that reference path's error.
+    """
+    try:
+        chunks = iter_rows(source, split, chunk_size or streaming.CHUNK)
+        for records in normalize_chunks(chunks, source, fmt, duplicates, empty):
+            yield from records
+    except ShedError as exc:
+        def reference() -> list[dict]:
+            return normalize_pool(load_rows(source, split), source, fmt, duplicates, empty)
+
+        raise streaming.reference_error(reference, exc) from None
 
 
 def exclude(dev: list[dict], sources: list[str]) -> list[dict]:
@@ -32,18 +174,43 @@ def exclude(dev: list[dict], sources: list[str]) -> list[dict]:
     return kept
 
 
-def build(params: Params) -> dict[str, list[dict]]:
-    """All prepared tables, in memory (nothing written)."""
+class Counted:
+    """An iterable of rows that counts what it hands out (a streamed pool has no len() until written)."""
+
+    def __init__(self, rows: Iterable[dict]):
+        self.rows, self.count = rows, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        for row in self.rows:
+            self.count += 1
+            yield row
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def first(records: Iterable[dict], n: int) -> Iterator[dict]:
+    """The first n records; the rest are still read (and so still checked), as before streaming."""
+    for i, record in enumerate(records):
+        if i < n:
+            yield record
+
+
+def build(params: Params, stream: bool = False) -> dict[str, list[dict]]:
+    """All prepared tables (nothing written): in memory, or with `stream` a file pool as a one-pass iterable
+    read in chunks (prepare.pool JSONL/Parquet), consumed when written."""
     cfg = params.prepare
     emb = cfg.embedded
     tables: dict[str, list[dict]] = {}
     if cfg.pool == "embedded":
         tables["pool"], tables["truth"] = synthetic.generate_pool(emb.pool_size, emb.corrupt_fraction, emb.seed)
+        if cfg.max_records:
+            tables["pool"] = tables["pool"][: cfg.max_records]
     else:
-        tables["pool"] = normalize_pool(load_rows(cfg.pool, cfg.split), cfg.pool, cfg.format, cfg.duplicates,
-                                        cfg.empty)
-    if cfg.max_records:
-        tables["pool"] = tables["pool"][: cfg.max_records]
+        records = pool_records(cfg.pool, cfg.split, cfg.format, cfg.duplicates, cfg.empty)
+        if cfg.max_records:
+            records = first(records, cfg.max_records)
+        tables["pool"] = Counted(records) if stream else list(records)  # type: ignore[assignment]
     tables["dev"] = (synthetic.generate_questions(emb.dev_size, emb.seed, salt=11) if cfg.dev == "embedded"
                      else load_choice_set(cfg.dev))
     tables["eval"] = (synthetic.generate_questions(emb.eval_size, emb.seed, salt=12) if cfg.eval == "embedded"
@@ -65,10 +232,11 @@ def build(params: Params) -> dict[str, list[dict]]:
 
 
 def main(params: Params) -> None:
-    tables = build(params)
-    artifacts.write_prepared(tables)
+    tables = build(params, stream=True)
+    artifacts.write_prepared(tables)  # a streamed pool is read, checked and written here, chunk by chunk
     counts = {name: len(rows) for name, rows in tables.items() if name != "truth"}
     if "truth" in tables:
         counts["planted_harmful"] = sum(r["corrupted"] for r in tables["truth"])
-    write_json(artifacts.metrics("prepare"), counts)
+    counts["peak_rss_mb"] = streaming.peak_rss_mb()
+    artifacts.write_metrics("prepare", counts)
     log.info("prepared %s -> %s/", ", ".join(f"{v} {k}" for k, v in counts.items()), artifacts.PREPARED)

@@ -18,7 +18,7 @@ import pandas as pd
 from shed import artifacts, dsir, sampling
 from shed.clustering import members_by_distance
 from shed.config import Params
-from shed.fileio import ShedError, write_json
+from shed.fileio import ShedError
 from shed.records import question_as_record, record_text
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,8 @@ def main(params: Params) -> None:
         "temperature": cfg.temperature if cfg.method == "qwcs" else None, "seed": cfg.seed,
         "clusters": {str(k): int(v) for k, v in counts.items()},
     })
-    write_json(artifacts.metrics("sample"), {"method": cfg.method, "size": len(dataset),
-                                             "fraction": round(len(dataset) / len(pool), 6),
-                                             "clusters_used": int(len(counts))})
+    artifacts.write_metrics("sample", {"method": cfg.method, "size": len(dataset),
+                                       "fraction": round(len(dataset) / len(pool), 6),
+                                       "clusters_used": int(len(counts))})
     log.info("%s: %d of %d records from %d clusters -> %s (sha256 %s)", cfg.method, len(dataset), len(pool),
              len(counts), artifacts.DATASET, digest[:12])

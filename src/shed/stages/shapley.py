@@ -19,14 +19,28 @@ proxies' fine-tune shifted every question; on the questions like it, it stands o
 (docs/results.md). The jobs are the same; each records its per-question scores, and the
 estimator, linear in the values, runs once on the vector game (shed.shapley.local_values).
 
+With shapley.method = inrun nothing is retrained (shed.inrun, docs/engine.md): each of shapley.k
+runs fine-tunes one adapter on all the proxies with the train recipe (seed train.seed + run: its
+own adapter init and data order), and before every update credits each proxy in the batch with
+η_t·c_t·⟨∇ℓ(proxy), ∇ℓ(q)⟩ per dev question q (the first-order drop of q's loss it causes; η_t the
+step's learning rate, c_t its clipping coefficient; with shapley.direction adam the proxy's gradient
+first goes through Adam's preconditioner). score = mean over runs of the summed credits
+(token-weighted over the dev set as gold_loglik weighs it, or over the proxy's dev_neighbours),
+stderr over runs. Each finished run is saved at once (data/shapley_jobs/inrun/<context>/), so a
+rerun after a crash, or with a larger k, redoes only the runs not finished.
+
 Outputs: data/shapley/scores.csv `cluster, proxy_id, size, score, stderr, credits`,
-data/shapley/subsets.jsonl (each evaluated subset and its value), metrics/shapley.json,
-plots/shapley_scores.csv, plots/shapley.png, plots/convergence.png.
+data/shapley/subsets.jsonl (retrain: each evaluated subset and its value; inrun: one line per run,
+its seed, steps, dev log-likelihood before and after and the credits' first-order prediction of the
+change), metrics/shapley.json, plots/shapley_scores.csv, plots/shapley.png, plots/convergence.png.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -34,12 +48,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from shed import artifacts, plots
+from shed import artifacts, codedeps, plots
 from shed.config import Params
 from shed.embedding import embed_texts
 from shed.executors import JobSpec, run_jobs
-from shed.fileio import ShedError, write_csv, write_json
-from shed.jobstore import JobStore, job_context, subset_key
+from shed.fileio import ShedError, atomic_path, write_csv, write_json
+from shed.jobstore import NOT_JOB_CODE, JobStore, job_context, subset_key
 from shed.records import question_as_record, record_text
 from shed.shapley import ESTIMATORS, local_values, schedule
 
@@ -112,25 +126,151 @@ def nearest_questions(params: Params, dev: list[dict], proxy_ids: list[str]) -> 
     return np.argsort(-similarity, axis=1, kind="stable")[:, :params.shapley.dev_neighbours]  # ties: earlier question
 
 
-def main(params: Params) -> None:
-    cfg = params.shapley
-    start = time.perf_counter()
-    pool = {r["id"]: r for r in artifacts.read_pool()}
-    dev = artifacts.read_dev()
-    _, proxies = artifacts.read_clusters()
-    missing = [p for p in proxies["proxy_id"] if p not in pool]
-    if missing:
-        raise ShedError(f"{artifacts.POOL}: proxy record {missing[0]} is not in the pool (rerun prepare, embed, cluster)")
-    players = [int(c) for c in proxies["cluster"]]
-    proxy_records = {int(c): pool[p] for c, p in zip(proxies["cluster"], proxies["proxy_id"])}
-    if cfg.n > len(players):
-        raise ShedError(f"params.yaml: shapley.n: {cfg.n} is larger than the {len(players)} proxies")
-    if cfg.dev_neighbours > len(dev):
-        raise ShedError(f"params.yaml: shapley.dev_neighbours: {cfg.dev_neighbours} is more than the {len(dev)} "
-                        f"questions in {artifacts.DEV}")
-    # Before any fine-tune: a missing embedding or embedding model stops the run now, not after the jobs.
-    near = nearest_questions(params, dev, [proxy_records[c]["id"] for c in players]) if cfg.dev_neighbours else None
+# --- method inrun: the run store and the runs ------------------------------------------------------
 
+# The code an in-run credit comes from: the driver and what it imports, the trainer, the model loader.
+INRUN_CODE = ["shed.inrun", "shed.training", "shed.models"]
+
+
+def inrun_context(params: Params, dev_ids: list[str], players: list[int], proxy_ids: list[str], device: str) -> str:
+    """Everything a run's credits depend on besides its index: the job context (model, recipe, value,
+    dev questions, code) and the method's own (the proxies in player order, the device kind, dtype
+    and dev chunking, which change the floating-point sums)."""
+    cfg = params.shapley
+    code = codedeps.fingerprint(INRUN_CODE, exclude=NOT_JOB_CODE)
+    blob = json.dumps({"job": job_context(cfg.model, params.train, cfg.value, dev_ids, code=code), "method": "inrun",
+                       "players": [[c, p] for c, p in zip(players, proxy_ids)], "device": device.split(":")[0],
+                       "dtype": cfg.dtype, "dev_chunk": cfg.dev_chunk, "seeds": "train.seed + run",
+                       "direction": cfg.direction}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class RunStore:
+    """Finished in-run runs of one context: run-NNNN.safetensors (the run's credits, an `InRunCredits`
+    state) and run-NNNN.json (its metadata, summary and the safetensors file's sha256), each written
+    atomically, the JSON last: a run counts as finished only when both are there and agree."""
+
+    def __init__(self, root: str | Path, context: str):
+        self.dir = Path(root) / context
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".run-*"):  # an atomic write cut short by a kill
+            shutil.rmtree(stale, ignore_errors=True)
+        others = [p for p in Path(root).iterdir() if p.is_dir() and p != self.dir]
+        log.info("in-run store %s (%d other contexts kept, never reused)", self.dir, len(others))
+
+    def _paths(self, run: int) -> tuple[Path, Path]:
+        return self.dir / f"run-{run:04d}.safetensors", self.dir / f"run-{run:04d}.json"
+
+    def load(self, run: int, players: list[int], n_dev: int):
+        """(one-run InRunCredits, summary) of a finished run, or None."""
+        from safetensors.numpy import load as load_arrays
+
+        from shed.inrun import InRunCredits
+
+        arrays_path, meta_path = self._paths(run)
+        if not meta_path.is_file() or not arrays_path.is_file():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            data = arrays_path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                raise ValueError("its credits file does not match its sha256")
+            one = InRunCredits.from_state(load_arrays(data), meta["state"])
+            if one.players != players or one.n_dev != n_dev:
+                raise ValueError("other players or dev questions")
+        except (ValueError, KeyError, OSError) as exc:
+            log.warning("%s: not reused (%s); the run is done again", meta_path, exc)
+            return None
+        return one, meta["summary"]
+
+    def save(self, run: int, one, summary: dict) -> None:
+        from safetensors.numpy import save_file
+
+        arrays, state = one.state()
+        arrays_path, meta_path = self._paths(run)
+        with atomic_path(arrays_path) as tmp:
+            save_file(arrays, str(tmp))
+        digest = hashlib.sha256(arrays_path.read_bytes()).hexdigest()
+        write_json(meta_path, {"run": run, "state": state, "sha256": digest, "summary": summary})
+
+
+def run_summary(summary, weights: np.ndarray) -> dict:
+    """A finished run in JSON: the dev log-likelihood (as gold_loglik scores the whole dev set) before
+    and after it, and the credits' first-order prediction of the change (their token-weighted sum)."""
+    return {"run": summary.run, "seed": summary.seed, "steps": summary.steps, "train_loss": summary.train_loss,
+            "v_before": float(-(weights @ summary.dev_before)), "v_after": float(-(weights @ summary.dev_after)),
+            "first_order": float(weights @ summary.first_order),
+            "seconds": round(summary.seconds, 2), "seconds_credits": round(summary.credit_seconds, 2)}
+
+
+def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_records: dict[int, dict],
+                near: np.ndarray | None):
+    """(result, subsets.jsonl lines, metrics) of the in-run method."""
+    from shed import inrun
+    from shed.models import load_causal_lm, resolve_device
+    from shed.training import LoraTrainer
+
+    cfg = params.shapley
+    if cfg.workers > 1 or cfg.executor != "local":
+        log.info("method inrun runs in this process: shapley.workers and shapley.executor are not used")
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype)
+    trainer = LoraTrainer(model, tokenizer, params.train)
+    records = [proxy_records[c] for c in players]
+    dev_batch = inrun.collate(inrun.dev_rows(tokenizer, dev), tokenizer.pad_token_id, trainer.device)
+    weights = inrun.token_weights(dev_batch)
+    setup = time.perf_counter() - t0
+
+    store = RunStore(artifacts.INRUN_RUNS, inrun_context(params, [q["id"] for q in dev], players,
+                                                         [r["id"] for r in records], device))
+    credits = inrun.InRunCredits(players, len(dev), cfg.k)
+    summaries: dict[int, dict] = {}
+    for run in range(cfg.k):
+        found = store.load(run, players, len(dev))
+        if found is not None:
+            credits.put_run(run, found[0])
+            summaries[run] = found[1]
+    todo = [run for run in range(cfg.k) if run not in summaries]
+    steps = len(trainer.schedule(records, params.train.seed))
+    log.info("in-run Shapley: %d proxies, %d dev questions, k=%d runs of %d steps (%d finished before, %d to run)",
+             len(players), len(dev), cfg.k, steps, cfg.k - len(todo), len(todo))
+
+    def finished(summary) -> None:
+        summaries[summary.run] = run_summary(summary, weights)
+        store.save(summary.run, credits.run_slice(summary.run), summaries[summary.run])
+
+    t1 = time.perf_counter()
+    with tqdm(total=len(todo) * steps, desc="in-run credits", unit="step", disable=not todo) as bar:
+        done = inrun.value_runs(trainer, records, players, dev_batch, credits, todo, direction=cfg.direction,
+                                dev_chunk=cfg.dev_chunk, progress=bar, on_run=finished)
+    wall = time.perf_counter() - t1
+
+    if near is not None:
+        log.info("each proxy valued on its %d nearest dev questions (of %d)", cfg.dev_neighbours, len(dev))
+        result = local_values(credits.vector_result(), dict(zip(players, near)))
+    else:
+        result = credits.result(weights)
+    lines = [{k: v for k, v in summaries[r].items() if not k.startswith("seconds")} for r in range(cfg.k)]
+    steps_run = sum(s.steps for s in done)
+    metrics = {
+        "runs": cfg.k, "runs_reused": cfg.k - len(todo), "runs_run": len(todo), "steps": steps,
+        "steps_run": steps_run, "direction": cfg.direction, "device": device, "dtype": cfg.dtype,
+        "v_empty": lines[0]["v_before"], "v_full": float(np.mean([s["v_after"] for s in lines])),
+        "first_order": float(np.mean([s["first_order"] for s in lines])),
+        "seconds_setup": round(setup, 2), "seconds_train": round(wall, 1),
+        "seconds_credits": round(sum(s.credit_seconds for s in done), 1),
+        "seconds_per_step": round(wall / steps_run, 4) if steps_run else None,
+    }
+    return result, lines, metrics
+
+
+# --- method retrain ---------------------------------------------------------------------------------
+
+def value_retrain(params: Params, dev: list[dict], players: list[int], proxy_records: dict[int, dict],
+                  near: np.ndarray | None):
+    """(result, subsets.jsonl lines, metrics) of the retraining method."""
+    cfg = params.shapley
     # The estimators fix their subsets before seeing any value: evaluate them all (in parallel
     # where configured), then let the estimator read the recorded values in its own order.
     subsets = schedule(cfg.estimator, players, cfg.k, cfg.n, cfg.seed)
@@ -153,6 +293,43 @@ def main(params: Params) -> None:
         result = local_values(vector, dict(zip(players, near)))
     else:
         result = ESTIMATORS[cfg.estimator](players, lambda s: store.values[key(s)], k=cfg.k, n=cfg.n, seed=cfg.seed)
+    lines = [{"clusters": sorted(int(c) for c in s), "size": len(s), "value": store.values[key(s)]}
+             for s in result.evaluations]
+    run = max(stats["jobs_run"], 1)
+    metrics = {
+        "estimator": cfg.estimator, "executor": cfg.executor, "workers": cfg.workers,
+        "jobs": len(result.evaluations), "jobs_reused": reused, "jobs_run": stats["jobs_run"],
+        "v_full": store.values[key(frozenset(players))], "v_empty": store.values[key(frozenset())],
+        "seconds_setup": round(stats["setup"], 2),
+        "seconds_train": round(stats["train"], 1), "seconds_score": round(stats["score"], 1),
+        # Per job, everything but training and scoring: seeding, batching, IPC, recording (fsync).
+        "seconds_overhead": round((stats["job"] - stats["train"] - stats["score"] + stats["record"]) / run, 4),
+        "jobs_per_minute": round(60 * stats["jobs_run"] / stats["wall"], 1) if stats["jobs_run"] else None,
+    }
+    return result, lines, metrics
+
+
+def main(params: Params) -> None:
+    cfg = params.shapley
+    start = time.perf_counter()
+    pool = {r["id"]: r for r in artifacts.read_pool()}
+    dev = artifacts.read_dev()
+    _, proxies = artifacts.read_clusters()
+    missing = [p for p in proxies["proxy_id"] if p not in pool]
+    if missing:
+        raise ShedError(f"{artifacts.POOL}: proxy record {missing[0]} is not in the pool (rerun prepare, embed, cluster)")
+    players = [int(c) for c in proxies["cluster"]]
+    proxy_records = {int(c): pool[p] for c, p in zip(proxies["cluster"], proxies["proxy_id"])}
+    if cfg.method == "retrain" and cfg.n > len(players):
+        raise ShedError(f"params.yaml: shapley.n: {cfg.n} is larger than the {len(players)} proxies")
+    if cfg.dev_neighbours > len(dev):
+        raise ShedError(f"params.yaml: shapley.dev_neighbours: {cfg.dev_neighbours} is more than the {len(dev)} "
+                        f"questions in {artifacts.DEV}")
+    # Before any fine-tune: a missing embedding or embedding model stops the run now, not after the jobs.
+    near = nearest_questions(params, dev, [proxy_records[c]["id"] for c in players]) if cfg.dev_neighbours else None
+
+    value = value_inrun if cfg.method == "inrun" else value_retrain
+    result, lines, method_metrics = value(params, dev, players, proxy_records, near)
 
     sizes = dict(zip(proxies["cluster"].astype(int), proxies["size"].astype(int)))
     scores = pd.DataFrame({
@@ -163,30 +340,20 @@ def main(params: Params) -> None:
         "stderr": [result.stderr[c] for c in players],
         "credits": [len(result.credits[c]) for c in players],
     })
-    artifacts.write_scores(scores, [{"clusters": sorted(int(c) for c in s), "size": len(s),
-                                     "value": store.values[key(s)]} for s in result.evaluations])
+    artifacts.write_scores(scores, lines)
     write_csv(artifacts.SCORES_PLOT, scores.sort_values(["score", "cluster"], ascending=[False, True])
               .assign(rank=range(len(scores)))[["rank", "cluster", "size", "score", "stderr"]])
     rank_corr = spearman_between_iterations(result.estimates)
     plots.shapley_png(artifacts.SHAPLEY_PNG, scores["score"].to_numpy(), scores["stderr"].to_numpy(),
                       scores["size"].to_numpy())
     plots.convergence_png(artifacts.CONVERGENCE_PNG, rank_corr)
-    v_full = store.values[key(frozenset(players))]
-    v_empty = store.values[key(frozenset())]
-    run = max(stats["jobs_run"], 1)
-    write_json(artifacts.metrics("shapley"), {
-        "estimator": cfg.estimator, "executor": cfg.executor, "workers": cfg.workers,
-        "jobs": len(result.evaluations), "jobs_reused": reused, "jobs_run": stats["jobs_run"],
-        "v_full": v_full, "v_empty": v_empty,
+    seconds = round(time.perf_counter() - start, 1)
+    artifacts.write_metrics("shapley", {
+        "method": cfg.method, **method_metrics,
         "value": cfg.value, "dev_neighbours": cfg.dev_neighbours, "score_mean": float(scores["score"].mean()),
         "stderr_mean": float(np.nanmean(scores["stderr"])) if cfg.k > 1 else None,
         "rank_stability": rank_corr[-1] if rank_corr else None,
-        "seconds": round(time.perf_counter() - start, 1),
-        "seconds_setup": round(stats["setup"], 2),
-        "seconds_train": round(stats["train"], 1), "seconds_score": round(stats["score"], 1),
-        # Per job, everything but training and scoring: seeding, batching, IPC, recording (fsync).
-        "seconds_overhead": round((stats["job"] - stats["train"] - stats["score"] + stats["record"]) / run, 4),
-        "jobs_per_minute": round(60 * stats["jobs_run"] / stats["wall"], 1) if stats["jobs_run"] else None,
-    })
-    log.info("v(P)=%.4f v(∅)=%.4f; %d jobs (%d reused); scores -> %s, pictures -> %s", v_full, v_empty,
-             len(result.evaluations), reused, artifacts.SCORES, artifacts.SHAPLEY_PNG)
+        "seconds": seconds,
+    }, headline={"shapley_s": seconds, "shapley_jobs": method_metrics.get("jobs")}, device=cfg.device)
+    log.info("%s: v(P)=%.4f v(∅)=%.4f; scores -> %s, pictures -> %s", cfg.method, method_metrics["v_full"],
+             method_metrics["v_empty"], artifacts.SCORES, artifacts.SHAPLEY_PNG)

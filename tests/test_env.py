@@ -1,0 +1,123 @@
+"""shed.env: kernel and thread pinning (set by `shed` before torch loads), and the environment every
+stage's metrics record (shed.artifacts.write_metrics)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shed import artifacts, env
+
+PIN_VARS = (*env.PINNED, *env.THREAD_VARS, "SHED_THREADS")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in PIN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_pin_sets_defaults_and_keeps_what_the_user_set(clean_env):
+    clean_env.setenv("MKL_CBWR", "AVX2")
+    env.pin()
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "avx2" and os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert os.environ["MKL_CBWR"] == "AVX2"  # the user's choice wins
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == str(env.THREADS)
+
+
+def test_thread_count_comes_from_shed_threads_then_omp(clean_env):
+    assert env.threads() == env.THREADS
+    clean_env.setenv("OMP_NUM_THREADS", "3")
+    assert env.threads() == 3
+    clean_env.setenv("SHED_THREADS", "1")
+    assert env.threads() == 1
+    clean_env.delenv("OMP_NUM_THREADS")
+    env.pin()
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+
+
+def test_describe_is_stable_json_with_versions_kernels_and_device(clean_env):
+    env.pin()
+    first = env.describe()
+    assert first == env.describe() == json.loads(json.dumps(first))
+    assert any(v.startswith("torch==") for v in first["versions"])
+    assert any(v.startswith("transformers==") for v in first["versions"])
+    assert "MKL_CBWR=COMPATIBLE" in first["kernels"] and first["device"] == ["cpu"]
+    assert env.describe("cuda:0")["device"] == ["cuda:0"]
+
+
+def test_write_metrics_adds_env_and_merges_headlines(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    artifacts.write_metrics("shapley", {"seconds": 3.5}, headline={"shapley_s": 3.5, "shapley_jobs": 12})
+    artifacts.write_metrics("evaluate", {"finetuned": {}}, headline={"acc": {"t1": 0.5, "t2": 0.25}})
+    first = Path(artifacts.metrics("shapley")).read_bytes()
+    saved = json.loads(first)
+    assert saved["seconds"] == 3.5 and saved["env"] == env.describe()
+    assert json.loads(Path(artifacts.SUMMARY).read_text()) == {"shapley_s": 3.5, "shapley_jobs": 12,
+                                                              "acc": {"t1": 0.5, "t2": 0.25}}
+    artifacts.write_metrics("evaluate", {"finetuned": {}}, headline={"acc": {"t1": 0.75}})  # a task dropped
+    assert json.loads(Path(artifacts.SUMMARY).read_text())["acc"] == {"t1": 0.75}
+    artifacts.write_metrics("shapley", {"seconds": 3.5}, headline={"shapley_s": 3.5, "shapley_jobs": 12})
+    assert Path(artifacts.metrics("shapley")).read_bytes() == first  # rerun: same bytes (no timestamps)
+    assert sorted(p.name for p in Path("metrics").iterdir()) == ["eval.json", "shapley.json", "summary.json"]
+
+
+def test_the_shed_entry_point_pins_before_numpy_and_torch_load():
+    code = ("import sys, os\nimport shed.cli\nimport torch\n"
+            "print(os.environ['MKL_CBWR'], os.environ['OPENBLAS_CORETYPE'], torch.get_num_threads())")
+    environ = {k: v for k, v in os.environ.items() if k not in PIN_VARS}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["COMPATIBLE", "Haswell", str(env.THREADS)]
+
+
+def _has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+# Layers of the kinds the pipeline runs (matmuls, softmax, layer norm, GELU, a reduction), trained a few
+# steps: its bytes depend on which kernels ran.
+KERNELS = """
+import hashlib
+import shed.cli  # the `shed` entry point: pins before numpy and torch load
+import torch
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(96, 384), torch.nn.GELU(), torch.nn.LayerNorm(384), torch.nn.Linear(384, 96))
+opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+x = torch.randn(512, 96)
+for _ in range(5):
+    a = torch.softmax(x @ x.T / 10, dim=-1) @ x
+    loss = (net(a) - x).pow(2).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad()
+blob = b"".join(p.detach().numpy().tobytes() for p in net.parameters())
+print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(blob).hexdigest())
+"""
+
+
+def _run(extra: dict) -> tuple[str, str]:
+    environ = {k: v for k, v in os.environ.items() if k not in PIN_VARS}
+    result = subprocess.run([sys.executable, "-c", KERNELS], capture_output=True, text=True, env={**environ, **extra})
+    assert result.returncode == 0, result.stderr[-2000:]
+    capability, digest = result.stdout.split()[-2:]
+    return capability, digest
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_avx2(), reason="the pinned kernels are AVX2 ones: this CPU has no AVX2")
+def test_pinned_kernels_give_the_same_bytes_whatever_mkl_would_pick():
+    """MKL's own choice of instruction set (what differs between an AVX-512 Intel and an AVX2 AMD) no longer
+    changes the bytes; ATen runs its AVX2 kernels. (ATen's and oneDNN's ISA are pinned outright.)"""
+    pinned = _run({})
+    assert pinned[0] == "AVX2"
+    assert _run({"MKL_ENABLE_INSTRUCTIONS": "AVX2"}) == pinned
+    assert _run({"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}) == pinned

@@ -1,0 +1,391 @@
+"""shapley.method inrun: the driver (shed.inrun.value_runs, CreditCallback) against plain autograd, and
+the stage as a process: the retrain contract's outputs, determinism, SIGKILL then resume."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from helpers import ROOT, TINY, merge
+
+from shed import inrun, tiny
+from shed.config import BaseConfig, LoraConfig, TrainConfig, load_params
+from shed.fileio import ShedError
+from shed.prompts import render
+from shed.training import LoraTrainer
+
+RECORDS = [
+    {"id": f"r{i}", "instruction": f"Name a {kind}.", "input": "", "output": answer}
+    for i, (kind, answer) in enumerate([("colour", "red"), ("animal", "dog cat"), ("number", "three"),
+                                        ("fruit", "plum"), ("colour", "blue green")])
+]
+QUESTIONS = [
+    {"question": "Name a colour.", "choices": ["red", "dog", "three"], "answer": 0},
+    {"question": "Name an animal.", "choices": ["plum", "bird"], "answer": 1},
+    {"question": "Name a fruit.", "choices": ["apple pear", "two"], "answer": 0},
+]
+# 5 records in batches of 2: 3 steps an epoch (the last of one record), 2 epochs; a clipping norm
+# that some steps exceed and some do not; warmup then decay: every step has its own lr.
+TRAIN = TrainConfig(template="qa", batch_size=2, epochs=2, lr=0.02, max_grad_norm=3.0, max_length=64,
+                    lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+PLAYERS = [10, 11, 12, 13, 14]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    """A LoRA trainer on a 2-layer float64 Llama (float64: the reference sums agree to 1e-9)."""
+    corpus = [" ".join(render(r, "qa")) for r in RECORDS] * 10
+    corpus += [f"Question: {q['question']}\nAnswer: {' '.join(q['choices'])}" for q in QUESTIONS] * 10
+    tokenizer = tiny.train_tokenizer(corpus, 300)
+    model = tiny.build_model(BaseConfig(vocab_size=300, hidden_size=32, layers=2, heads=2, intermediate_size=64,
+                                        max_length=64, pretrain_steps=0), tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    t = LoraTrainer(model, tokenizer, TRAIN)
+    t.model.double()
+    return t
+
+
+@pytest.fixture(scope="module")
+def dev(trainer):
+    return inrun.collate(inrun.dev_rows(trainer.tokenizer, QUESTIONS), trainer.tokenizer.pad_token_id)
+
+
+def flat_grad(model, loss) -> torch.Tensor:
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, [p for _, p in inrun.lora_parameters(model)])])
+
+
+def row_nll(model, ids, labels) -> torch.Tensor:
+    """Summed next-token NLL of one unpadded row, by hand."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    target = torch.tensor(labels[1:])
+    keep = target != -100
+    return -torch.log_softmax(logits, -1)[keep].gather(1, target[keep, None]).sum()
+
+
+class Reference:
+    """Records, before each step, the first-order term of the step by plain autograd, one example and
+    one question at a time: lr · clip · ⟨∇ℓ_i, ∇ℓ(q)⟩ per example i and question q."""
+
+    def __init__(self, trainer, players):
+        self.trainer, self.players = trainer, players
+        self.terms, self.clipped = [], []
+
+    def before_step(self, step, batches, lr):
+        model = self.trainer.model
+        (batch,) = batches
+        rows = [(batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist(),
+                 batch["labels"][i][batch["attention_mask"][i].bool()].tolist()) for i in range(len(batch["input_ids"]))]
+        total = sum(sum(1 for x in lab[1:] if x != -100) for _, lab in rows)
+        per_example = torch.stack([flat_grad(model, row_nll(model, ids, lab) / total) for ids, lab in rows])
+        dev_rows = inrun.dev_rows(self.trainer.tokenizer, QUESTIONS)
+        per_question = torch.stack([flat_grad(model, row_nll(model, ids, lab) / sum(x != -100 for x in lab[1:]))
+                                    for ids, lab in dev_rows])
+        norm = float(per_example.sum(0).norm())
+        clip = min(1.0, TRAIN.max_grad_norm / (norm + 1e-6))
+        self.clipped.append(clip < 1)
+        self.terms.append((lr * clip * (per_example @ per_question.T)).numpy())
+
+    def after_step(self, step, loss, lr):
+        pass
+
+
+class Both:
+    def __init__(self, *callbacks):
+        self.callbacks = callbacks
+
+    def before_step(self, *args):
+        for c in self.callbacks:
+            c.before_step(*args)
+
+    def after_step(self, *args):
+        for c in self.callbacks:
+            c.after_step(*args)
+
+
+def test_a_runs_credits_add_up_to_the_sum_of_its_steps_first_order_terms(trainer, dev, monkeypatch):
+    reference = Reference(trainer, PLAYERS)
+    fit = trainer.fit
+    monkeypatch.setattr(trainer, "fit", lambda records, seed, progress=None, callback=None:
+                        fit(records, seed, progress, Both(reference, callback)))
+    credits = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=1)
+    (summary,) = inrun.value_runs(trainer, RECORDS, PLAYERS, dev, credits, [0])
+    assert summary.steps == len(reference.terms) == 6 and credits.steps[0] == 6
+    assert any(reference.clipped) and not all(reference.clipped)  # both kinds of step are credited
+    # The run's credits, all players together, are the sum over its steps of each step's first-order term.
+    steps_total = sum(term.sum(0) for term in reference.terms)
+    assert np.allclose(credits.totals[0].sum(0), steps_total, rtol=1e-9, atol=1e-15)
+    assert np.allclose(summary.first_order, steps_total, rtol=1e-9, atol=1e-15)
+    assert np.abs(steps_total).max() > 1e-6
+    # And each player's own: its rows' terms over the steps whose batch holds it (from the trainer's schedule).
+    expected = np.zeros((len(PLAYERS), len(QUESTIONS)))
+    for term, (rows,) in zip(reference.terms, trainer.schedule(RECORDS, inrun.run_seed(TRAIN.seed, 0))):
+        for row, i in enumerate(rows):
+            expected[i] += term[row]
+    assert np.allclose(credits.totals[0], expected, rtol=1e-9, atol=1e-15)
+    # The dev losses before and after the run are the model's (run 0 starts from the fresh adapter, B = 0).
+    assert np.allclose(summary.dev_after, inrun.dev_losses(trainer.model, dev), rtol=1e-12)
+    assert not np.allclose(summary.dev_before, summary.dev_after)
+
+
+def test_the_adam_direction_credits_the_first_step_with_adams_own_update(trainer, dev, monkeypatch):
+    """At the first step Adam's update is -lr · g/(|g| + ε) (m̂ = g, v̂ = g², g the clipped gradient): the
+    adam direction's credits of that step add up to the first-order change along the update actually made."""
+    named = inrun.lora_parameters(trainer.model)
+    seen = {}
+
+    class Watch:
+        def before_step(self, step, batches, lr):
+            if step == 0:
+                seen["before"] = torch.cat([p.detach().flatten() for _, p in named])
+                seen["dev"] = inrun.per_example_grads(trainer.model, dev, "example").flat()
+
+        def after_step(self, step, loss, lr):
+            if step == 0:
+                seen["after"] = torch.cat([p.detach().flatten() for _, p in named])
+                seen["credits"] = credits.totals[0].sum(0).copy()
+
+    fit = trainer.fit
+    monkeypatch.setattr(trainer, "fit", lambda records, seed, progress=None, callback=None:
+                        fit(records, seed, progress, Both(callback, Watch())))
+    credits = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=1)
+    inrun.value_runs(trainer, RECORDS, PLAYERS, dev, credits, [0], direction="adam")
+    change = (seen["dev"] @ (seen["before"] - seen["after"])).numpy()  # the first-order drop of each loss
+    assert np.abs(change).max() > 1e-4
+    assert np.allclose(seen["credits"], change, rtol=1e-4, atol=1e-4 * np.abs(change).max())
+    sgd = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=1)
+    inrun.value_runs(trainer, RECORDS, PLAYERS, dev, sgd, [0])
+    assert not np.allclose(sgd.totals, credits.totals)
+    with pytest.raises(ValueError, match="direction"):
+        inrun.value_runs(trainer, RECORDS, PLAYERS, dev, sgd, [0], direction="lion")
+
+
+def test_micro_batches_are_weighted_by_their_share_of_the_steps_label_tokens(trainer, dev):
+    """With accumulation the step's loss is the mean over all its label tokens: split into micro-batches of
+    unequal token counts, a step gets the same credits as in one batch."""
+    model = trainer.model
+    trainer.reset(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4), dtype=p.dtype) * 0.3)
+    rows = [trainer.encode(r) for r in RECORDS[:4]]
+    whole, split = trainer._batch(rows), [trainer._batch(rows[:1]), trainer._batch(rows[1:])]
+    assert len({int(inrun.response_tokens(b).sum()) for b in split}) == 2
+
+    def credited(batches, players):
+        acc = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=1)
+        callback = inrun.CreditCallback(model, dev, acc, 0, [players], max_grad_norm=0.05)
+        callback.before_step(0, batches, 0.1)
+        return acc, callback
+
+    one, _ = credited([whole], [PLAYERS[:4]])
+    two, two_cb = credited(split, [PLAYERS[:1], PLAYERS[1:4]])
+    assert one.steps[0] == two.steps[0] == 1  # one step, however many micro-batches
+    # Equal but for the float32 RMSNorm inside the float64 model, which sees other padding widths.
+    scale = np.abs(one.totals).max()
+    assert scale > 0 and np.allclose(one.totals, two.totals, rtol=0, atol=1e-6 * scale)
+    # after_step: the trainer's loss is that token-weighted one; a mean of micro-batch means is not.
+    hf = float(model(**whole).loss)
+    two_cb.after_step(0, hf, 0.1)
+    assert two_cb.loss_mismatch is None
+    two, two_cb = credited(split, [PLAYERS[:1], PLAYERS[1:4]])
+    two_cb.after_step(0, float(sum(model(**b).loss for b in split)), 0.1)
+    assert two_cb.loss_mismatch is not None
+
+
+def test_a_batch_that_is_not_the_schedules_is_refused(trainer, dev):
+    rows = [trainer.encode(r) for r in RECORDS[:2]]
+    acc = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=1)
+    callback = inrun.CreditCallback(trainer.model, dev, acc, 0, [[PLAYERS[:2]]], 1.0,
+                                    step_rows=[[[rows[1][0], rows[0][0]]]])  # the schedule's rows swapped
+    with pytest.raises(RuntimeError, match="not the record"):
+        callback.before_step(0, [trainer._batch(rows)], 0.1)
+    with pytest.raises(RuntimeError, match="schedule"):
+        callback.before_step(0, [trainer._batch(rows[:1])], 0.1)
+    assert acc.steps[0] == 0
+
+
+def test_a_run_depends_on_its_index_alone(trainer, dev):
+    """Run 1 done after run 0, or alone in a fresh process's accumulator: the same credits, bit for bit
+    (what lets a rerun skip finished runs)."""
+    both = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=2)
+    summaries = inrun.value_runs(trainer, RECORDS, PLAYERS, dev, both, [0, 1])
+    assert [s.seed for s in summaries] == [TRAIN.seed, TRAIN.seed + 1]
+    alone = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=2)
+    inrun.value_runs(trainer, RECORDS, PLAYERS, dev, alone, [1])
+    assert np.array_equal(alone.totals[1], both.totals[1]) and not alone.totals[0].any()
+    assert not np.allclose(both.totals[0], both.totals[1])  # another data order and init: other credits
+    back = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=2)
+    back.put_run(1, both.run_slice(1))
+    assert np.array_equal(back.totals, alone.totals) and np.array_equal(back.steps, alone.steps)
+
+
+def test_inrun_takes_only_the_loglik_value(tmp_path):
+    for value in ("choice_logprob", "accuracy"):
+        path = tmp_path / "params.yaml"
+        path.write_text(f"shapley:\n  method: inrun\n  value: {value}\n  dev_neighbours: 0\n")
+        with pytest.raises(ShedError, match=f"shapley.value: method inrun .* only value loglik; got {value}"):
+            load_params(path)
+    path.write_text("shapley:\n  method: inrun\n")
+    assert load_params(path).shapley.method == "inrun"
+
+
+def test_switching_method_reruns_the_shapley_stage_onward_only():
+    """method is a key of the shapley block, which only the shapley stage reads: DVC reruns it and what
+    depends on its outputs (sample, finetune, evaluate), nothing upstream."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    readers = [name for name, spec in stages.items()
+               if any(p == "shapley" or str(p).startswith("shapley.") for p in spec.get("params", []))]
+    assert readers == ["shapley"]
+    assert "method" in yaml.safe_load((ROOT / "params.yaml").read_text())["shapley"]
+
+
+# --- the stage as a process ----------------------------------------------------------------------
+
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+COLUMNS = "cluster,proxy_id,size,score,stderr,credits"
+
+
+def set_params(ws: Path, epochs: int = 1, **shapley) -> None:
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), merge(TINY, {"shapley": {"k": 2, "n": 1}}))
+    params["shapley"].update({"method": "inrun", **shapley})
+    params["train"]["epochs"] = epochs
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def shed(ws: Path, stage: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "shed", stage], cwd=ws, capture_output=True, text=True, env=ENV,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def metrics(ws: Path) -> dict:
+    return json.loads((ws / "metrics/shapley.json").read_text())
+
+
+def finished_runs(ws: Path) -> list[Path]:
+    return sorted((ws / "data/shapley_jobs/inrun").glob("*/run-*.json"))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """prepare, base, embed and cluster once (no DVC): the shapley stage's inputs."""
+    ws = tmp_path_factory.mktemp("prepared")
+    set_params(ws)
+    for stage in ["prepare", "base", "embed", "cluster"]:
+        shed(ws, stage)
+    return ws
+
+
+@pytest.fixture
+def ws(prepared, tmp_path):
+    out = tmp_path / "ws"
+    shutil.copytree(prepared, out)
+    return out
+
+
+@pytest.mark.slow
+def test_the_inrun_stage_writes_the_retrain_stages_outputs_and_is_deterministic(ws, tmp_path):
+    set_params(ws, epochs=2, k=3)
+    shed(ws, "shapley")
+    scores = (ws / "data/shapley/scores.csv").read_text().splitlines()
+    assert scores[0] == COLUMNS and len(scores) == 1 + 8
+    assert all(line.split(",")[-1] == "3" for line in scores[1:])  # one credit per run
+    m = metrics(ws)
+    assert m["method"] == "inrun" and m["runs"] == 3 and m["runs_run"] == 3 and m["runs_reused"] == 0
+    assert m["steps"] == 2 and m["steps_run"] == 6 and m["seconds"] > 0 and m["value"] == "loglik"
+    runs = [json.loads(line) for line in (ws / "data/shapley/subsets.jsonl").read_text().splitlines()]
+    assert [r["run"] for r in runs] == [0, 1, 2] and [r["seed"] for r in runs] == [0, 1, 2]
+    assert all(r["steps"] == 2 and r["v_after"] != r["v_before"] for r in runs)
+    for name in ["plots/shapley.png", "plots/convergence.png", "plots/shapley_scores.csv"]:
+        assert (ws / name).stat().st_size > 0
+    assert len(finished_runs(ws)) == 3
+
+    # Rerun with the runs kept: nothing is trained, the same bytes.
+    first = (ws / "data/shapley/scores.csv").read_bytes()
+    shed(ws, "shapley")
+    assert metrics(ws)["runs_reused"] == 3 and metrics(ws)["runs_run"] == 0
+    assert (ws / "data/shapley/scores.csv").read_bytes() == first
+    # From scratch in another workspace: the same bytes again.
+    again = tmp_path / "again"
+    shutil.copytree(ws, again)
+    shutil.rmtree(again / "data/shapley_jobs")
+    shed(again, "shapley")
+    assert metrics(again)["runs_run"] == 3
+    assert (again / "data/shapley/scores.csv").read_bytes() == first
+
+    # The single game (dev_neighbours 0) reads the same runs: the token-weighted whole-dev credit.
+    set_params(ws, epochs=2, k=3, dev_neighbours=0)
+    shed(ws, "shapley")
+    assert metrics(ws)["runs_reused"] == 3
+    single = (ws / "data/shapley/scores.csv").read_text().splitlines()
+    assert single[0] == COLUMNS and single[1:] != scores[1:]
+    # Raising k reuses the earlier runs.
+    set_params(ws, epochs=2, k=4, dev_neighbours=0)
+    shed(ws, "shapley")
+    assert metrics(ws)["runs_reused"] == 3 and metrics(ws)["runs_run"] == 1
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage_then_rerun_gives_identical_scores_and_reuses_finished_runs(ws, tmp_path):
+    slow = {"k": 3, "epochs": 12}  # runs slow enough for the kill to land between the first and the last
+    reference = tmp_path / "reference"
+    shutil.copytree(ws, reference)
+    set_params(reference, **slow)
+    shed(reference, "shapley")
+
+    set_params(ws, **slow)
+    proc = subprocess.Popen([sys.executable, "-m", "shed", "shapley"], cwd=ws, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not finished_runs(ws) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(finished_runs(ws))
+    assert 1 <= finished < 3, "the kill must land mid-stage"
+
+    shed(ws, "shapley")
+    assert (ws / "data/shapley/scores.csv").read_bytes() == (reference / "data/shapley/scores.csv").read_bytes()
+    assert metrics(ws)["runs_reused"] == finished and metrics(ws)["runs_run"] == 3 - finished
+    assert len(finished_runs(ws)) == 3
+    print(f"SIGKILL after {finished} of 3 runs: the rerun reused {finished}, ran {3 - finished}; "
+          "scores.csv byte-identical to an uninterrupted run")
+
+
+@pytest.mark.slow
+def test_a_damaged_run_file_is_done_again(ws):
+    set_params(ws, k=2)
+    shed(ws, "shapley")
+    first = (ws / "data/shapley/scores.csv").read_bytes()
+    (damaged,) = (ws / "data/shapley_jobs/inrun").glob("*/run-0001.safetensors")
+    damaged.write_bytes(damaged.read_bytes()[:-8])
+    shed(ws, "shapley")
+    assert metrics(ws)["runs_reused"] == 1 and metrics(ws)["runs_run"] == 1
+    assert (ws / "data/shapley/scores.csv").read_bytes() == first
+
+
+@pytest.mark.slow
+def test_inrun_with_a_choice_value_is_a_one_line_error(ws):
+    set_params(ws, value="choice_logprob")
+    result = subprocess.run([sys.executable, "-m", "shed", "shapley"], cwd=ws, capture_output=True, text=True,
+                            env=ENV, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "shapley.value: method inrun credits the gradient of the dev loss" in result.stderr
