@@ -27,3 +27,14 @@ def workspace(tmp_path_factory):
     sh(ws, "git", "add", "-A")
     sh(ws, "git", "commit", "-q", "-m", "tiny pipeline")
     return ws, out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tensors this small train ~7x faster on one thread than on two busy cores (hand-offs cost more than math)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -39,12 +39,7 @@ TRAIN = TrainConfig(template="qa", batch_size=2, epochs=2, lr=0.02, max_grad_nor
 PLAYERS = [10, 11, 12, 13, 14]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ RECORDS = [{"id": f"r{i:02d}", "instruction": f"List {i % 7 + 1} words.", "input
 TRAIN = TrainConfig(template="qa", epochs=2, lr=2e-2, batch_size=6, max_length=64, lora=LoraConfig(r=4, alpha=8))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ RECORDS = [
 TRAIN = TrainConfig(template="qa", epochs=8, lr=2e-2, batch_size=3, max_length=64, lora=LoraConfig(r=4, alpha=8))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small train ~7x faster on one thread than on two busy cores (hand-offs cost more than math)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
