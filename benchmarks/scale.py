@@ -83,9 +83,8 @@ def generate_pool(path: Path, n: int, seed: int = 0) -> None:
             fh.write(json.dumps(perturb(base[k % len(base)], k, len(base), seed), ensure_ascii=False) + "\n")
 
 
-# --unpinned: the machine's fastest kernels instead of shed.env's portable ones (MKL's SSE2 branch makes
-# torch's matrix products ~3x slower on a CPU; onnxruntime, OpenVINO and static models do not use MKL).
-UNPINNED = {"MKL_CBWR": "AUTO", "ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "ALL"}
+# --pinned: shed.env's portable kernels (SHED_PIN_KERNELS=1: MKL's SSE2 branch makes torch's matrix products
+# ~5x slower on these CPUs; onnxruntime and static models do not use MKL) instead of the machine's fastest.
 STAGE_ENV: dict[str, str] = {}
 # `shed <stage>`, reporting the stage process's own peak memory (VmHWM) when it exits.
 STAGE = ("import atexit, sys\n"
@@ -270,16 +269,16 @@ def main() -> None:
     parser.add_argument("--workdir", default=os.environ.get("TMPDIR", "/tmp") + "/shed-scale",
                         help="where pools and workspaces go (outside the repository)")
     parser.add_argument("--keep", action="store_true", help="keep each backend's embeddings")
-    parser.add_argument("--unpinned", action="store_true", help=f"stages run with {UNPINNED} (see shed.env)")
+    parser.add_argument("--pinned", action="store_true", help="stages run with SHED_PIN_KERNELS=1 (see shed.env)")
     args = parser.parse_args()
-    if args.unpinned:
-        STAGE_ENV.update(UNPINNED)
+    if args.pinned:
+        STAGE_ENV["SHED_PIN_KERNELS"] = "1"
     args.backends = [b for b in args.backends.split(",") if b]
     unknown = set(args.backends) - set(BACKENDS)
     if unknown:
         parser.error(f"unknown backend(s) {sorted(unknown)} (of {', '.join(BACKENDS)})")
     result = compare(args) if args.compare else pipeline(args)
-    result["kernels"] = "unpinned (machine's fastest)" if args.unpinned else "shed.env pinned (portable bytes)"
+    result["kernels"] = "SHED_PIN_KERNELS=1" if args.pinned else "default (the machine's fastest)"
     print(json.dumps(result))
 
 

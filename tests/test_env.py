@@ -11,14 +11,21 @@ import pytest
 
 from shed import artifacts, env
 
-PIN_VARS = (*env.PINNED, *env.THREAD_VARS, "SHED_THREADS")
+PIN_VARS = (*env.PINNED, *env.THREAD_VARS, "SHED_THREADS", env.OPT_IN)
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
     for var in PIN_VARS:
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(env.OPT_IN, "1")
     return monkeypatch
+
+
+def test_pinning_is_opt_in(clean_env):
+    clean_env.delenv(env.OPT_IN)
+    env.pin()
+    assert not any(var in os.environ for var in (*env.PINNED, *env.THREAD_VARS))
 
 
 def test_pin_sets_defaults_and_keeps_what_the_user_set(clean_env):
@@ -69,7 +76,7 @@ def test_write_metrics_adds_env_and_merges_headlines(tmp_path, monkeypatch):
 def test_the_shed_entry_point_pins_before_numpy_and_torch_load():
     code = ("import sys, os\nimport shed.cli\nimport torch\n"
             "print(os.environ['MKL_CBWR'], os.environ['OPENBLAS_CORETYPE'], torch.get_num_threads())")
-    environ = {k: v for k, v in os.environ.items() if k not in PIN_VARS}
+    environ = {**{k: v for k, v in os.environ.items() if k not in PIN_VARS}, env.OPT_IN: "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["COMPATIBLE", "Haswell", str(env.THREADS)]
@@ -105,7 +112,7 @@ print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(blob).hexdigest())
 
 
 def _run(extra: dict) -> tuple[str, str]:
-    environ = {k: v for k, v in os.environ.items() if k not in PIN_VARS}
+    environ = {**{k: v for k, v in os.environ.items() if k not in PIN_VARS}, env.OPT_IN: "1"}
     result = subprocess.run([sys.executable, "-c", KERNELS], capture_output=True, text=True, env={**environ, **extra})
     assert result.returncode == 0, result.stderr[-2000:]
     capability, digest = result.stdout.split()[-2:]

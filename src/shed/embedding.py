@@ -173,7 +173,9 @@ class GraphEncoder(Encoder):
         onnx_file = export_onnx(st, path, self.inputs, quantize=backend == "onnx-int8")
         del st
         if backend == "openvino":
-            compiled = ov.Core().compile_model(str(onnx_file), "CPU")
+            # f32: the model's own precision (OpenVINO would pick bf16 on CPUs that have it, and fails
+            # to compile it under shed.env's ONEDNN_MAX_CPU_ISA=AVX2).
+            compiled = ov.Core().compile_model(str(onnx_file), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
             self.run = lambda feed: compiled(feed)[0]
         else:
             options = ort.SessionOptions()

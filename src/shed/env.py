@@ -1,8 +1,9 @@
 """The numerical environment: CPU kernels pinned so that every x86-64 machine computes the same bytes.
 
 `pin()` runs first thing in `shed` (src/shed/cli.py, before numpy and torch load: the libraries read
-these variables when they load), so `make demo`, `dvc repro` and a stage run by hand all compute alike.
-It only sets defaults: a variable already set wins.
+these variables when they load), so `dvc repro` and a stage run by hand compute alike. It acts only
+with SHED_PIN_KERNELS=1 (`SHED_PIN_KERNELS=1 dvc repro`: slower, see pin) and only sets defaults: a
+variable already set wins.
 
 Why: torch picks its kernels by the CPU's instruction set (ATen's AVX-512 / AVX2 / default builds, and
 MKL's GEMM branches), and kernels of different widths add the same numbers in different orders. The
@@ -32,6 +33,7 @@ import sys
 from importlib import metadata
 
 THREADS = 2
+OPT_IN = "SHED_PIN_KERNELS"
 PINNED = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "COMPATIBLE",
@@ -52,7 +54,11 @@ def threads() -> int:
 
 
 def pin() -> None:
-    """Set the kernel and thread defaults (before torch is imported; values already set are kept)."""
+    """With SHED_PIN_KERNELS=1: set the kernel and thread defaults (before torch is imported; values
+    already set are kept). Opt-in: pinned kernels made the embedded default's base pretraining about 7x
+    slower on 2 cores (0.38 -> 2.8 s a step, measured under load), past the demo's time budget."""
+    if os.environ.get(OPT_IN) != "1":
+        return
     for var, value in PINNED.items():
         os.environ.setdefault(var, value)
     n = str(threads())
