@@ -31,7 +31,7 @@ def test_repro_runs_every_stage_and_writes_outputs(workspace):
     scores = (ws / "data/shapley/scores.csv").read_text().splitlines()
     assert scores[0] == "cluster,proxy_id,size,score,stderr,credits" and len(scores) == 9
     metrics = json.loads((ws / "metrics/eval.json").read_text())
-    assert set(metrics) == {"finetuned"}  # evaluate.include_base: false
+    assert set(metrics) == {"env", "finetuned"}  # evaluate.include_base: false
     correct, questions = recomputed_accuracy(ws)
     assert questions == metrics["finetuned"]["shed_embedded"]["n"] == 40
     assert metrics["finetuned"]["shed_embedded"]["acc"] == pytest.approx(correct / questions)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,8 +57,15 @@ def main(params: Params) -> None:
     # dvclive writes into a scratch directory; only the finished curve moves into place (no half curve
     # after a crash). No timestamps, so a rerun writes the same bytes.
     with tempfile.TemporaryDirectory(prefix="shed-finetune-live-") as scratch:
-        with Live(dir=scratch, save_dvc_exp=False, dvcyaml=None, report=None) as live, \
-                tqdm(total=steps, desc="finetune", unit="step") as bar:
+        # Made from inside the scratch directory: dvclive then finds no DVC repository to tie the curve
+        # to (the stage's own outputs are DVC's business), and works in a repo with no commit yet.
+        cwd = os.getcwd()
+        os.chdir(scratch)
+        try:
+            live = Live(dir=scratch, save_dvc_exp=False, dvcyaml=None, report=None)
+        finally:
+            os.chdir(cwd)
+        with live, tqdm(total=steps, desc="finetune", unit="step") as bar:
             fit = trainer.fit(dataset, seed=train.seed, progress=bar, callback=Curve(live))
         with atomic_path(artifacts.FINETUNE_CURVE) as tmp:
             shutil.move(Path(live.plots_dir) / "metrics", tmp)
