@@ -49,9 +49,9 @@ def faiss_kmeans(embeddings: np.ndarray, n_clusters: int, seed: int, iterations:
     """FAISS k-means (GPU when faiss has one), seeded; each record then goes to its nearest centroid.
 
     Training sees at most max_points_per_centroid x C records (a seeded subsample, as FAISS does by
-    default). The centroids start from k-means++ (scikit-learn's, on a seeded subsample of at most
-    32 x C of them: FAISS's own random start often merges two clusters); empty clusters met during
-    training are re-seeded by FAISS (it splits a large one).
+    default). The centroids start from k-means++ on a seeded subsample of max(4 x C, 10,000) of them
+    (FAISS's own random start often merges two clusters); empty clusters met during training are
+    re-seeded by FAISS (it splits a large one).
     """
     try:
         import faiss
@@ -71,13 +71,11 @@ def faiss_kmeans(embeddings: np.ndarray, n_clusters: int, seed: int, iterations:
         train = np.ascontiguousarray(embeddings, dtype=np.float32)
     log.info("faiss k-means: %d clusters, trained on %d of %d records (%s)", n_clusters, len(train),
              len(embeddings), "GPU" if gpu else "CPU")
-    from sklearn.cluster import kmeans_plusplus
-
     rng = np.random.default_rng([seed, 1])
-    seeding = train[np.sort(rng.choice(len(train), min(len(train), 32 * n_clusters), replace=False))]
-    start, _ = kmeans_plusplus(seeding, n_clusters, random_state=seed)
+    seeding = train[np.sort(rng.choice(len(train), min(len(train), max(4 * n_clusters, 10_000)), replace=False))]
+    start = kmeans_plus_plus(seeding, n_clusters, rng)
     del seeding
-    km.train(train, init_centroids=np.ascontiguousarray(start, dtype=np.float32))
+    km.train(train, init_centroids=start)
     del train
     centroids = km.centroids.astype(np.float32)
     labels = np.empty(len(embeddings), dtype=np.int64)
@@ -85,6 +83,30 @@ def faiss_kmeans(embeddings: np.ndarray, n_clusters: int, seed: int, iterations:
         block = np.ascontiguousarray(embeddings[start:start + CHUNK], dtype=np.float32)
         labels[start:start + len(block)] = km.index.search(block, 1)[1][:, 0]
     return labels, centroids
+
+
+def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ seeding (as scikit-learn's): at each step 2 + log(k) candidates are drawn with
+    probability proportional to the squared distance to the nearest centre so far, and the one that
+    lowers the total most is kept. O(k x trials x n x d), in matrix products."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    trials = 2 + int(np.log(k))
+    norms = np.einsum("ij,ij->i", x, x)
+    centres = np.empty((k, x.shape[1]), dtype=np.float32)
+    centres[0] = x[rng.integers(len(x))]
+    closest = np.maximum(norms - 2 * (x @ centres[0]) + centres[0] @ centres[0], 0)
+    for i in range(1, k):
+        cumulative = np.cumsum(closest, dtype=np.float64)
+        if cumulative[-1] <= 0:  # every record sits on a centre already
+            centres[i] = x[rng.integers(len(x))]
+            continue
+        picks = np.minimum(np.searchsorted(cumulative, rng.random(trials) * cumulative[-1], side="right"), len(x) - 1)
+        candidates = x[picks]
+        distances = np.maximum(norms[:, None] - 2 * (x @ candidates.T) + norms[picks][None, :], 0)
+        np.minimum(distances, closest[:, None], out=distances)
+        best = int(np.argmin(distances.sum(0, dtype=np.float64)))
+        centres[i], closest = candidates[best], distances[:, best].copy()
+    return centres
 
 
 def drop_empty(labels: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

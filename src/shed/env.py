@@ -5,25 +5,27 @@ these variables when they load), so `dvc repro` and a stage run by hand compute 
 with SHED_PIN_KERNELS=1 (`SHED_PIN_KERNELS=1 dvc repro`: slower, see pin) and only sets defaults: a
 variable already set wins.
 
-Why: torch picks its kernels by the CPU's instruction set (ATen's AVX-512 / AVX2 / default builds, and
-MKL's GEMM branches), and kernels of different widths add the same numbers in different orders. The
-results differ in the last bits, and a training run (the base model's pretraining, every fine-tune)
-grows those bits into different models. Pinned here:
+Why: torch picks its kernels by the CPU's instruction set (ATen's AVX-512 / AVX2 / default builds,
+MKL's GEMM branches, oneDNN's JIT kernels), and kernels of different widths add the same numbers in
+different orders. The results differ in the last bits, and a training run (the base model's
+pretraining, every fine-tune) grows those bits into different models. Pinned here:
 
-- ATEN_CPU_CAPABILITY=avx2: ATen's element-wise ops and reductions (softmax, norms, GELU, sums) use
-  their AVX2 build on every machine that has AVX2 (the same instructions give the same bits).
-- MKL_CBWR=COMPATIBLE: MKL's matrix products take its SSE2 branch, the one branch MKL promises to
-  give the same results on Intel and AMD CPUs (its AVX2 branch is Intel-only: AMD gets the auto one).
-- ONEDNN_MAX_CPU_ISA=AVX2: oneDNN kernels (some of MiniLM's matmuls) no wider than AVX2.
+- ATEN_CPU_CAPABILITY=avx2: ATen's element-wise ops and reductions (softmax, norms, sums) use their
+  AVX2 build on every machine that has AVX2 (the same instructions give the same bits).
+- MKL_CBWR=AVX2: MKL's matrix products take its AVX2 branch in conditional-reproducibility mode, the
+  same on every Intel CPU with AVX2 (~1.3x the CPU time of MKL's AVX-512 kernels). MKL runs its own
+  code on AMD CPUs whatever this says; only MKL_CBWR=COMPATIBLE (SSE2) is documented as equal on
+  Intel and AMD, at ~3x the CPU time of the model stages, so it is left to the user.
+- ONEDNN_MAX_CPU_ISA=AVX2: oneDNN kernels (torch's GELU, in MiniLM) no wider than AVX2.
 - OPENBLAS_CORETYPE=Haswell: numpy's and scipy's OpenBLAS (k-means, the PCA of plots/clusters.png) use
   its AVX2 kernels, as on AMD Zen, instead of its AVX-512 ones.
-- threads: torch's reductions, MKL's SSE2 GEMM and scikit-learn's k-means split work by thread count,
+- threads: torch's reductions, MKL's GEMM and scikit-learn's k-means split work by thread count,
   so the default (all cores) would tie the bytes to the core count; THREADS threads are the default
   instead (SHED_THREADS overrides; OMP_NUM_THREADS and MKL_NUM_THREADS are set from it).
 
-What this cannot promise: CUDA/MPS devices (other kernels altogether), CPUs without AVX2 or non-x86
-CPUs (ARM: no MKL, other kernels), other versions of torch, MKL or the model libraries, and a
-different thread count. `describe()` records all of these in every stage's metrics.
+What this cannot promise: AMD CPUs (MKL, above), CUDA/MPS devices (other kernels altogether), CPUs
+without AVX2 or non-x86 CPUs (ARM: no MKL), other versions of torch, MKL, numpy or the model
+libraries, and a different thread count. `describe()` records these in every stage's metrics.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ THREADS = 2
 OPT_IN = "SHED_PIN_KERNELS"
 PINNED = {
     "ATEN_CPU_CAPABILITY": "avx2",
-    "MKL_CBWR": "COMPATIBLE",
+    "MKL_CBWR": "AVX2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "OPENBLAS_CORETYPE": "Haswell",
 }
@@ -55,8 +57,8 @@ def threads() -> int:
 
 def pin() -> None:
     """With SHED_PIN_KERNELS=1: set the kernel and thread defaults (before torch is imported; values
-    already set are kept). Opt-in: pinned kernels made the embedded default's base pretraining about 7x
-    slower on 2 cores (0.38 -> 2.8 s a step, measured under load), past the demo's time budget."""
+    already set are kept). Opt-in: with MKL_CBWR=COMPATIBLE (the first pin) the model stages took about
+    3x the CPU time, past the demo's budget; with MKL's AVX2 branch about 1.1-1.3x (docs/method.md)."""
     if os.environ.get(OPT_IN) != "1":
         return
     for var, value in PINNED.items():
