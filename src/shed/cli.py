@@ -13,7 +13,6 @@ import argparse
 import ast
 import importlib
 import sys
-from pathlib import Path
 
 from shed import env
 
