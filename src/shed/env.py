@@ -16,6 +16,7 @@ pretraining, every fine-tune) grows those bits into different models. Pinned her
   same on every Intel CPU with AVX2 (~1.3x the CPU time of MKL's AVX-512 kernels). MKL runs its own
   code on AMD CPUs whatever this says; only MKL_CBWR=COMPATIBLE (SSE2) is documented as equal on
   Intel and AMD, at ~3x the CPU time of the model stages, so it is left to the user.
+  MKL_ENABLE_INSTRUCTIONS=AVX2 too: MKL lets an explicit AVX512 there override the CBWR branch.
 - ONEDNN_MAX_CPU_ISA=AVX2: oneDNN kernels (torch's GELU, in MiniLM) no wider than AVX2.
 - OPENBLAS_CORETYPE=Haswell: numpy's and scipy's OpenBLAS (k-means, the PCA of plots/clusters.png) use
   its AVX2 kernels, as on AMD Zen, instead of its AVX-512 ones.
@@ -39,6 +40,7 @@ OPT_IN = "SHED_PIN_KERNELS"
 PINNED = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # an explicit AVX512 here would override MKL_CBWR's branch
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "OPENBLAS_CORETYPE": "Haswell",
 }
