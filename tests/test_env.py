@@ -57,20 +57,16 @@ def test_describe_is_stable_json_with_versions_kernels_and_device(clean_env):
     assert env.describe("cuda:0")["device"] == ["cuda:0"]
 
 
-def test_write_metrics_adds_env_and_merges_headlines(tmp_path, monkeypatch):
+def test_write_metrics_adds_env_and_the_headline_to_the_stage_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    artifacts.write_metrics("shapley", {"seconds": 3.5}, headline={"shapley_s": 3.5, "shapley_jobs": 12})
-    artifacts.write_metrics("evaluate", {"finetuned": {}}, headline={"acc": {"t1": 0.5, "t2": 0.25}})
+    artifacts.write_metrics("shapley", {"seconds": 3.5, "jobs": 12}, headline={"shapley_s": 3.5})
+    artifacts.write_metrics("evaluate", {"finetuned": {"t1": {"acc": 0.5}}}, device="cuda:0")
     first = Path(artifacts.metrics("shapley")).read_bytes()
-    saved = json.loads(first)
-    assert saved["seconds"] == 3.5 and saved["env"] == env.describe()
-    assert json.loads(Path(artifacts.SUMMARY).read_text()) == {"shapley_s": 3.5, "shapley_jobs": 12,
-                                                              "acc": {"t1": 0.5, "t2": 0.25}}
-    artifacts.write_metrics("evaluate", {"finetuned": {}}, headline={"acc": {"t1": 0.75}})  # a task dropped
-    assert json.loads(Path(artifacts.SUMMARY).read_text())["acc"] == {"t1": 0.75}
-    artifacts.write_metrics("shapley", {"seconds": 3.5}, headline={"shapley_s": 3.5, "shapley_jobs": 12})
+    assert json.loads(first) == {"seconds": 3.5, "jobs": 12, "shapley_s": 3.5, "env": env.describe()}
+    assert json.loads(Path(artifacts.metrics("evaluate")).read_text())["env"]["device"] == ["cuda:0"]
+    artifacts.write_metrics("shapley", {"seconds": 3.5, "jobs": 12}, headline={"shapley_s": 3.5})
     assert Path(artifacts.metrics("shapley")).read_bytes() == first  # rerun: same bytes (no timestamps)
-    assert sorted(p.name for p in Path("metrics").iterdir()) == ["eval.json", "shapley.json", "summary.json"]
+    assert sorted(p.name for p in Path("metrics").iterdir()) == ["eval.json", "shapley.json"]
 
 
 def test_the_shed_entry_point_pins_before_numpy_and_torch_load():

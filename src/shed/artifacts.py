@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from shed import env
-from shed.fileio import ShedError, atomic_path, read_json, read_jsonl, write_csv, write_json, write_jsonl
+from shed.fileio import ShedError, atomic_path, read_jsonl, write_csv, write_json, write_jsonl
 
 # prepare
 PREPARED = "data/prepared"
@@ -57,18 +57,15 @@ def metrics(stage: str) -> str:
     return f"metrics/{'eval' if stage == 'evaluate' else stage}.json"
 
 
-# The headline numbers with short names (eval accuracy per task, Shapley seconds and jobs, ...): what
-# `dvc exp show` compares. Each stage replaces its own keys; dvc.yaml lists it under the top-level metrics.
-SUMMARY = "metrics/summary.json"
-
-
 def write_metrics(stage: str, values: dict, headline: dict | None = None, device: str | None = None) -> None:
-    """A stage's metrics file, with the environment that produced it (shed.env.describe) under "env";
-    `headline` keys also go to SUMMARY. Both written atomically."""
-    write_json(metrics(stage), {**values, "env": env.describe(device)})
-    if headline:
-        summary = read_json(SUMMARY) if Path(SUMMARY).is_file() else {}
-        write_json(SUMMARY, {**(summary if isinstance(summary, dict) else {}), **headline})
+    """A stage's metrics file (atomic), with the environment that produced it (shed.env.describe) under "env".
+
+    `headline`: numbers for `dvc exp show` under top-level names no other metrics file uses (shapley_s:
+    "seconds" is in two files, so DVC would prefix it with the file), next to the already unique
+    finetuned.<task>.acc and jobs. They live in the stage's own file, an output, so a stage restored
+    from DVC's run cache restores them too (a shared summary file would go stale).
+    """
+    write_json(metrics(stage), {**values, **(headline or {}), "env": env.describe(device)})
 
 
 # What each stage reads and writes (metrics aside): dvc.yaml must say the same.

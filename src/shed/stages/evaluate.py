@@ -53,9 +53,7 @@ def main(params: Params) -> None:
         metrics["base"] = scorer(model)
     log.info("scoring the fine-tuned model on %s", ", ".join(cfg.tasks))
     metrics["finetuned"] = scorer(PeftModel.from_pretrained(model, artifacts.FINETUNED).eval())
-    artifacts.write_metrics("evaluate", metrics, device=str(model.device), headline={
-        "acc": {task: m.get("acc") for task, m in metrics["finetuned"].items()},
-        **({"acc_base": {task: m.get("acc") for task, m in metrics["base"].items()}} if "base" in metrics else {})})
+    artifacts.write_metrics("evaluate", metrics, device=str(model.device))
     for task, m in metrics["finetuned"].items():
         log.info("%s: acc %.4f (base %s) -> %s", task, m.get("acc", float("nan")),
                  f"{metrics['base'][task]['acc']:.4f}" if "base" in metrics else "not scored", artifacts.metrics("evaluate"))

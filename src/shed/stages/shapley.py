@@ -354,6 +354,6 @@ def main(params: Params) -> None:
         "stderr_mean": float(np.nanmean(scores["stderr"])) if cfg.k > 1 else None,
         "rank_stability": rank_corr[-1] if rank_corr else None,
         "seconds": seconds,
-    }, headline={"shapley_s": seconds, "shapley_jobs": method_metrics.get("jobs")}, device=cfg.device)
+    }, headline={"shapley_s": seconds}, device=cfg.device)
     log.info("%s: v(P)=%.4f v(∅)=%.4f; scores -> %s, pictures -> %s", cfg.method, method_metrics["v_full"],
              method_metrics["v_empty"], artifacts.SCORES, artifacts.SHAPLEY_PNG)
