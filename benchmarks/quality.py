@@ -35,6 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import tables  # noqa: E402 (benchmarks/, the script's own folder)
 import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,14 +131,6 @@ def summarize(runs: list[dict], key: str) -> dict:
 PREFERRED = ["qocs", "qwcs", "random", "dsir"]
 
 
-def read_json_line(path: str) -> dict:
-    """The last line of `path` that is a JSON object: a saved JSON line, or a whole saved log."""
-    for line in reversed(Path(path).read_text(encoding="utf-8").splitlines()):
-        if line.strip().startswith("{"):
-            return json.loads(line)
-    raise SystemExit(f"{path}: no JSON line found")
-
-
 def _pm(stat: dict) -> str:
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
@@ -148,7 +141,7 @@ def _size_label(size: float) -> str:
 
 def markdown(result: dict, source: str | None) -> str:
     """The benchmark's tables as Markdown, from the dict it prints as its JSON line."""
-    origin = f"`{source}`" if source else "the run that wrote this file (FILE: its JSON line)"
+    head, origin = tables.header("quality.py", source)
     acc, seeds = result["acc"], result["seeds"]
     by_method: dict[str, dict[float, dict]] = {}
     for key, stat in acc.items():
@@ -158,10 +151,7 @@ def markdown(result: dict, source: str | None) -> str:
     sizes = sorted({s for v in by_method.values() for s in v})
     methods = sorted(by_method, key=lambda m: (PREFERRED.index(m) if m in PREFERRED else len(PREFERRED), m))
     seeds_text = ", ".join(map(str, seeds))
-    lines = [
-        "<!-- Written by benchmarks/quality.py; do not edit by hand. Regenerate with:",
-        f"     python benchmarks/quality.py --from-json {source or 'FILE'} --markdown <this file> -->",
-        "",
+    lines = head + [
         f"Source: {origin}. Seeds {seeds_text} (mean ± std over seeds; eval accuracy on the embedded",
         "default's four-choice eval questions, chance 0.25).",
         "",
@@ -197,16 +187,6 @@ def markdown(result: dict, source: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(result: dict, source: str | None, path: str | None) -> None:
-    text = markdown(result, source)
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text, encoding="utf-8")
-        print(f"wrote {path}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -216,12 +196,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     parser.add_argument("--base-model", help="reuse this built models/base (same base params) instead of building one")
     parser.add_argument("--out", default=str(ROOT / "plots/quality.png"), help="PNG of accuracy against size")
-    parser.add_argument("--markdown", metavar="PATH", help="also write the result tables as Markdown")
-    parser.add_argument("--from-json", metavar="FILE",
-                        help="render the Markdown from this saved JSON line (to --markdown, else stdout); run nothing")
+    tables.add_arguments(parser)
     args = parser.parse_args()
-    if args.from_json:
-        write_markdown(read_json_line(args.from_json), args.from_json, args.markdown)
+    if tables.render_saved(args, markdown):
         return
     logging.basicConfig(level=logging.WARNING)
     raw = yaml.safe_load(Path(args.params).read_text())
@@ -274,7 +251,7 @@ def main() -> None:
                  title=f"embedded default, seeds {args.seeds}")
     print(json.dumps(result, sort_keys=True))
     if markdown_path:
-        write_markdown(result, None, markdown_path)
+        tables.write_markdown(markdown(result, None), markdown_path)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import tables  # noqa: E402 (benchmarks/, the script's own folder)
+
 from shed.config import load_params  # noqa: E402
 from shed.fetch import DEST, fetch_smollm2  # noqa: E402
 from shed.fileio import read_jsonl, setup_logging  # noqa: E402
@@ -123,22 +125,11 @@ def cli_scores(params, model_dir: Path, gguf: str, out_dir: Path) -> tuple[dict,
             for task, m in results.items()}, seconds
 
 
-def read_json_line(path: str) -> dict:
-    """The last line of `path` that is a JSON object: a saved JSON line, or a whole saved log."""
-    for line in reversed(Path(path).read_text(encoding="utf-8").splitlines()):
-        if line.strip().startswith("{"):
-            return json.loads(line)
-    raise SystemExit(f"{path}: no JSON line found")
-
-
 def markdown(figures: dict, source: str | None) -> str:
     """The benchmark's tables as Markdown, from the dict it prints as its JSON line."""
-    origin = f"`{source}`" if source else "the run that wrote this file (FILE: its JSON line)"
+    head, origin = tables.header("real_data.py", source)
     d = figures["data"]
-    lines = [
-        "<!-- Written by benchmarks/real_data.py; do not edit by hand. Regenerate with:",
-        f"     python benchmarks/real_data.py --from-json {source or 'FILE'} --markdown <this file> -->",
-        "",
+    lines = head + [
         f"Source: {origin}. Alpaca 5k pool, MMLU val as the dev set, files read in place.",
         "",
         "Data stages (wall seconds):",
@@ -175,16 +166,6 @@ def markdown(figures: dict, source: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(figures: dict, source: str | None, path: str | None) -> None:
-    text = markdown(figures, source)
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text, encoding="utf-8")
-        print(f"wrote {path}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=str(ROOT.parent / "shared"), help="folder holding data/ (read in place)")
@@ -194,12 +175,9 @@ def main() -> None:
     parser.add_argument("--embed-max-seq-length", type=int, default=0, help="0 = MiniLM's own 256 tokens")
     parser.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size")
     parser.add_argument("--skip-model", action="store_true", help="only the data stages")
-    parser.add_argument("--markdown", metavar="PATH", help="also write the result tables as Markdown")
-    parser.add_argument("--from-json", metavar="FILE",
-                        help="render the Markdown from this saved JSON line (to --markdown, else stdout); run nothing")
+    tables.add_arguments(parser)
     args = parser.parse_args()
-    if args.from_json:
-        write_markdown(read_json_line(args.from_json), args.from_json, args.markdown)
+    if tables.render_saved(args, markdown):
         return
     markdown_path = Path(args.markdown).resolve() if args.markdown else None  # main() changes directory
     setup_logging()
@@ -221,7 +199,7 @@ def main() -> None:
             figures["equal_to_cli"] = all(abs(ours[t][k] - theirs[t][k]) < 1e-9 for t in theirs for k in theirs[t])
     print(json.dumps(figures, sort_keys=True))
     if markdown_path:
-        write_markdown(json.loads(json.dumps(figures, sort_keys=True)), None, str(markdown_path))
+        tables.write_markdown(markdown(json.loads(json.dumps(figures, sort_keys=True)), None), str(markdown_path))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tables  # benchmarks/, the script's own folder
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,21 +329,10 @@ def inrun_comparison(utility, truth: np.ndarray, k: int, seeds: int, per_job: fl
 PAPER = "group_permutation"
 
 
-def read_json_line(path: str) -> dict:
-    """The last line of `path` that is a JSON object: a saved JSON line, or a whole saved log."""
-    for line in reversed(Path(path).read_text(encoding="utf-8").splitlines()):
-        if line.strip().startswith("{"):
-            return json.loads(line)
-    raise SystemExit(f"{path}: no JSON line found")
-
-
 def markdown(out: dict, source: str | None) -> str:
     """The benchmark's tables as Markdown, from the dict it prints as its JSON line."""
-    origin = f"`{source}`" if source else "the run that wrote this file (FILE: its JSON line)"
-    lines = [
-        "<!-- Written by benchmarks/shapley_engine.py; do not edit by hand. Regenerate with:",
-        f"     python benchmarks/shapley_engine.py --from-json {source or 'FILE'} --markdown <this file> -->",
-        "",
+    head, origin = tables.header("shapley_engine.py", source)
+    lines = head + [
         f"Source: {origin}. A real {PLAYERS}-proxy game of the embedded default (tiny Llama + LoRA, CPU).",
     ]
     if "throughput" in out:
@@ -426,16 +416,6 @@ def retrain_tables(out: dict) -> list[str]:
     return lines
 
 
-def write_markdown(out: dict, source: str | None, path: str | None) -> None:
-    text = markdown(out, source)
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text, encoding="utf-8")
-        print(f"wrote {path}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=10)
@@ -447,13 +427,10 @@ def main() -> None:
     parser.add_argument("--reference-jobs", type=int, default=500)
     parser.add_argument("--inrun-k", type=int, default=4, help="in-run valuation runs")
     parser.add_argument("--skip-throughput", action="store_true", help="skip (a)")
-    parser.add_argument("--markdown", metavar="PATH", help="also write the result tables as Markdown")
-    parser.add_argument("--from-json", metavar="FILE",
-                        help="render the Markdown from this saved JSON line (to --markdown, else stdout); run nothing")
+    tables.add_arguments(parser)
     parser.add_argument("--run-jobs", help=argparse.SUPPRESS)  # internal: one worker process
     args = parser.parse_args()
-    if args.from_json:
-        write_markdown(read_json_line(args.from_json), args.from_json, args.markdown)
+    if tables.render_saved(args, markdown):
         return
     if args.run_jobs:
         run_jobs([int(i) for i in args.run_jobs.split(",")])
@@ -473,7 +450,7 @@ def main() -> None:
         lazy.store.close()
         print(json.dumps(out, sort_keys=True))
         if markdown_path:
-            write_markdown(json.loads(json.dumps(out, sort_keys=True)), None, markdown_path)
+            tables.write_markdown(markdown(json.loads(json.dumps(out, sort_keys=True)), None), markdown_path)
         return
     game = full_game()
     from shed.shapley import exact_shapley
@@ -493,7 +470,7 @@ def main() -> None:
                                     exact_game=game)
     print(json.dumps(out, sort_keys=True))
     if markdown_path:
-        write_markdown(json.loads(json.dumps(out, sort_keys=True)), None, markdown_path)
+        tables.write_markdown(markdown(json.loads(json.dumps(out, sort_keys=True)), None), markdown_path)
 
 
 if __name__ == "__main__":

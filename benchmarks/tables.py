@@ -1,0 +1,52 @@
+"""What the benchmarks share: their saved JSON lines and the Markdown tables written from them.
+
+Each benchmark prints one JSON line; `--markdown PATH` writes its tables from that dict, and
+`--from-json FILE` renders them from a saved line without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--markdown", metavar="PATH", help="also write the result tables as Markdown")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="render the Markdown from this saved JSON line (to --markdown, else stdout); run nothing")
+
+
+def read_json_line(path: str) -> dict:
+    """The last line of `path` that is a JSON object: a saved JSON line, or a whole saved log."""
+    for line in reversed(Path(path).read_text(encoding="utf-8").splitlines()):
+        if line.strip().startswith("{"):
+            return json.loads(line)
+    raise SystemExit(f"{path}: no JSON line found")
+
+
+def header(script: str, source: str | None) -> tuple[list[str], str]:
+    """(the do-not-edit comment naming the command that regenerates the file, the source's name)."""
+    origin = f"`{source}`" if source else "the run that wrote this file (FILE: its JSON line)"
+    return [f"<!-- Written by benchmarks/{script}; do not edit by hand. Regenerate with:",
+            f"     python benchmarks/{script} --from-json {source or 'FILE'} --markdown <this file> -->", ""], origin
+
+
+def write_markdown(text: str, path: str | Path | None) -> None:
+    """To `path` (parents made), else to stdout."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text, encoding="utf-8")
+        print(f"wrote {path}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
+def render_saved(args: argparse.Namespace, markdown: Callable[[dict, str | None], str]) -> bool:
+    """With --from-json: write the tables of the saved line and return True (the caller stops there)."""
+    if not args.from_json:
+        return False
+    write_markdown(markdown(read_json_line(args.from_json), args.from_json), args.markdown)
+    return True
