@@ -66,3 +66,14 @@ def choice_sums(model, tokenizer, question):
             logprobs = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].float(), -1)
         out.append(sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
     return torch.tensor(out)
+
+
+def fails_reading(path, text, read, match):
+    """A file holding `text`, read with `read(str(path))`, fails with one ShedError matching `match`."""
+    import pytest
+
+    from shed.fileio import ShedError
+
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ShedError, match=match):
+        read(str(path))

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from helpers import fails_reading
 
 from shed.data import load_rows, normalize_choice_set, normalize_pool, record_id
 from shed.fileio import ShedError
@@ -49,10 +50,8 @@ def test_blank_records_are_dropped_by_default():
 
 
 def test_jsonl_line_that_is_not_json_names_file_and_line(tmp_path):
-    path = tmp_path / "pool.jsonl"
-    path.write_text('{"instruction": "a", "output": "b"}\n{not json}\n', encoding="utf-8")
-    with pytest.raises(ShedError, match=r"pool.jsonl: line 2: not valid JSON"):
-        load_rows(str(path))
+    fails_reading(tmp_path / "pool.jsonl", '{"instruction": "a", "output": "b"}\n{not json}\n', load_rows,
+                  r"pool.jsonl: line 2: not valid JSON")
 
 
 def test_json_array_in_a_jsonl_named_file_is_read(tmp_path):
@@ -102,31 +101,27 @@ def test_detected_schema_is_logged(caplog):
 BAD = {"instruction": "x", "output": 3}
 
 
-def _fails_at(path, message):
-    with pytest.raises(ShedError, match=message):
-        normalize_pool(load_rows(str(path)), str(path))
+def _pool(path, **kw):
+    return normalize_pool(load_rows(path), path, **kw)
 
 
 def test_jsonl_positions_are_file_lines_counting_blank_ones(tmp_path):
     path = tmp_path / "pool.jsonl"
-    path.write_text('\n{"instruction": "a", "output": "b"}\n\n' + json.dumps(BAD) + "\n", encoding="utf-8")
+    fails_reading(path, '\n{"instruction": "a", "output": "b"}\n\n' + json.dumps(BAD) + "\n", _pool,
+                  r"pool.jsonl: line 4: field 'output' must be a string, got int")
     assert [load_rows(str(path)).where(i) for i in range(2)] == ["line 2", "line 4"]
-    _fails_at(path, r"pool.jsonl: line 4: field 'output' must be a string, got int")
 
 
 def test_json_array_positions_are_items(tmp_path):
-    path = tmp_path / "pool.json"
-    path.write_text(json.dumps([{"instruction": "a", "output": "b"}, BAD], indent=2), encoding="utf-8")
-    _fails_at(path, r"pool.json: item 2: field 'output' must be a string, got int")
+    fails_reading(tmp_path / "pool.json", json.dumps([{"instruction": "a", "output": "b"}, BAD], indent=2), _pool,
+                  r"pool.json: item 2: field 'output' must be a string, got int")
 
 
 def test_csv_positions_are_spreadsheet_rows_with_the_header_as_row_1(tmp_path):
-    path = tmp_path / "pool.csv"
-    path.write_text('instruction,output\n"two\nlines",b\nc,\n', encoding="utf-8")
-    with pytest.raises(ShedError, match=r"pool.csv: row 3: field 'output' is empty"):
-        normalize_pool(load_rows(str(path)), str(path), empty="error")
-    (tmp_path / "other.csv").write_text("prompt,completion\na,b\n", encoding="utf-8")
-    _fails_at(tmp_path / "other.csv", r"other.csv: row 1 \(the header\): cannot detect the schema")
+    fails_reading(tmp_path / "pool.csv", 'instruction,output\n"two\nlines",b\nc,\n',
+                  lambda path: _pool(path, empty="error"), r"pool.csv: row 3: field 'output' is empty")
+    fails_reading(tmp_path / "other.csv", "prompt,completion\na,b\n", _pool,
+                  r"other.csv: row 1 \(the header\): cannot detect the schema")
 
 
 def test_parquet_positions_are_rows(tmp_path):
@@ -134,7 +129,8 @@ def test_parquet_positions_are_rows(tmp_path):
 
     path = tmp_path / "pool.parquet"
     pd.DataFrame([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": None}]).to_parquet(path)
-    _fails_at(path, r"pool.parquet: row 2: field 'output' is null")
+    with pytest.raises(ShedError, match=r"pool.parquet: row 2: field 'output' is null"):
+        _pool(str(path))
 
 
 def test_rows_built_in_memory_are_items():

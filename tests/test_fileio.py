@@ -180,3 +180,18 @@ def test_a_directory_can_replace_a_file_and_a_file_a_directory(tmp_path):
         tmp.write_text("a file again")
     assert target.read_text() == "a file again"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_non_utf8_after_a_bom_names_the_byte_and_its_offset_in_the_file(tmp_path):
+    from shed.streaming import iter_jsonl
+
+    path = tmp_path / "bom.jsonl"
+    data = b"\xef\xbb\xbf" + b'{"id": "ok"}\n' + b'{"id": "caf\xe9"}\n'
+    path.write_bytes(data)
+    offset = data.index(b"\xe9")
+    expected = f"{path}: line 2: not UTF-8 (byte 0xe9 at offset {offset})"
+    with pytest.raises(ShedError) as whole:
+        read_jsonl(path)
+    with pytest.raises(ShedError) as streamed:
+        list(iter_jsonl(path))
+    assert str(whole.value) == str(streamed.value) == expected

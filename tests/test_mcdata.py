@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import fails_reading
 
 from shed.fileio import ShedError
 from shed.mcdata import (
@@ -17,7 +18,7 @@ from shed.scoring import TASK_DIR
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LM_EVAL_TASKS = Path(__import__("lm_eval").__file__).parent / "tasks"
-ARC = {"id": "x", "question": {"stem": "Pick", "choices": [{"text": t, "label": l} for t, l in
+ARC = {"id": "x", "question": {"stem": "Pick", "choices": [{"text": t, "label": n} for t, n in
                                                           zip("abcde", "12345")]}, "answerKey": "5"}
 
 
@@ -123,20 +124,17 @@ def test_dev_exclude_drops_questions_of_the_eval_files(tmp_path):
 
 
 def test_mmlu_csv_positions_are_rows_even_when_a_field_spans_lines(tmp_path):
-    path = tmp_path / "x_test.csv"
-    path.write_text('"Two\nlines",a,b,c,d,A\n"Q",a,b,c,d,Z\n', encoding="utf-8")
-    with pytest.raises(ShedError, match=r"x_test.csv: row 2: field 'answer' is 'Z'"):
-        load_choice_set(str(path))
+    fails_reading(tmp_path / "x_test.csv", '"Two\nlines",a,b,c,d,A\n"Q",a,b,c,d,Z\n', load_choice_set,
+                  r"x_test.csv: row 2: field 'answer' is 'Z'")
 
 
 def test_arc_positions_are_jsonl_lines_counting_blank_ones(tmp_path):
-    (tmp_path / "arc.jsonl").write_text(json.dumps(ARC) + "\n\n" + json.dumps({**ARC, "answerKey": "9"}) + "\n")
-    with pytest.raises(ShedError, match=r"arc.jsonl: line 3: field 'answerKey' is '9'"):
-        load_choice_set(str(tmp_path / "arc.jsonl"))
+    fails_reading(tmp_path / "arc.jsonl", json.dumps(ARC) + "\n\n" + json.dumps({**ARC, "answerKey": "9"}) + "\n",
+                  load_choice_set, r"arc.jsonl: line 3: field 'answerKey' is '9'")
 
 
 def test_our_choice_jsonl_positions_are_lines(tmp_path):
-    rows = [{"question": "q", "choices": ["a", "b"], "answer": 0}, {"question": "r", "choices": ["a", "b"], "answer": 2}]
-    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ShedError, match=r"dev.jsonl: line 2: field 'answer' is 2, out of range"):
-        load_choice_set(str(tmp_path / "dev.jsonl"))
+    rows = [{"question": "q", "choices": ["a", "b"], "answer": 0},
+            {"question": "r", "choices": ["a", "b"], "answer": 2}]
+    fails_reading(tmp_path / "dev.jsonl", "".join(json.dumps(r) + "\n" for r in rows), load_choice_set,
+                  r"dev.jsonl: line 2: field 'answer' is 2, out of range")

@@ -219,12 +219,20 @@ def test_cluster_stage_on_memory_mapped_embeddings(tmp_path, monkeypatch, algori
 
 
 # The chunked pool reader against the whole-file reader (shed.data): the same records, the same errors.
+def jsonl(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 def pools(tmp_path, rows, name):
     path = tmp_path / name
     if name.endswith(".jsonl"):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        path.write_text(jsonl(rows))
     elif name.endswith(".json"):
         path.write_text(json.dumps(rows))
+    elif name.endswith(".csv"):
+        import pandas as pd
+
+        pd.DataFrame(rows).to_csv(path, index=False)
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -266,11 +274,11 @@ def test_chunked_pool_reader_equals_the_whole_file_reader(tmp_path, name, duplic
 
 
 BAD_LATE = {  # each bad thing sits in a later chunk (chunks of 7 rows)
-    "line_not_json": lambda rows: "".join(json.dumps(r) + "\n" for r in rows[:20]) + "{oops\n",
-    "line_not_object": lambda rows: "".join(json.dumps(r) + "\n" for r in rows[:20]) + "[1, 2]\n",
-    "not_utf8": lambda rows: ("".join(json.dumps(r) + "\n" for r in rows[:20])).encode() + b'{"instruction": "caf\xe9"}\n',
-    "missing_field": lambda rows: "".join(json.dumps(r) + "\n" for r in [*rows[:20], {"instruction": "x"}]),
-    "wrong_type": lambda rows: "".join(json.dumps(r) + "\n" for r in [*rows[:20], {"instruction": "x", "output": 3}]),
+    "line_not_json": lambda rows: jsonl(rows[:20]) + "{oops\n",
+    "line_not_object": lambda rows: jsonl(rows[:20]) + "[1, 2]\n",
+    "not_utf8": lambda rows: jsonl(rows[:20]).encode() + b'{"instruction": "caf\xe9"}\n',
+    "missing_field": lambda rows: jsonl([*rows[:20], {"instruction": "x"}]),
+    "wrong_type": lambda rows: jsonl([*rows[:20], {"instruction": "x", "output": 3}]),
     "blank_lines_between": lambda rows: "\n\n".join(json.dumps(r) for r in [*rows[:20], {"output": "o"}]) + "\n",
 }
 
@@ -283,6 +291,21 @@ def test_chunked_reader_bad_input_is_reported_as_before(tmp_path, case):
     expected = reference(str(path))
     assert isinstance(expected, str) and ("line " in expected or "record " in expected)
     assert chunked(str(path)) == expected
+
+
+@pytest.mark.parametrize("name,at", [("pool.jsonl", "line 21"), ("pool.json", "item 21"), ("pool.parquet", "row 21"),
+                                     ("pool.csv", "row 22")])
+def test_chunked_reader_names_a_late_row_by_its_place_in_the_file(tmp_path, name, at):
+    path = pools(tmp_path, [*ALPACA[:20], {"instruction": "x", "input": "", "output": " "}], name)
+    expected = f"{path}: {at}: field 'output' is empty (prepare.empty=error)"
+    assert chunked(path, empty="error") == reference(path, empty="error") == expected
+
+
+def test_chunked_reader_names_the_row_it_detects_the_schema_from(tmp_path):
+    path = tmp_path / "pool.jsonl"
+    path.write_text("\n\n" + json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    assert chunked(str(path)) == reference(str(path))
+    assert f"{path}: line 3: cannot detect the schema" in chunked(str(path))
 
 
 def test_chunked_jsonl_reader_errors_name_file_and_line(tmp_path):

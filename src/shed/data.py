@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,17 @@ ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model"}
 class Rows(list):
     """Raw rows that remember where each came from: `where(i)` names row i for the user, 1-based."""
 
-    def __init__(self, rows, unit: str = "item", numbers: list[int] | None = None, header: str | None = None):
+    def __init__(self, rows, unit: str = "item", numbers: Sequence[int] | None = None, header: str | None = None):
         super().__init__(rows)
         self.unit, self.numbers, self.header = unit, numbers, header
 
     def where(self, i: int) -> str:
         return f"{self.unit} {self.numbers[i] if self.numbers is not None else i + 1}"
+
+    def part(self, start: int, stop: int) -> Rows:
+        """Rows start:stop, still named by their positions in the whole."""
+        numbers = self.numbers if self.numbers is not None else range(1, len(self) + 1)
+        return Rows(self[start:stop], self.unit, numbers[start:stop], self.header)
 
 
 def where(rows: list, i: int) -> str:
@@ -167,53 +173,82 @@ def _chat_record(row: dict, source: str, at: str) -> tuple[str, str]:
     return user, assistant
 
 
+def normalize_row(row: Any, source: str, at: str, fmt: str) -> tuple[str, str, str]:
+    """One raw row of format `fmt` (alpaca, dolly or chat) as (instruction, input, output); a malformed row
+    raises ShedError naming `at`."""
+    if not isinstance(row, dict):
+        raise ShedError(f"{source}: {at}: expected an object, got {type(row).__name__}")
+    if fmt == "chat":
+        if not any(k in row for k in CHAT_KEYS):
+            raise ShedError(f"{source}: {at}: field 'conversations' or 'messages' is missing")
+        instruction, output = _chat_record(row, source, at)
+        return instruction, "", output
+    k_ins, k_inp, k_out = POOL_FORMATS[fmt]
+    return (_text(row, k_ins, source, at, required=True), _text(row, k_inp, source, at, required=False),
+            _text(row, k_out, source, at, required=True))
+
+
+class PoolNormalizer:
+    """The pool-wide part of normalisation, one row at a time: the format, ids, exact duplicates
+    (prepare.duplicates drop|keep|error) and blank records (prepare.empty drop|error)."""
+
+    def __init__(self, source: str, fmt: str = "auto", duplicates: str = "drop", empty: str = "drop"):
+        self.source, self.fmt, self.duplicates, self.empty = source, fmt, duplicates, empty
+        self.seen: set[str] = set()
+        self.index = self.dropped = self.blank = 0
+
+    def add(self, row: dict, at: str, header: str | None = None) -> dict | None:
+        """Row `at`'s record `{id, instruction, input, output}`, or None where it is dropped."""
+        source = self.source
+        if self.fmt == "auto":
+            self.fmt = detect_format(row, source, header or at)
+            log.info("%s: prepare.format=auto: detected the %s schema from fields %s (set prepare.format to "
+                     "override)", source, self.fmt, sorted(row)[:8])
+        i, self.index = self.index, self.index + 1
+        instruction, inp, output = normalize_row(row, source, at, self.fmt)
+        if not instruction.strip() or not output.strip():
+            if self.empty == "error":
+                field = "instruction" if not instruction.strip() else "output"
+                raise ShedError(f"{source}: {at}: field {field!r} is empty (prepare.empty=error)")
+            self.blank += 1
+            return None
+        rid = record_id(instruction, inp, output)
+        if rid in self.seen:
+            if self.duplicates == "error":
+                raise ShedError(f"{source}: {at}: exact duplicate of an earlier record (id {rid})")
+            if self.duplicates == "drop":
+                self.dropped += 1
+                return None
+            rid = record_id(instruction, inp, output, str(i))  # keep: disambiguate by index in the pool
+        self.seen.add(rid)
+        return {"id": rid, "instruction": instruction, "input": inp, "output": output}
+
+    def add_rows(self, rows: list) -> list[dict]:
+        """The records of a run of rows: a whole pool, or a chunk of one that names its rows' positions (Rows)."""
+        header = getattr(rows, "header", None)
+        records = (self.add(row, where(rows, i), header) for i, row in enumerate(rows))
+        return [record for record in records if record is not None]
+
+    def finish(self) -> None:
+        """Log what was dropped; raise if the pool had no records, or none survived."""
+        if not self.index:
+            raise ShedError(f"{self.source}: empty pool (no records)")
+        if self.dropped:
+            log.info("%s: dropped %d exact duplicate records (prepare.duplicates=drop)", self.source, self.dropped)
+        if self.blank:
+            log.info("%s: dropped %d records with an empty instruction or output (prepare.empty=drop)", self.source,
+                     self.blank)
+        if not self.seen:
+            raise ShedError(f"{self.source}: no usable records (all empty or duplicates)")
+
+
 def normalize_pool(rows: list[dict], source: str, fmt: str = "auto", duplicates: str = "drop",
                    empty: str = "drop") -> list[dict]:
     """Map raw rows to `{id, instruction, input, output}`; report and handle exact duplicates and
     records whose instruction or output is blank (real Alpaca has a few)."""
-    if not rows:
-        raise ShedError(f"{source}: empty pool (no records)")
-    if fmt == "auto":
-        fmt = detect_format(rows[0], source, getattr(rows, "header", None) or where(rows, 0))
-        log.info("%s: prepare.format=auto: detected the %s schema from fields %s (set prepare.format to override)",
-                 source, fmt, sorted(rows[0])[:8])
-    records, seen, dropped, blank = [], set(), 0, 0
-    for i, row in enumerate(rows):
-        at = where(rows, i)
-        if not isinstance(row, dict):
-            raise ShedError(f"{source}: {at}: expected an object, got {type(row).__name__}")
-        if fmt == "chat":
-            if not any(k in row for k in CHAT_KEYS):
-                raise ShedError(f"{source}: {at}: field 'conversations' or 'messages' is missing")
-            instruction, output = _chat_record(row, source, at)
-            inp = ""
-        else:
-            k_ins, k_inp, k_out = POOL_FORMATS[fmt]
-            instruction = _text(row, k_ins, source, at, required=True)
-            inp = _text(row, k_inp, source, at, required=False)
-            output = _text(row, k_out, source, at, required=True)
-        if not instruction.strip() or not output.strip():
-            if empty == "error":
-                field = "instruction" if not instruction.strip() else "output"
-                raise ShedError(f"{source}: {at}: field {field!r} is empty (prepare.empty=error)")
-            blank += 1
-            continue
-        rid = record_id(instruction, inp, output)
-        if rid in seen:
-            if duplicates == "error":
-                raise ShedError(f"{source}: {at}: exact duplicate of an earlier record (id {rid})")
-            if duplicates == "drop":
-                dropped += 1
-                continue
-            rid = record_id(instruction, inp, output, str(i))  # keep: disambiguate by position
-        seen.add(rid)
-        records.append({"id": rid, "instruction": instruction, "input": inp, "output": output})
-    if dropped:
-        log.info("%s: dropped %d exact duplicate records (prepare.duplicates=drop)", source, dropped)
-    if blank:
-        log.info("%s: dropped %d records with an empty instruction or output (prepare.empty=drop)", source, blank)
-    if not records:
-        raise ShedError(f"{source}: no usable records (all empty or duplicates)")
+    pool = PoolNormalizer(source, fmt, duplicates, empty)
+    records = pool.add_rows(rows)
+    pool.finish()
     return records
 
 

@@ -6,6 +6,7 @@ record never leaves a half-written file where DVC (or the next stage) would pick
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import logging
@@ -80,16 +81,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
     rows = []
     # Only "\n" ends a record: str.splitlines() would also split at U+2028, U+0085, ... inside strings.
     for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ShedError(f"{path}: line {lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise ShedError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+        row = jsonl_row(path, lineno, line)
+        if row is not None:
+            rows.append(row)
     return rows
+
+
+def jsonl_row(path: str | Path, lineno: int, line: str) -> dict | None:
+    """Line `lineno` of a JSONL file as its object (None for a blank line); else ShedError naming file and line."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ShedError(f"{path}: line {lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise ShedError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def read_json(path: str | Path) -> Any:
@@ -109,8 +117,10 @@ def _read_text(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ShedError(f"{path}: line {line}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+        # utf-8-sig counts from after the BOM; the offset named is in the file
+        at = exc.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
+        line = data[:at].count(b"\n") + 1
+        raise ShedError(f"{path}: line {line}: not UTF-8 (byte 0x{data[at]:02x} at offset {at})") from None
 
 
 def setup_logging() -> None:

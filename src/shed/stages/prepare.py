@@ -11,14 +11,13 @@ truth.jsonl (which records were planted as harmful: read by benchmarks only, nev
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from shed import artifacts, streaming, synthetic
 from shed.config import Params
-from shed.data import POOL_FORMATS, detect_format, load_rows, normalize_pool, record_id
+from shed.data import PoolNormalizer, Rows, load_rows
 from shed.fileio import ShedError
 from shed.mcdata import load_choice_set, question_key, refuse_overlap
 
@@ -26,11 +25,12 @@ log = logging.getLogger(__name__)
 
 
 # Streaming a file pool: JSON Lines and Parquet a chunk at a time; other sources (a JSON array, CSV, a hub
-# dataset) are loaded whole by shed.data and handed out in chunks. Normalisation is shed.data.normalize_pool's,
-# chunk by chunk, with the pool-wide state (record index, seen ids, counts) kept here. On bad input the
-# whole-file reference path (normalize_pool(load_rows(...))) is run to raise its error, so the one-line
-# message is exactly that path's, and nothing has been written.
-def iter_rows(source: str, split: str = "train", chunk_size: int = streaming.CHUNK) -> Iterator[list[dict]]:
+# dataset) are loaded whole by shed.data and handed out in chunks. Each chunk is a shed.data.Rows that names
+# its rows by their places in the whole file, and one shed.data.PoolNormalizer sees every row in order, so the
+# records, ids and one-line errors are normalize_pool(load_rows(...))'s. One difference: in a streamed file
+# with several bad things the first in file order is reported, where the whole-file path reports a read error
+# (not UTF-8, not JSON) before a bad field on an earlier line. Either way nothing is written.
+def iter_rows(source: str, split: str = "train", chunk_size: int = streaming.CHUNK) -> Iterator[Rows]:
     """Raw rows of a pool source in chunks: streamed for JSONL and Parquet, else shed.data.load_rows'."""
     path = Path(source)
     suffix = path.suffix.lower()
@@ -38,10 +38,8 @@ def iter_rows(source: str, split: str = "train", chunk_size: int = streaming.CHU
         yield from _chunks(load_rows(source, split), chunk_size)
         return
     if suffix == ".parquet":
-        try:
-            yield from streaming.iter_parquet(source, chunk_size)
-        except ShedError as exc:
-            raise streaming.reference_error(lambda: load_rows(source, split), exc) from None
+        for numbers, rows in streaming.iter_parquet(path, chunk_size):
+            yield Rows(rows, "row", numbers)
         return
     with path.open("rb") as fh:
         head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
@@ -49,119 +47,27 @@ def iter_rows(source: str, split: str = "train", chunk_size: int = streaming.CHU
         yield from _chunks(load_rows(source, split), chunk_size)
         return
     empty = True
-    for chunk in streaming.iter_jsonl(path, chunk_size):
+    for lines, rows in streaming.iter_jsonl(path, chunk_size):
         empty = False
-        yield chunk
-    if empty:
-        load_rows(source, split)  # raises: empty file
+        yield Rows(rows, "line", lines)
+    if empty:  # only blank lines (e.g. Unicode spaces)
+        raise ShedError(f"{path}: empty file")
 
 
-def _chunks(rows: list, chunk_size: int) -> Iterator[list]:
+def _chunks(rows: list, chunk_size: int) -> Iterator[Rows]:
+    rows = rows if isinstance(rows, Rows) else Rows(rows)
     for start in range(0, len(rows), chunk_size):
-        yield rows[start:start + chunk_size]
-
-
-@contextlib.contextmanager
-def _quiet(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _sentinel(fmt: str) -> dict:
-    """A valid record of format `fmt` (never blank), to test a single row with normalize_pool."""
-    if fmt == "chat":
-        return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
-    k_ins, k_inp, k_out = POOL_FORMATS[fmt]
-    return {k_ins: "q", k_inp: "", k_out: "a"}
-
-
-def _normalized_rows(rows: list[dict], source: str, fmt: str, empty: str) -> list[dict | None]:
-    """shed.data's mapping of each row (None: a blank record, dropped); raises ShedError on a bad row."""
-    try:
-        out = normalize_pool(rows, source, fmt, "keep", "error")
-        return list(out)  # one record per row: nothing is dropped with keep/error
-    except ShedError:
-        pass
-    # A bad or a blank row in this chunk: row by row, next to a valid one (so the pool is never all blank).
-    result: list[dict | None] = []
-    sentinel = _sentinel(fmt)
-    for row in rows:
-        with _quiet("shed.data"):
-            out = normalize_pool([row, sentinel], source, fmt, "keep", "drop")
-        if len(out) == 1:
-            if empty == "error":
-                raise ShedError(f"{source}: a record is empty (prepare.empty=error)")
-            result.append(None)
-        else:
-            result.append(out[0])
-    return result
-
-
-def normalize_chunks(chunks: Iterable[list[dict]], source: str, fmt: str = "auto", duplicates: str = "drop",
-                     empty: str = "drop") -> Iterator[list[dict]]:
-    """shed.data.normalize_pool over a pool given in chunks: the same records, ids and errors, chunk by chunk."""
-    def stream() -> Iterator[list[dict]]:
-        nonlocal fmt
-        seen: set[str] = set()
-        index = dropped = blank = 0
-        for rows in chunks:
-            if not rows:
-                continue
-            if fmt == "auto":
-                fmt = detect_format(rows[0], source)
-                log.info("%s: prepare.format=auto: detected the %s schema from fields %s (set prepare.format to "
-                         "override)", source, fmt, sorted(rows[0])[:8])
-            records = []
-            for record in _normalized_rows(rows, source, fmt, empty):
-                i, index = index, index + 1
-                if record is None:
-                    blank += 1
-                    continue
-                parts = (record["instruction"], record["input"], record["output"])
-                rid = record_id(*parts)
-                if rid in seen:
-                    if duplicates == "error":
-                        raise ShedError(f"{source}: record {i}: exact duplicate of an earlier record (id {rid})")
-                    if duplicates == "drop":
-                        dropped += 1
-                        continue
-                    rid = record_id(*parts, str(i))
-                seen.add(rid)
-                records.append({"id": rid, "instruction": parts[0], "input": parts[1], "output": parts[2]})
-            if records:
-                yield records
-        if not index:
-            raise ShedError(f"{source}: empty pool (no records)")
-        if dropped:
-            log.info("%s: dropped %d exact duplicate records (prepare.duplicates=drop)", source, dropped)
-        if blank:
-            log.info("%s: dropped %d records with an empty instruction or output (prepare.empty=drop)", source, blank)
-        if not seen:
-            raise ShedError(f"{source}: no usable records (all empty or duplicates)")
-
-    return stream()
+        yield rows.part(start, start + chunk_size)
 
 
 def pool_records(source: str, split: str = "train", fmt: str = "auto", duplicates: str = "drop", empty: str = "drop",
                  chunk_size: int = 0) -> Iterator[dict]:
-    """Normalised records `{id, instruction, input, output}` of a pool source, read in chunks.
-
-    The same records as normalize_pool(load_rows(source)); on bad input, that reference path's error.
-    """
-    try:
-        chunks = iter_rows(source, split, chunk_size or streaming.CHUNK)
-        for records in normalize_chunks(chunks, source, fmt, duplicates, empty):
-            yield from records
-    except ShedError as exc:
-        def reference() -> list[dict]:
-            return normalize_pool(load_rows(source, split), source, fmt, duplicates, empty)
-
-        raise streaming.reference_error(reference, exc) from None
+    """Normalised records `{id, instruction, input, output}` of a pool source, read in chunks: the same records
+    and errors as normalize_pool(load_rows(source))."""
+    pool = PoolNormalizer(source, fmt, duplicates, empty)
+    for rows in iter_rows(source, split, chunk_size or streaming.CHUNK):
+        yield from pool.add_rows(rows)
+    pool.finish()
 
 
 def exclude(dev: list[dict], sources: list[str]) -> list[dict]:
