@@ -3,6 +3,7 @@
     python benchmarks/scale.py --records 10000 --backends torch,onnx,onnx-int8,openvino,static
     python benchmarks/scale.py --records 1000000 --backends static
     python benchmarks/scale.py --compare          # the embedding backends on the 5,000 Alpaca records
+    python benchmarks/scale.py --from-json docs/results/scale.jsonl --markdown docs/results/scale.md
 
 Pipeline mode: a pool of --records records is generated from the Alpaca records of
 <shared>/data/instruction_pools/alpaca_5000.json (read in place, never copied into the repository):
@@ -34,6 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import tables  # benchmarks/, the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -254,6 +257,30 @@ def compare(args) -> dict:
     return result
 
 
+def markdown(results: list[dict], source: str | None) -> str:
+    """Pipeline-mode runs (one JSON line each) as one table: a row per pool size and backend."""
+    head, origin = tables.header("scale.py", source)
+    lines = head + [
+        f"Source: {origin}. Pools generated from the Alpaca records (perturbed copies), C = clusters, FAISS k-means; "
+        "seconds are wall time (CPU seconds in brackets), memory the stage's peak resident set.", "",
+        "| records | backend | C | prepare s | embed s | records/s (embed) | cluster s | sample s | total s | "
+        "peak MB | load average |",
+        "|" + "---|" * 11]
+    for r in results:
+        if r.get("benchmark") != "scale":
+            continue
+        prep = r["stages"]["prepare"]
+        for backend, s in r["stages"].items():
+            if backend == "prepare":
+                continue
+            cell = lambda x: f"{x['s']:g} ({x['cpu_s']:g})"  # noqa: E731
+            lines.append(f"| {r['records']:,} | {backend} | {s['cluster']['clusters']:,} | {cell(prep)} | "
+                         f"{cell(s['embed'])} | {s['embed']['records_per_s']:g} | {cell(s['cluster'])} | "
+                         f"{cell(s['sample'])} | {s['total_s']:g} | {s['peak_mb']:,} | "
+                         f"{', '.join(f'{x:g}' for x in r.get('load_average', []))} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=10_000)
@@ -270,7 +297,13 @@ def main() -> None:
                         help="where pools and workspaces go (outside the repository)")
     parser.add_argument("--keep", action="store_true", help="keep each backend's embeddings")
     parser.add_argument("--pinned", action="store_true", help="stages run with SHED_PIN_KERNELS=1 (see shed.env)")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the result table as Markdown")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="render the table of the pipeline runs saved in FILE, one JSON line each; run nothing")
     args = parser.parse_args()
+    if args.from_json:
+        tables.write_markdown(markdown(tables.read_json_lines(args.from_json), args.from_json), args.markdown)
+        return
     if args.pinned:
         STAGE_ENV["SHED_PIN_KERNELS"] = "1"
     args.backends = [b for b in args.backends.split(",") if b]
@@ -280,6 +313,8 @@ def main() -> None:
     result = compare(args) if args.compare else pipeline(args)
     result["kernels"] = "SHED_PIN_KERNELS=1" if args.pinned else "default (the machine's fastest)"
     print(json.dumps(result))
+    if args.markdown and not args.compare:
+        tables.write_markdown(markdown([result], None), args.markdown)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,15 @@ def read_json_line(path: str) -> dict:
     raise SystemExit(f"{path}: no JSON line found")
 
 
+def read_json_lines(path: str) -> list[dict]:
+    """Every line of `path` that is a JSON object, in order (several saved runs of one benchmark)."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip().startswith("{")]
+    if not rows:
+        raise SystemExit(f"{path}: no JSON line found")
+    return rows
+
+
 def header(script: str, source: str | None) -> tuple[list[str], str]:
     """(the do-not-edit comment naming the command that regenerates the file, the source's name)."""
     origin = f"`{source}`" if source else "the run that wrote this file (FILE: its JSON line)"
