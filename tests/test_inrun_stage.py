@@ -1,6 +1,7 @@
 """shapley.method inrun: the driver (shed.inrun.value_runs, CreditCallback) against plain autograd, and
 the stage as a process: the retrain contract's outputs, determinism, SIGKILL then resume."""
 
+import copy
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -81,12 +83,14 @@ class Reference:
     def __init__(self, trainer, players):
         self.trainer, self.players = trainer, players
         self.terms, self.clipped = [], []
+        self.examples, self.questions = [], []  # per step: lr · clip · ∇ℓ_i, and ∇ℓ(q)
 
     def before_step(self, step, batches, lr):
         model = self.trainer.model
         (batch,) = batches
-        rows = [(batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist(),
-                 batch["labels"][i][batch["attention_mask"][i].bool()].tolist()) for i in range(len(batch["input_ids"]))]
+        keep = batch["attention_mask"].bool()
+        rows = [(batch["input_ids"][i][keep[i]].tolist(), batch["labels"][i][keep[i]].tolist())
+                for i in range(len(batch["input_ids"]))]
         total = sum(sum(1 for x in lab[1:] if x != -100) for _, lab in rows)
         per_example = torch.stack([flat_grad(model, row_nll(model, ids, lab) / total) for ids, lab in rows])
         dev_rows = inrun.dev_rows(self.trainer.tokenizer, QUESTIONS)
@@ -96,18 +100,22 @@ class Reference:
         clip = min(1.0, TRAIN.max_grad_norm / (norm + 1e-6))
         self.clipped.append(clip < 1)
         self.terms.append((lr * clip * (per_example @ per_question.T)).numpy())
+        self.examples.append(lr * clip * per_example)
+        self.questions.append(per_question)
 
     def after_step(self, step, loss, lr):
         pass
 
 
 class Both:
+    """Several callbacks as one; before_step hands the trainer the first step gradient one of them returns."""
+
     def __init__(self, *callbacks):
         self.callbacks = callbacks
 
     def before_step(self, *args):
-        for c in self.callbacks:
-            c.before_step(*args)
+        given = [c.before_step(*args) for c in self.callbacks]
+        return next((g for g in given if g is not None), None)
 
     def after_step(self, *args):
         for c in self.callbacks:
@@ -117,8 +125,8 @@ class Both:
 def test_a_runs_credits_add_up_to_the_sum_of_its_steps_first_order_terms(trainer, dev, monkeypatch):
     reference = Reference(trainer, PLAYERS)
     fit = trainer.fit
-    monkeypatch.setattr(trainer, "fit", lambda records, seed, progress=None, callback=None:
-                        fit(records, seed, progress, Both(reference, callback)))
+    monkeypatch.setattr(trainer, "fit", lambda records, seed, progress=None, callback=None, **kw:
+                        fit(records, seed, progress, Both(reference, callback), **kw))
     credits = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=1)
     (summary,) = inrun.value_runs(trainer, RECORDS, PLAYERS, dev, credits, [0])
     assert summary.steps == len(reference.terms) == 6 and credits.steps[0] == 6
@@ -157,8 +165,8 @@ def test_the_adam_direction_credits_the_first_step_with_adams_own_update(trainer
                 seen["credits"] = credits.totals[0].sum(0).copy()
 
     fit = trainer.fit
-    monkeypatch.setattr(trainer, "fit", lambda records, seed, progress=None, callback=None:
-                        fit(records, seed, progress, Both(callback, Watch())))
+    monkeypatch.setattr(trainer, "fit", lambda records, seed, progress=None, callback=None, **kw:
+                        fit(records, seed, progress, Both(callback, Watch()), **kw))
     credits = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=1)
     inrun.value_runs(trainer, RECORDS, PLAYERS, dev, credits, [0], direction="adam")
     change = (seen["dev"] @ (seen["before"] - seen["after"])).numpy()  # the first-order drop of each loss
@@ -232,6 +240,134 @@ def test_a_run_depends_on_its_index_alone(trainer, dev):
     assert np.array_equal(back.totals, alone.totals) and np.array_equal(back.steps, alone.steps)
 
 
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in inrun.lora_parameters(model)}
+
+
+def test_a_credited_fit_takes_one_pass_per_step_and_trains_the_plain_fits_adapter(trainer, dev, monkeypatch):
+    """The credit pass's per-example gradients sum to the step's gradient, which the trainer applies instead
+    of its own backward: the adapter is the plain fit's up to float32 rounding (Hugging Face's loss takes
+    the logits in float32; the credit pass in the model's float64)."""
+    trainer.fit(RECORDS, seed=0)
+    plain = lora_state(trainer.model)
+    passes = []
+    backward = trainer.backward
+    monkeypatch.setattr(trainer, "backward", lambda *a, **kw: passes.append(1) or backward(*a, **kw))
+    credits = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=1)
+    (summary,) = inrun.value_runs(trainer, RECORDS, PLAYERS, dev, credits, [0])
+    assert passes == [] and summary.steps == 6  # no step ran the trainer's own forward/backward
+    credited = lora_state(trainer.model)
+    scale = max(float(v.abs().max()) for v in plain.values())
+    assert all(torch.allclose(credited[n], plain[n], rtol=0, atol=1e-6 * scale) for n in plain)
+    # A callback returning nothing leaves every step to the trainer: the plain fit, bit for bit.
+    trainer.fit(RECORDS, seed=0, callback=Both())
+    assert len(passes) == 6 and all(torch.equal(v, plain[n]) for n, v in lora_state(trainer.model).items())
+
+
+@pytest.mark.parametrize("direction, dev_every, stop_at", [("sgd", 1, 2), ("adam", 1, 3), ("sgd", 4, 3),
+                                                             ("sgd", 4, 4)])
+def test_a_run_killed_mid_run_resumes_from_its_checkpoint_bit_for_bit(trainer, dev, direction, dev_every, stop_at):
+    """value_runs killed after `stop_at` of run 1's 6 steps, resumed by a fresh trainer and accumulator from the
+    saved state (through safetensors and JSON): the uninterrupted run's credits, summary and adapter, bit for
+    bit. dev_every 4 stopped at 3 carries the held dev gradients; stopped at 4 it need not (step 4 refreshes)."""
+    from test_trainer import Kept, Killed
+
+    whole = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=2)
+    (expected,) = inrun.value_runs(trainer, RECORDS, PLAYERS, dev, whole, [1], direction=direction,
+                                   dev_every=dev_every)
+    adapter = lora_state(trainer.model)
+
+    kept = Kept(stop_at=stop_at)
+    killed = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=2)
+    with pytest.raises(Killed):
+        inrun.value_runs(trainer, RECORDS, PLAYERS, dev, killed, [1], direction=direction, dev_every=dev_every,
+                         checkpoints=lambda run: kept)
+    held = any(k.startswith("callback/dev_grads/") for k in kept.state["tensors"])
+    assert held == (dev_every > 1 and stop_at % dev_every != 0)
+
+    torch.manual_seed(99)
+    fresh = copy.deepcopy(trainer)
+    resumed = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=2)
+    (summary,) = inrun.value_runs(fresh, RECORDS, PLAYERS, dev, resumed, [1], direction=direction,
+                                  dev_every=dev_every, checkpoints=lambda run: Kept(state=kept.state))
+    assert summary.resumed_from == stop_at and expected.resumed_from == 0
+    assert np.array_equal(resumed.totals, whole.totals) and np.array_equal(resumed.steps, whole.steps)
+    for field in ("dev_before", "dev_after", "first_order"):
+        assert np.array_equal(getattr(summary, field), getattr(expected, field)), field
+    assert summary.train_loss == expected.train_loss and summary.steps == expected.steps
+    assert all(torch.equal(v, adapter[n]) for n, v in lora_state(fresh.model).items())
+
+
+def test_dev_every_reuses_the_dev_gradients_of_its_last_refresh(trainer, dev, monkeypatch):
+    """dev_every 3 over 6 steps: steps 0 and 3 take the dev gradients afresh (the credits of dev_every 1),
+    steps 1, 2, 4, 5 contract their own training gradients with the dev gradients held since (by plain
+    autograd: lr · clip · ⟨∇ℓ_i(θ_t), ∇ℓ(q; θ_refresh)⟩); the training itself does not depend on it."""
+    reference = Reference(trainer, PLAYERS)
+    fit = trainer.fit
+    monkeypatch.setattr(trainer, "fit", lambda records, seed, progress=None, callback=None, **kw:
+                        fit(records, seed, progress, Both(reference, callback), **kw))
+
+    def per_step(dev_every: int) -> tuple[list[np.ndarray], dict]:
+        acc = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=1)
+        seen = []
+        add = acc.add
+        monkeypatch.setattr(acc, "add", lambda run, who, c: seen.append(c.copy()) or add(run, who, c))
+        inrun.value_runs(trainer, RECORDS, PLAYERS, dev, acc, [0], dev_every=dev_every)
+        return seen, lora_state(trainer.model)
+
+    every, adapter = per_step(1)
+    reference.examples, reference.questions = [], []
+    held, held_adapter = per_step(3)
+    assert len(held) == len(reference.examples) == 6
+    assert all(torch.equal(held_adapter[n], adapter[n]) for n in adapter)
+    for step, (a, b) in enumerate(zip(every, held)):
+        scale = np.abs(a).max()
+        assert scale > 0
+        assert np.allclose(a, b, rtol=0, atol=1e-12 * scale) == (step % 3 == 0), step
+        refreshed = step - step % 3
+        expected = (reference.examples[step] @ reference.questions[refreshed].T).numpy()
+        assert np.allclose(b, expected, rtol=1e-9, atol=1e-12 * scale), step
+    with pytest.raises(ValueError, match="dev_every"):
+        inrun.CreditCallback(trainer.model, dev, inrun.InRunCredits(PLAYERS, 3, 1), 0, [], 1.0, dev_every=0)
+
+
+def test_holding_the_dev_gradients_past_the_bound_is_refused_in_one_line(trainer, dev):
+    parameters = sum(p.numel() for _, p in inrun.lora_parameters(trainer.model))
+    need = len(QUESTIONS) * parameters * 8  # the float64 test adapter; 4 bytes a value for the fp32 one
+    assert inrun.held_dev_problem(trainer.model, len(QUESTIONS), 1, bound=0) is None  # streamed: nothing held
+    assert inrun.held_dev_problem(trainer.model, len(QUESTIONS), 5, bound=need) is None
+    problem = inrun.held_dev_problem(trainer.model, len(QUESTIONS), 5, bound=need - 1)
+    assert problem.startswith(f"5 holds every dev question's LoRA gradient, 3 questions x {parameters:,} parameters")
+    assert "\n" not in problem and "dev_every 1" in problem
+
+
+def test_the_run_stores_mid_run_state_is_used_only_whole_and_in_its_own_context(tmp_path, caplog):
+    from shed.stages.shapley import RunStore
+
+    state = {"tensors": {"adapter/w": torch.arange(6.0).reshape(2, 3), "rng/cpu": torch.get_rng_state()},
+             "meta": {"step": 3, "seed": 1}}
+    store = RunStore(tmp_path, "aaaa")
+    assert store.load_partial(0) is None
+    store.save_partial(0, state)
+    store.save_partial(0, {**state, "meta": {"step": 4, "seed": 1}})
+    assert [p.name for p in sorted(store.dir.glob("run-0000.partial.*"))] == [
+        "run-0000.partial.000004.safetensors", "run-0000.partial.json"]  # the older tensors went
+    back = store.load_partial(0)
+    assert back["meta"] == {"step": 4, "seed": 1}
+    assert torch.equal(back["tensors"]["adapter/w"], state["tensors"]["adapter/w"])
+    assert store.load_partial(1) is None
+    # Copied into another context's folder it is not used; nor with its tensors damaged.
+    other = RunStore(tmp_path, "bbbb")
+    for path in store.dir.glob("run-0000.partial.*"):
+        shutil.copy(path, other.dir / path.name)
+    assert other.load_partial(0) is None and "another context" in caplog.text
+    tensors = store.dir / "run-0000.partial.000004.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-4])
+    assert store.load_partial(0) is None and "sha256" in caplog.text
+    store.drop_partial(0)
+    assert not list(store.dir.glob("run-0000.partial*"))
+
+
 def test_inrun_takes_only_the_loglik_value(tmp_path):
     for value in ("choice_logprob", "accuracy"):
         path = tmp_path / "params.yaml"
@@ -276,7 +412,29 @@ def metrics(ws: Path) -> dict:
 
 
 def finished_runs(ws: Path) -> list[Path]:
-    return sorted((ws / "data/shapley_jobs/inrun").glob("*/run-*.json"))
+    return sorted((ws / "data/shapley_jobs/inrun").glob("*/run-[0-9][0-9][0-9][0-9].json"))
+
+
+def mid_run_checkpoints(ws: Path) -> list[dict]:
+    """The run-NNNN.partial.json files there are (a run in progress), read; one replaced while read is skipped."""
+    out = []
+    for path in sorted((ws / "data/shapley_jobs/inrun").glob("*/run-*.partial.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+    return out
+
+
+def kill_when(ws: Path, ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Start the shapley stage in `ws` and SIGKILL it as soon as `ready()` holds (polled every 5 ms)."""
+    proc = subprocess.Popen([sys.executable, "-m", "shed", "shapley"], cwd=ws, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -347,13 +505,7 @@ def test_sigkill_mid_stage_then_rerun_gives_identical_scores_and_reuses_finished
     shed(reference, "shapley")
 
     set_params(ws, **slow)
-    proc = subprocess.Popen([sys.executable, "-m", "shed", "shapley"], cwd=ws, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not finished_runs(ws) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(ws, lambda: bool(finished_runs(ws)))
     finished = len(finished_runs(ws))
     assert 1 <= finished < 3, "the kill must land mid-stage"
 
@@ -362,6 +514,36 @@ def test_sigkill_mid_stage_then_rerun_gives_identical_scores_and_reuses_finished
     assert metrics(ws)["runs_reused"] == finished and metrics(ws)["runs_run"] == 3 - finished
     assert len(finished_runs(ws)) == 3
     print(f"SIGKILL after {finished} of 3 runs: the rerun reused {finished}, ran {3 - finished}; "
+          "scores.csv byte-identical to an uninterrupted run")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_resumes_at_its_last_checkpoint_and_gives_identical_scores(ws, tmp_path):
+    """checkpoint_seconds 0 checkpoints the run in progress after every step: killed in its first half, the
+    rerun resumes that run at its last checkpoint, not at its start, and ends with the bytes of an
+    uninterrupted run (whose checkpoint_seconds, the default 300, takes no checkpoint at all)."""
+    slow = {"k": 2, "epochs": 12}  # 8 proxies, batch 16: 12 steps a run
+    reference = tmp_path / "reference"
+    shutil.copytree(ws, reference)
+    set_params(reference, **slow)
+    shed(reference, "shapley")
+    assert metrics(reference)["resumed"] == []
+
+    set_params(ws, checkpoint_seconds=0, **slow)
+    kill_when(ws, lambda: any(3 <= c["step"] <= 8 for c in mid_run_checkpoints(ws)))
+    (partial,) = mid_run_checkpoints(ws)
+    assert 3 <= partial["step"] < 12, "the kill must land mid-run, after checkpoints replaced each other"
+    run, step = partial["run"], partial["step"]
+    assert len(finished_runs(ws)) == run  # runs go in order: the ones before it are finished
+
+    shed(ws, "shapley")
+    m = metrics(ws)
+    assert m["resumed"] == [{"run": run, "from_step": step}]
+    assert m["runs_reused"] == run and m["steps_run"] == (12 - step) + 12 * (1 - run)
+    for name in ["data/shapley/scores.csv", "data/shapley/subsets.jsonl"]:
+        assert (ws / name).read_bytes() == (reference / name).read_bytes(), name
+    assert not mid_run_checkpoints(ws) and not list((ws / "data/shapley_jobs/inrun").glob("*/run-*.partial.*"))
+    print(f"SIGKILL in run {run} after its step {step} of 12: the rerun resumed it there; "
           "scores.csv byte-identical to an uninterrupted run")
 
 

@@ -5,6 +5,8 @@ the base model, and the same records and seed give the same adapter bit for bit.
 """
 
 import copy
+import dataclasses
+import json
 import math
 
 import pytest
@@ -217,3 +219,91 @@ def test_progress_counts_every_step(trainer):
 
     result = trainer.fit(RECORDS[:3], seed=0, progress=Progress())
     assert result["steps"] == 1 * TRAIN.epochs and calls == [1] * result["steps"]
+
+
+# --- mid-fit checkpoints -------------------------------------------------------------------------
+
+class Killed(Exception):
+    """Raised by `Kept.save` at its `stop_at` step: the fit ends there, as under a kill."""
+
+
+def through_store(state: dict) -> dict:
+    """A state as the shapley stage stores and reads it back: tensors through safetensors, the rest through JSON."""
+    from safetensors.torch import load, save
+
+    return {"tensors": load(save({k: v.contiguous() for k, v in state["tensors"].items()})),
+            "meta": json.loads(json.dumps(state["meta"]))}
+
+
+class Kept:
+    """A `shed.training.Checkpoint` kept in memory: due after every step; with `stop_at`, the fit is
+    killed right after saving the state of that step."""
+
+    def __init__(self, state: dict | None = None, stop_at: int | None = None):
+        self.state, self.stop_at, self.saved = state, stop_at, []
+
+    def load(self):
+        return self.state
+
+    def due(self, step):
+        return True
+
+    def save(self, state):
+        self.state = through_store(state)
+        self.saved.append(state["meta"]["step"])
+        if state["meta"]["step"] == self.stop_at:
+            raise Killed
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_fit_killed_mid_run_resumes_in_a_fresh_trainer_bit_for_bit(base, dropout):
+    """fit(5 of 16 steps) -> saved state -> a fresh trainer loads it and finishes: the uninterrupted fit's
+    adapter and loss, bit for bit (with LoRA dropout too: the RNG state travels with the checkpoint)."""
+    tokenizer, model = base
+    cfg = dataclasses.replace(TRAIN, lora=dataclasses.replace(TRAIN.lora, dropout=dropout))
+    plain = LoraTrainer(copy.deepcopy(model), tokenizer, cfg)
+    expected = plain.fit(RECORDS, seed=4)
+    assert expected["resumed_from"] == 0
+
+    kept = Kept(stop_at=5)
+    with pytest.raises(Killed):
+        LoraTrainer(copy.deepcopy(model), tokenizer, cfg).fit(RECORDS, seed=4, checkpoint=kept)
+    assert kept.saved == [1, 2, 3, 4, 5] and kept.state["meta"]["step"] == 5
+    torch.manual_seed(1234)  # another process: the global RNG is anywhere
+    fresh = LoraTrainer(copy.deepcopy(model), tokenizer, cfg)
+    calls = []
+
+    class Progress:
+        def update(self, n):
+            calls.append(n)
+
+    again = Kept(state=kept.state)
+    result = fresh.fit(RECORDS, seed=4, progress=Progress(), checkpoint=again)
+    assert result["resumed_from"] == 5 and result["steps"] == expected["steps"] == 16
+    assert sum(calls) == 16 and calls[0] == 5  # the bar starts where the resumed fit does
+    assert result["loss"] == expected["loss"]
+    got, want = lora_state(fresh.model), lora_state(plain.model)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert again.saved == list(range(6, 16))  # it goes on checkpointing, never after the last step
+
+
+def test_a_state_of_another_fit_is_refused(base):
+    tokenizer, model = base
+    kept = Kept(stop_at=2)
+    trainer = LoraTrainer(copy.deepcopy(model), tokenizer, TRAIN)
+    with pytest.raises(Killed):
+        trainer.fit(RECORDS, seed=4, checkpoint=kept)
+    with pytest.raises(ValueError, match="another seed"):
+        trainer.fit(RECORDS, seed=5, checkpoint=Kept(state=kept.state))
+    with pytest.raises(ValueError, match="another"):
+        trainer.fit(RECORDS[:5], seed=4, checkpoint=Kept(state=kept.state))
+
+    class Stateless:
+        def before_step(self, step, batches, lr):
+            return None
+
+        def after_step(self, step, loss, lr):
+            pass
+
+    with pytest.raises(TypeError, match="state"):
+        trainer.fit(RECORDS, seed=4, callback=Stateless(), checkpoint=Kept())

@@ -194,7 +194,8 @@ class ShapleyConfig:
                        "accuracy), accuracy (lm-eval)", choices=("loglik", "choice_logprob", "accuracy"))
     dev_neighbours: int = param(16, "m: each proxy valued on its m nearest dev questions (paper: 0, one game)",
                                 ge=0, zero="whole dev set")
-    workers: int = param(1, "concurrent jobs: processes on CPU, one GPU each (cuda:i), or Ray actors", ge=1)
+    workers: int = param(1, "concurrent jobs: worker processes (on GPUs round robin: cuda:0, cuda:1, ...), "
+                         "or Ray actors", ge=1)
     executor: str = param("local", "where jobs run (ray: pip install 'shed[ray]')", choices=("local", "ray"))
     device: str = param("auto", "auto, cpu, cuda, cuda:<i>, ...")
     dtype: str = param("auto", "model weights' dtype (auto: bf16 on GPU, fp32 on CPU)", choices=DTYPES)
@@ -203,6 +204,12 @@ class ShapleyConfig:
                            choices=("sgd", "adam"))
     dev_chunk: int = param(0, "method inrun: dev questions per gradient pass (bounds memory on a large dev set)",
                            ge=0, zero="all at once")
+    dev_every: int = param(1, "method inrun: steps between refreshes of the dev questions' gradients; 1: every "
+                           "step (the exact first-order credit); N > 1 holds them (n_dev x LoRA parameters x 4 bytes, "
+                           "at most 4 GiB) and reuses them for N steps, TracIn-checkpoint style", ge=1)
+    checkpoint_seconds: int = param(300, "method inrun: seconds between checkpoints of the run in progress (a "
+                                    "killed stage resumes there); the scores do not depend on it",
+                                    ge=0, zero="after every step")
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.method == "inrun" and self.value != "loglik":

@@ -19,7 +19,14 @@ base model. "Ghost" products (Σ_{t,s} (g_{i,t}·g_{q,s})(a_{i,t}·a_{q,s})) wou
 but cost T_i·T_q·(in+out) per pair against r·(in+out) per example here: for LoRA ranks the per-
 example gradient is the smaller object, and having it also allows an elementwise (Adam)
 preconditioner, which ghost products cannot apply. Dev gradients are contracted with the training
-gradients layer by layer as they arrive, so the dev set's gradients are never all held at once.
+gradients layer by layer as they arrive, so the dev set's gradients are never all held at once;
+with `dev_every` N > 1 they are held instead (n_dev x LoRA parameters), refreshed every N steps
+and reused in between (TracIn-checkpoint style: a training step's gradient at θ_t meets the dev
+gradients of θ at the last refresh), which saves N - 1 of every N dev passes.
+
+One pass per step. The training micro-batches' per-example gradients sum to the step's gradient, so
+`CreditCallback.before_step` hands that gradient to `LoraTrainer.fit`, which then skips its own
+forward/backward of the same batch.
 
 Update direction. The default credit uses the plain SGD direction, η_t times the gradient: it is
 what SPEC.md states as exact for SGD (linear in the batch, so a step's credits add up to its
@@ -297,38 +304,90 @@ def step_credits(model, train_batch: Batch, dev_batch: Batch, lr: float, *,
     returned `grad` is the batch gradient, so the loop needs no backward of its own
     (`write_grads(model, step.grad)`, clip, `optimizer.step()`)."""
     train = per_example_grads(model, train_batch, "batch")
-    scaled = _scaled(train.grads, preconditioner)
-    rows = dev_batch["input_ids"].shape[0]
-    dots = torch.zeros((train_batch["input_ids"].shape[0], rows), dtype=torch.float64,
-                       device=train_batch["input_ids"].device)
+    dots, dev_losses = contract_dev(model, _scaled(train.grads, preconditioner), dev_batch, dev_chunk)
+    return StepCredits((lr * dots).cpu().numpy(), train.loss, train.batch_grad, dev_losses)
+
+
+class _EvalMode:
+    """The model in eval mode inside the block (as scoring sees the dev set), every module's mode restored after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in self.modes.items():
+            m.train(mode)
+
+
+def contract_dev(model, rows: Grads, dev_batch: Batch, dev_chunk: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """(dots, dev losses): dots[i, q] = ⟨rows_i, ∇ℓ(q)⟩ (float64, rows x dev questions), with `rows`
+    per-row gradients by parameter name (rows x param shape), and ℓ(q) per question, both at the current
+    parameters in eval mode. One forward/backward of the dev set, `dev_chunk` questions at a time (0:
+    all); each dev gradient is contracted as it arrives, layer by layer, never all held."""
+    n = dev_batch["input_ids"].shape[0]
+    first = next(iter(rows.values()))
+    dots = torch.zeros((first.shape[0], n), dtype=torch.float64, device=first.device)
     dev_losses = []
-    chunk = dev_chunk or rows
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        for start in range(0, rows, chunk):
-            stop = min(start + chunk, rows)
+    chunk = dev_chunk or n
+    with _EvalMode(model):
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
 
             def sink(name: str, g: torch.Tensor, start=start, stop=stop) -> None:
-                dots[:, start:stop] += torch.einsum("ip,qp->iq", scaled[name].flatten(1),
-                                                    g.flatten(1)).double()
+                dots[:, start:stop] += torch.einsum("ip,qp->iq", rows[name].flatten(1), g.flatten(1)).double()
 
             losses, _ = _backward_per_example(model, _rows(dev_batch, start, stop), "example", sink)
             dev_losses.append(losses.double())
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
-    return StepCredits((lr * dots).cpu().numpy(), train.loss, train.batch_grad, torch.cat(dev_losses).cpu().numpy())
+    return dots, torch.cat(dev_losses).cpu().numpy()
 
 
-def batch_gradient(model, batch: Batch) -> Grads:
-    """The gradient of the batch's loss (Hugging Face's mean over its label tokens) with respect to the
-    trainable parameters, in the model's current mode; .grad untouched."""
+def dev_gradients(model, dev_batch: Batch, dev_chunk: int = 0) -> tuple[Grads, np.ndarray]:
+    """(gradients, losses): every dev question's gradient of ℓ(q) by parameter name (questions x param
+    shape), held in full, and ℓ(q) per question; in eval mode, `dev_chunk` questions per pass (0: all)."""
+    n = dev_batch["input_ids"].shape[0]
+    chunk = dev_chunk or n
+    parts: dict[str, list[torch.Tensor]] = {}
+    losses = []
+    with _EvalMode(model):
+        for start in range(0, n, chunk):
+            got = per_example_grads(model, _rows(dev_batch, start, min(start + chunk, n)), "example")
+            for name, g in got.grads.items():
+                parts.setdefault(name, []).append(g)
+            losses.append(got.losses.double())
+    return ({name: torch.cat(p) if len(p) > 1 else p[0] for name, p in parts.items()},
+            torch.cat(losses).cpu().numpy())
+
+
+def held_dots(rows: Grads, held: Grads) -> torch.Tensor:
+    """(rows x dev questions) float64: ⟨rows_i, held_q⟩ summed parameter by parameter, as `contract_dev`
+    sums them, from dev gradients held by `dev_gradients`."""
+    out = None
+    for name, g in rows.items():
+        part = torch.einsum("ip,qp->iq", g.flatten(1), held[name].flatten(1)).double()
+        out = part if out is None else out + part
+    return out
+
+
+# Where shapley.dev_every > 1 holds every dev question's gradient: a stated bound on that memory
+# (host or device), past which the stage refuses rather than run out of memory mid-run.
+HELD_DEV_GRADS_MAX_BYTES = 4 * 2**30
+
+
+def held_dev_problem(model, n_dev: int, dev_every: int, bound: int = HELD_DEV_GRADS_MAX_BYTES) -> str | None:
+    """Why `dev_every` cannot hold the dev gradients (n_dev x LoRA parameters x their element size, 4
+    bytes for the fp32 adapter) within `bound` bytes, in one line; None when it can (or holds none)."""
     named = lora_parameters(model)
-    with torch.enable_grad():
-        loss = _row_losses(model, batch, "batch").sum()
-        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)}
+    held = n_dev * sum(p.numel() * p.element_size() for _, p in named)
+    if dev_every == 1 or held <= bound:
+        return None
+    parameters = sum(p.numel() for _, p in named)
+    return (f"{dev_every} holds every dev question's LoRA gradient, {n_dev} questions x {parameters:,} parameters x "
+            f"{named[0][1].element_size()} bytes = {held / 2**30:.2f} GiB, over the bound of {bound / 2**30:.2f} GiB: "
+            "use dev_every 1 (streamed, never held) or fewer dev questions")
 
 
 def write_grads(model, grad: Grads) -> None:
@@ -453,14 +512,9 @@ def dev_losses(model, dev_batch: Batch, dev_chunk: int = 0) -> np.ndarray:
     per-question gold_loglik), float64; the modes are restored after."""
     rows = dev_batch["input_ids"].shape[0]
     chunk = dev_chunk or rows
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with _EvalMode(model):
         out = [_row_losses(model, _rows(dev_batch, s, min(s + chunk, rows)), "example").double()
                for s in range(0, rows, chunk)]
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
     return torch.cat(out).cpu().numpy()
 
 
@@ -478,43 +532,55 @@ class RunSummary:
     dev_after: np.ndarray  # ℓ(q; θ_T) per dev question, after the last step
     first_order: np.ndarray  # Σ_steps Σ_examples credits per dev question: the first-order prediction of
     #                          dev_before - dev_after (the drop of each question's loss over the run)
+    resumed_from: int = 0  # the step the fit resumed at from a mid-run checkpoint (0: from the start)
 
 
 class CreditCallback:
     """`LoraTrainer.fit`'s callback for run `run`: before each update, each example's credit per dev
-    question at θ_t, added to `credits` under its player.
+    question at θ_t, added to `credits` under its player; it returns the step's loss and gradient, so
+    the trainer takes no second pass over the batch.
 
     The credit of example i at step t is `η_t · c_t · ⟨∇ℓ_i, ∇ℓ(q)⟩` (SGD direction): η_t the
     scheduler's learning rate of the step, c_t the step's gradient-clipping coefficient (computed from
     the step's full gradient, the token-weighted sum of its micro-batches' gradients), ℓ_i example i's
     share of the step's loss. With gradient accumulation the step's loss is the mean over all its
-    micro-batches' label tokens, so a micro-batch's credits (normalised over its own tokens by
-    `step_credits`) are weighted by its share of the step's label tokens; with one micro-batch (the
-    default) the weight is 1. A step's credits add up to the first-order change of each question's
-    loss along the clipped SGD step `-η_t c_t ∇L_batch`.
+    micro-batches' label tokens, so a micro-batch's per-example gradients (normalised over its own
+    tokens) are weighted by its share of the step's label tokens; with one micro-batch (the default)
+    the weight is 1. A step's credits add up to the first-order change of each question's loss along
+    the clipped SGD step `-η_t c_t ∇L_batch`.
 
     `adam=(beta2, eps)` credits along Adam's direction instead (LESS-style, `adam_preconditioner`):
     each example's gradient divided elementwise by the optimizer's bias-corrected second moment at
     this step, `1/(sqrt(v̂_t)+ε)`, momentum left out. The callback sees no optimizer, so it keeps its
-    own copy of v from the steps' clipped full gradients (what Adam accumulates), at the price of one
-    more forward/backward of the training batch per step (the preconditioner must be known before the
-    dev gradients are contracted). A step's credits then add up to the first-order change along
-    `-η_t P_t ⊙ c_t ∇L_batch`, the update of an Adam with β1 = 0 (at the first step, Adam's own).
+    own copy of v from the steps' clipped full gradients (what Adam accumulates). A step's credits
+    then add up to the first-order change along `-η_t P_t ⊙ c_t ∇L_batch`, the update of an Adam with
+    β1 = 0 (at the first step, Adam's own).
+
+    `dev_every` N: the dev questions' gradients are taken at every step (N = 1, streamed, never all
+    held) or held and refreshed at steps 0, N, 2N, ... (`dev_gradients`, n_dev x LoRA parameters).
 
     `step_players[t][m]` lists the players of step t's micro-batch m row by row (from the trainer's
     own `schedule`); `step_rows[t][m]`, if given, their token ids, checked against the batches the
-    trainer passes, so that a credit can never land on the wrong player."""
+    trainer passes, so that a credit can never land on the wrong player.
+
+    `state()` / `load_state(state)` carry it through a mid-run checkpoint (`LoraTrainer.fit`): this
+    run's credits so far, the first-order sums, the dev losses before the run, the Adam copy, and the
+    held dev gradients when the next step reuses them."""
 
     def __init__(self, model, dev_batch: Batch, credits: InRunCredits, run: int,
                  step_players: list[list[list[Player]]], max_grad_norm: float, *,
                  step_rows: list[list[list[list[int]]]] | None = None, dev_chunk: int = 0,
-                 adam: tuple[float, float] | None = None):
+                 adam: tuple[float, float] | None = None, dev_every: int = 1):
+        if dev_every < 1:
+            raise ValueError(f"dev_every must be at least 1, not {dev_every}")
         self.model, self.dev_batch, self.credits, self.run = model, dev_batch, credits, run
         self.step_players, self.step_rows = step_players, step_rows
         self.max_grad_norm, self.dev_chunk = max_grad_norm, dev_chunk
-        self.adam = adam
+        self.adam, self.dev_every = adam, dev_every
         self.exp_avg_sq: Grads = {}
         self.adam_steps = 0
+        self.held: Grads | None = None  # dev gradients from step held_step (dev_every > 1)
+        self.held_step = -1
         self.seconds = 0.0
         self.dev_before: np.ndarray | None = None
         self.first_order = np.zeros(credits.n_dev)
@@ -524,8 +590,9 @@ class CreditCallback:
     def _check(self, step: int, batches: list[Batch]) -> None:
         players = self.step_players[step]
         if len(batches) != len(players) or any(b["input_ids"].shape[0] != len(p) for b, p in zip(batches, players)):
+            got = [b["input_ids"].shape[0] for b in batches]
             raise RuntimeError(f"in-run credits: step {step}'s batches do not match the trainer's schedule "
-                               f"({[b['input_ids'].shape[0] for b in batches]} rows, expected {[len(p) for p in players]})")
+                               f"({got} rows, expected {[len(p) for p in players]})")
         if self.step_rows is None:
             return
         for m, (batch, rows) in enumerate(zip(batches, self.step_rows[step])):
@@ -535,14 +602,9 @@ class CreditCallback:
                     raise RuntimeError(f"in-run credits: step {step}, micro-batch {m}, row {j} is not the record "
                                        "the trainer's schedule puts there")
 
-    def _adam_preconditioner(self, batches: list[Batch], shares: list[float]) -> Grads:
+    def _adam_preconditioner(self, grad: Grads, coefficient: float) -> Grads:
         """1/(sqrt(v̂_t)+ε) with v_t = β2 v_{t-1} + (1-β2) g_t², g_t the step's clipped full gradient."""
         beta2, eps = self.adam
-        grad: Grads = {}
-        for batch, share in zip(batches, shares):
-            for name, g in batch_gradient(self.model, batch).items():
-                grad[name] = grad[name] + share * g if name in grad else share * g
-        coefficient = clip_coefficient(grad, self.max_grad_norm)
         self.adam_steps += 1
         out = {}
         for name, g in grad.items():
@@ -552,29 +614,45 @@ class CreditCallback:
             out[name] = 1.0 / ((v / (1 - beta2 ** self.adam_steps)).sqrt() + eps)
         return out
 
-    def before_step(self, step: int, batches: list[Batch], lr: float) -> None:
+    def before_step(self, step: int, batches: list[Batch], lr: float) -> tuple[float, Grads] | None:
         start = time.perf_counter()
         self._check(step, batches)
         tokens = [int(response_tokens(b).sum()) for b in batches]
         total = max(sum(tokens), 1)
         shares = [n / total for n in tokens]
-        preconditioner = self._adam_preconditioner(batches, shares) if self.adam else None
-        parts, players, grad, loss = [], [], {}, 0.0
-        for batch, who, share in zip(batches, self.step_players[step], shares):
-            s = step_credits(self.model, batch, self.dev_batch, 1.0, preconditioner=preconditioner,
-                             dev_chunk=self.dev_chunk)
-            parts.append(s.credits * share)
-            players.extend(who)
-            for name, g in s.grad.items():
+        trains = [per_example_grads(self.model, batch, "batch") for batch in batches]
+        grad, loss = {}, 0.0
+        for train, share in zip(trains, shares):
+            for name, g in train.batch_grad.items():
                 grad[name] = grad[name] + share * g if name in grad else share * g
-            loss += share * s.loss
-            if self.dev_before is None:
-                self.dev_before = s.dev_losses
-        step_credits_ = np.concatenate(parts) * (lr * clip_coefficient(grad, self.max_grad_norm))
+            loss += share * train.loss
+        coefficient = clip_coefficient(grad, self.max_grad_norm)
+        # The Adam preconditioner needs the whole step's gradient, so every micro-batch's per-example
+        # gradients are taken first and the dev set is contracted once per step, not once per micro-batch.
+        preconditioner = self._adam_preconditioner(grad, coefficient) if self.adam else None
+        rows = _scaled({name: torch.cat([share * t.grads[name] for t, share in zip(trains, shares)])
+                        for name in grad}, preconditioner)
+        dev_losses = None
+        if self.dev_every == 1:
+            dots, dev_losses = contract_dev(self.model, rows, self.dev_batch, self.dev_chunk)
+        else:
+            if step % self.dev_every == 0:
+                self.held, dev_losses = dev_gradients(self.model, self.dev_batch, self.dev_chunk)
+                self.held_step = step
+            elif self.held is None:
+                raise RuntimeError(f"in-run credits: step {step} reuses dev gradients that were never taken "
+                                   "(a resumed state without them)")
+            dots = held_dots(rows, self.held)
+        if self.dev_before is None and dev_losses is not None:
+            self.dev_before = dev_losses
+        players = [p for who in self.step_players[step] for p in who]
+        step_credits_ = dots.cpu().numpy() * (lr * coefficient)
         self.credits.add(self.run, players, step_credits_)
         self.first_order += step_credits_.sum(0)
         self.expected_loss = loss
         self.seconds += time.perf_counter() - start
+        # A step without label tokens is left to the trainer, which treats it its own way.
+        return (loss, grad) if sum(tokens) else None
 
     def after_step(self, step: int, loss: float, lr: float) -> None:
         # The trainer's step loss must be the one the credits were normalised to: a mismatch (another
@@ -583,6 +661,40 @@ class CreditCallback:
         if self.expected_loss is not None and self.loss_mismatch is None \
                 and abs(loss - self.expected_loss) > 1e-2 * max(1.0, abs(self.expected_loss)):
             self.loss_mismatch = (step, loss, self.expected_loss)
+        self.expected_loss = None
+
+    def state(self) -> dict:
+        """{"tensors": name -> tensor, "meta": JSON-able}, between two steps (see the class docstring)."""
+        steps = int(self.credits.steps[self.run])  # steps credited so far: the next step's index
+        tensors = {"totals": torch.from_numpy(self.credits.totals[self.run].copy()),
+                   "first_order": torch.from_numpy(self.first_order.copy())}
+        if self.dev_before is not None:
+            tensors["dev_before"] = torch.from_numpy(self.dev_before.copy())
+        tensors.update({f"exp_avg_sq/{n}": v.detach().clone() for n, v in self.exp_avg_sq.items()})
+        # Held dev gradients only when the next step reuses them: a refresh step takes them anew anyway.
+        if self.held is not None and steps % self.dev_every:
+            tensors.update({f"dev_grads/{n}": g for n, g in self.held.items()})
+        meta = {"run": self.run, "steps": steps, "players": len(self.credits.players), "n_dev": self.credits.n_dev,
+                "dev_every": self.dev_every, "held_step": self.held_step, "adam_steps": self.adam_steps,
+                "seconds": self.seconds, "loss_mismatch": list(self.loss_mismatch) if self.loss_mismatch else None}
+        return {"tensors": tensors, "meta": meta}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from `state()`'s state: this run's credits so far go back into `credits`."""
+        tensors, meta = state["tensors"], state["meta"]
+        if (meta["run"], meta["players"], meta["n_dev"], meta["dev_every"]) != \
+                (self.run, len(self.credits.players), self.credits.n_dev, self.dev_every):
+            raise ValueError("in-run credits: the checkpoint is of another run, players, dev set or dev_every")
+        device = lora_parameters(self.model)[0][1].device
+        self.credits.totals[self.run] = tensors["totals"].numpy()
+        self.credits.steps[self.run] = meta["steps"]
+        self.first_order = tensors["first_order"].numpy().copy()
+        self.dev_before = tensors["dev_before"].numpy().copy() if "dev_before" in tensors else None
+        self.exp_avg_sq = {k.split("/", 1)[1]: v.to(device) for k, v in tensors.items() if k.startswith("exp_avg_sq/")}
+        held = {k.split("/", 1)[1]: v.to(device) for k, v in tensors.items() if k.startswith("dev_grads/")}
+        self.held, self.held_step = held or None, meta["held_step"]
+        self.adam_steps, self.seconds = meta["adam_steps"], meta["seconds"]
+        self.loss_mismatch = tuple(meta["loss_mismatch"]) if meta["loss_mismatch"] else None
         self.expected_loss = None
 
 
@@ -605,13 +717,16 @@ def adam_settings(trainer) -> tuple[float, float]:
 
 
 def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batch: Batch, credits: InRunCredits,
-               runs: Sequence[int], *, direction: str = "sgd", dev_chunk: int = 0, progress=None,
-               on_run: Callable[[RunSummary], None] | None = None) -> list[RunSummary]:
+               runs: Sequence[int], *, direction: str = "sgd", dev_chunk: int = 0, dev_every: int = 1, progress=None,
+               on_run: Callable[[RunSummary], None] | None = None,
+               checkpoints: Callable[[int], object] | None = None) -> list[RunSummary]:
     """In-run valuation: for each run r in `runs`, one `trainer.fit` on all `records` (the proxies;
     records[i] is players[i]'s) with seed `run_seed(trainer.cfg.seed, r)`, credited step by step into
     `credits` run r (cleared first). direction: "sgd" (the plain gradient, default) or "adam" (Adam's
-    preconditioned one); see `CreditCallback`. `on_run(summary)` is called after each completed run
-    (the stage checkpoints there). `progress`: a tqdm-like bar, updated once per step. No file I/O."""
+    preconditioned one); dev_every: steps between refreshes of the dev gradients; see `CreditCallback`.
+    `checkpoints(r)`, if given, is run r's mid-run checkpoint (`training.Checkpoint`): a run it holds a
+    state of resumes there. `on_run(summary)` is called after each completed run (the stage saves the
+    run there). `progress`: a tqdm-like bar, updated once per step. No file I/O."""
     if len(records) != len(players):
         raise ValueError("records and players must pair up")
     if direction not in DIRECTIONS:
@@ -625,10 +740,14 @@ def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batc
         step_rows = [[[trainer.encode(records[i])[0] for i in micro] for micro in step] for step in schedule]
         credits.clear_run(run)
         callback = CreditCallback(trainer.model, dev_batch, credits, run, step_players, trainer.cfg.max_grad_norm,
-                                  step_rows=step_rows, dev_chunk=dev_chunk, adam=adam)
+                                  step_rows=step_rows, dev_chunk=dev_chunk, adam=adam, dev_every=dev_every)
         if progress is not None and hasattr(progress, "set_postfix"):
             progress.set_postfix(run=run)
-        fit = trainer.fit(records, seed=seed, progress=progress, callback=callback)
+        fit = trainer.fit(records, seed=seed, progress=progress, callback=callback,
+                          checkpoint=checkpoints(run) if checkpoints is not None else None)
+        if fit["resumed_from"]:
+            log.info("in-run run %d resumed from its mid-run checkpoint at step %d of %d", run, fit["resumed_from"],
+                     fit["steps"])
         if callback.loss_mismatch is not None:
             step, got, expected = callback.loss_mismatch
             log.warning("in-run credits, run %d: the trainer's step %d loss %.6g is not the credited batches' "
@@ -638,7 +757,7 @@ def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batc
             raise RuntimeError(f"in-run credits: {int(credits.steps[run])} steps credited, the fit took {fit['steps']}")
         summary = RunSummary(run, seed, fit["steps"], fit["loss"], fit["seconds"], callback.seconds,
                              callback.dev_before, dev_losses(trainer.model, dev_batch, dev_chunk),
-                             callback.first_order)
+                             callback.first_order, fit["resumed_from"])
         out.append(summary)
         if on_run is not None:
             on_run(summary)

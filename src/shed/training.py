@@ -17,15 +17,23 @@ The recipe (train.* in params.yaml) in the loop's terms:
   optimizer states fp32, forward passes under autocast to a half-precision base's dtype.
 - `gradient_checkpointing`: non-reentrant activation checkpointing of each decoder layer; the
   backward recomputes each layer's forward (module forward hooks do not fire again in the recompute).
+
+Mid-fit checkpoints (`fit(checkpoint=...)`): the loop hands its whole state to a caller-supplied object
+between steps and can pick it up again in a fresh process, ending with the same adapter bit for bit.
+The state is plain tensors plus JSON-able metadata (`fit_state`), so the caller stores it without
+pickle; this module does no file I/O.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import json
 import math
 import time
 from fractions import Fraction
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -65,6 +73,31 @@ def step_weights(batches: list[dict[str, torch.Tensor]]) -> list[float]:
     tokens = [label_tokens(b) for b in batches]
     total = sum(tokens)
     return [n / total if total else 0.0 for n in tokens]
+
+
+class Checkpoint(Protocol):
+    """What `LoraTrainer.fit(checkpoint=...)` needs from its caller, who does the storing.
+
+    A state is `{"tensors": {name: tensor}, "meta": {JSON-able}}` (see `LoraTrainer.fit`)."""
+
+    def load(self) -> dict | None:
+        """The state saved earlier for this very fit, or None to start from its first step."""
+
+    def save(self, state: dict) -> None:
+        """Keep `state` (replacing any earlier one)."""
+
+    def due(self, step: int) -> bool:
+        """Whether to save now, with `step` steps taken (the next step's index)."""
+
+
+STATE_VERSION = 1
+
+
+def schedule_digest(records: list[dict], steps: list[list[list[int]]]) -> str:
+    """A fingerprint of a fit's data order (record ids per micro-batch per step): a saved state
+    belongs to one fit, and resuming another from it would silently mix two trainings."""
+    ids = [[[records[i]["id"] for i in micro] for micro in step] for step in steps]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
 
 
 class LoraTrainer:
@@ -204,34 +237,69 @@ class LoraTrainer:
             total += loss.item()
         return total if any(weights) else float("nan")
 
-    def fit(self, records: list[dict], seed: int, progress=None, callback=None) -> dict:
+    def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The adapter's parameters by name, in model order (what the optimizer trains)."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def fit(self, records: list[dict], seed: int, progress=None, callback=None, checkpoint: Checkpoint | None = None
+            ) -> dict:
         """Reset the adapter from `seed` and train it on `records`. Empty records: the base model.
 
         `callback.before_step(step, batches, lr)`, if given, sees each step's micro-batches (tensors)
         and learning rate with the model still at the parameters the step's gradients are taken at;
         `callback.after_step(step, loss, lr)` sees the step's training loss once it is applied. The
         step's loss (and gradient) is the `step_weights`-weighted sum over its micro-batches.
+        `before_step` may return `(loss, grad)`: the step's loss and its gradient by parameter name
+        (`trainable`), the token-weighted sum of its micro-batches' gradients. The loop then takes that
+        gradient as the step's and runs no forward/backward of its own (without a GradScaler only: a
+        scaled backward is another gradient); it returns None to leave the step to the loop.
+
+        `checkpoint` (`Checkpoint`): its `load()` state, if any, resumes the fit at the step after it;
+        after each step but the last, `due(steps taken)` asks whether to `save` the state:
+        `{"tensors": {...}, "meta": {...}}` holding the adapter, AdamW's state, the scheduler's, the
+        GradScaler's, the torch RNG states (CPU, and the device's on CUDA), the losses so far, the
+        next step's index and, from `callback.state()`, the callback's own (restored by
+        `callback.load_state(state)`). A resumed fit ends as the uninterrupted one would, bit for bit.
+        Returns {"steps", "loss" (mean over the last epoch), "seconds" (this call's and the resumed
+        state's), "resumed_from" (the first step this call took)}.
         """
         start = time.perf_counter()
         self.reset(seed)
         self.model.eval()
         if not records:
-            return {"steps": 0, "loss": float("nan"), "seconds": 0.0}
+            return {"steps": 0, "loss": float("nan"), "seconds": 0.0, "resumed_from": 0}
+        if checkpoint is not None and callback is not None \
+                and not (hasattr(callback, "state") and hasattr(callback, "load_state")):
+            raise TypeError("fit(checkpoint=...): the callback has no state()/load_state(), so it could not resume")
         encoded = [self.encode(r) for r in records]
         steps = self.schedule(records, seed)
         optimizer, scheduler = self.optimizer(len(steps))
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        named = self.trainable()
         # fp16 base weights only: loss scaling, starting low (2^10, not torch's 2^16) because a job has few
         # steps and each overflow skips one while the scale halves.
         scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**10) if self.scale_loss else None
+        digest = schedule_digest(records, steps) if checkpoint is not None else ""
+        first, losses, earlier = 0, [], 0.0
+        state = checkpoint.load() if checkpoint is not None else None
+        if state is not None:
+            first, losses, earlier = self._restore(state, seed, len(steps), digest, optimizer, scheduler, scaler,
+                                                   callback)
+            if progress is not None and first:
+                progress.update(first)
         self.model.train()
-        losses = []
-        for step, micro_batches in enumerate(steps):
-            batches = [self._batch([encoded[i] for i in rows]) for rows in micro_batches]
+        for step in range(first, len(steps)):
+            batches = [self._batch([encoded[i] for i in rows]) for rows in steps[step]]
             lr = scheduler.get_last_lr()[0]
-            if callback is not None:
-                callback.before_step(step, batches, lr)
-            loss = self.backward(batches, scaler)
+            given = callback.before_step(step, batches, lr) if callback is not None else None
+            if given is not None and scaler is None:
+                # The callback's per-example pass already summed this step's gradient: a second
+                # forward/backward of the same batch would only recompute it (up to rounding).
+                loss, grad = given
+                for name, p in named:
+                    p.grad = grad[name].detach().to(p.dtype).clone()
+            else:
+                loss = self.backward(batches, scaler)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if self.cfg.max_grad_norm:
@@ -243,12 +311,88 @@ class LoraTrainer:
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss)
+            losses.append(float(loss))
             if callback is not None:
                 callback.after_step(step, losses[-1], lr)
             if progress is not None:
                 progress.update(1)
+            if checkpoint is not None and step + 1 < len(steps) and checkpoint.due(step + 1):
+                checkpoint.save(self.fit_state(step + 1, seed, len(steps), digest, optimizer, scheduler, scaler,
+                                               losses, callback, earlier + time.perf_counter() - start))
         self.model.eval()
         per_epoch = len(steps) // self.cfg.epochs
         return {"steps": len(steps), "loss": float(np.mean(losses[-per_epoch:])),
-                "seconds": time.perf_counter() - start}
+                "seconds": earlier + time.perf_counter() - start, "resumed_from": first}
+
+    def fit_state(self, step: int, seed: int, total: int, digest: str, optimizer, scheduler, scaler,
+                  losses: list[float], callback, seconds: float) -> dict:
+        """The loop's state between steps (`step` taken) as {"tensors": name -> tensor, "meta": JSON-able}.
+        Tensors are copies: training on does not change a state already handed out."""
+        tensors = {f"adapter/{n}": p.detach().clone() for n, p in self.trainable()}
+        saved = optimizer.state_dict()
+        scalars = {}
+        for index, per in saved["state"].items():
+            for key, value in per.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer/{index}/{key}"] = value.detach().clone()
+                else:
+                    scalars[f"{index}/{key}"] = value
+        tensors["rng/cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
+        tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
+        meta = {"version": STATE_VERSION, "step": step, "steps": total, "seed": seed, "schedule": digest,
+                "optimizer": {"param_groups": saved["param_groups"], "scalars": scalars},
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                "seconds": seconds, "callback": None}
+        if callback is not None:
+            own = callback.state()
+            tensors.update({f"callback/{k}": v for k, v in own["tensors"].items()})
+            meta["callback"] = own["meta"]
+        return {"tensors": tensors, "meta": json.loads(json.dumps(meta))}  # tuples as lists, as a store reads them
+
+    def _restore(self, state: dict, seed: int, total: int, digest: str, optimizer, scheduler, scaler,
+                 callback) -> tuple[int, list[float], float]:
+        """Put `fit_state`'s state back; returns (next step, losses so far, seconds spent before)."""
+        tensors, meta = state["tensors"], copy.deepcopy(state["meta"])
+        problem = ("another version" if meta.get("version") != STATE_VERSION
+                   else "another seed" if meta.get("seed") != seed
+                   else "another number of steps" if meta.get("steps") != total
+                   else "another data order" if meta.get("schedule") != digest
+                   else "no step to resume at" if not 0 < meta.get("step", 0) < total else None)
+        if problem:
+            raise ValueError(f"fit checkpoint: not a state of this fit ({problem})")
+        named = self.trainable()
+        adapter = {k[len("adapter/"):]: v for k, v in tensors.items() if k.startswith("adapter/")}
+        if sorted(adapter) != sorted(n for n, _ in named) \
+                or any(adapter[n].shape != p.shape for n, p in named):
+            raise ValueError("fit checkpoint: its adapter is not this model's")
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(adapter[name])
+        groups = meta["optimizer"]["param_groups"]
+        for group in groups:
+            if "betas" in group:
+                group["betas"] = tuple(group["betas"])
+        per_param: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, name = key.split("/", 2)
+                per_param.setdefault(int(index), {})[name] = value
+        for key, value in meta["optimizer"]["scalars"].items():
+            index, name = key.split("/", 1)
+            per_param.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+        scheduler.load_state_dict(meta["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(meta["scaler"])
+        # Dropout masks (LoRA dropout, the callback's passes) draw from these: without them a resumed
+        # fit with dropout would train on other masks than the uninterrupted one.
+        torch.set_rng_state(tensors["rng/cpu"])
+        if self.device.type == "cuda" and "rng/cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
+        if callback is not None:
+            callback.load_state({"tensors": {k[len("callback/"):]: v for k, v in tensors.items()
+                                             if k.startswith("callback/")},
+                                 "meta": meta["callback"]})
+        return int(meta["step"]), [float(x) for x in tensors["losses"].tolist()], float(meta["seconds"])

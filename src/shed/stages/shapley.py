@@ -26,8 +26,13 @@ own adapter init and data order), and before every update credits each proxy in 
 step's learning rate, c_t its clipping coefficient; with shapley.direction adam the proxy's gradient
 first goes through Adam's preconditioner). score = mean over runs of the summed credits
 (token-weighted over the dev set as gold_loglik weighs it, or over the proxy's dev_neighbours),
-stderr over runs. Each finished run is saved at once (data/shapley_jobs/inrun/<context>/), so a
-rerun after a crash, or with a larger k, redoes only the runs not finished.
+stderr over runs. One training pass per step: the credit pass's per-example gradients sum to the
+step's gradient, which the trainer applies. shapley.dev_every N > 1 takes the dev questions'
+gradients every N steps only and reuses them in between (held in memory, at most 4 GiB). Each
+finished run is saved at once (data/shapley_jobs/inrun/<context>/run-NNNN.*), and the run in
+progress every shapley.checkpoint_seconds (run-NNNN.partial.*: adapter, optimizer, scheduler, RNG,
+credits so far), so a rerun after a crash, or with a larger k, redoes only the runs not finished
+and resumes the interrupted one at its last checkpoint, ending with the same scores.csv bytes.
 
 Outputs: data/shapley/scores.csv `cluster, proxy_id, size, score, stderr, credits`,
 data/shapley/subsets.jsonl (retrain: each evaluated subset and its value; inrun: one line per run,
@@ -141,16 +146,22 @@ def inrun_context(params: Params, dev_ids: list[str], players: list[int], proxy_
     blob = json.dumps({"job": job_context(cfg.model, params.train, cfg.value, dev_ids, code=code), "method": "inrun",
                        "players": [[c, p] for c, p in zip(players, proxy_ids)], "device": device.split(":")[0],
                        "dtype": cfg.dtype, "dev_chunk": cfg.dev_chunk, "seeds": "train.seed + run",
-                       "direction": cfg.direction}, sort_keys=True)
+                       "direction": cfg.direction, "dev_every": cfg.dev_every}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class RunStore:
     """Finished in-run runs of one context: run-NNNN.safetensors (the run's credits, an `InRunCredits`
     state) and run-NNNN.json (its metadata, summary and the safetensors file's sha256), each written
-    atomically, the JSON last: a run counts as finished only when both are there and agree."""
+    atomically, the JSON last: a run counts as finished only when both are there and agree.
+
+    The run in progress: run-NNNN.partial.json (`LoraTrainer.fit`'s state metadata, the context, and
+    the name and sha256 of its tensors file) naming run-NNNN.partial.<step>.safetensors (the state's
+    tensors). A new checkpoint writes its tensors under a new name, then the JSON, then removes the
+    older tensors: a kill at any point leaves a JSON naming a complete tensors file."""
 
     def __init__(self, root: str | Path, context: str):
+        self.context = context
         self.dir = Path(root) / context
         self.dir.mkdir(parents=True, exist_ok=True)
         for stale in self.dir.glob(".run-*"):  # an atomic write cut short by a kill
@@ -193,6 +204,66 @@ class RunStore:
         digest = hashlib.sha256(arrays_path.read_bytes()).hexdigest()
         write_json(meta_path, {"run": run, "state": state, "sha256": digest, "summary": summary})
 
+    def _partial(self, run: int) -> Path:
+        return self.dir / f"run-{run:04d}.partial.json"
+
+    def load_partial(self, run: int) -> dict | None:
+        """Run `run`'s mid-run state ({"tensors", "meta"}, as `LoraTrainer.fit` takes it), or None."""
+        from safetensors.torch import load as load_tensors
+
+        meta_path = self._partial(run)
+        if not meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if meta["context"] != self.context or meta["run"] != run:
+                raise ValueError("another context or run")
+            data = (self.dir / meta["tensors"]).read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                raise ValueError("its tensors file does not match its sha256")
+            return {"tensors": load_tensors(data), "meta": meta["state"]}
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            log.warning("%s: not resumed from (%s); the run starts over", meta_path, exc)
+            return None
+
+    def save_partial(self, run: int, state: dict) -> None:
+        from safetensors.torch import save_file
+
+        name = f"run-{run:04d}.partial.{state['meta']['step']:06d}.safetensors"
+        with atomic_path(self.dir / name) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state["tensors"].items()}, str(tmp))
+        digest = hashlib.sha256((self.dir / name).read_bytes()).hexdigest()
+        write_json(self._partial(run), {"run": run, "context": self.context, "step": state["meta"]["step"],
+                                        "tensors": name, "sha256": digest, "state": state["meta"]})
+        for old in self.dir.glob(f"run-{run:04d}.partial.*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def drop_partial(self, run: int) -> None:
+        """Forget run `run`'s mid-run state (the run is finished)."""
+        self._partial(run).unlink(missing_ok=True)
+        for old in self.dir.glob(f"run-{run:04d}.partial.*.safetensors"):
+            old.unlink(missing_ok=True)
+
+
+class RunCheckpoint:
+    """`LoraTrainer.fit`'s checkpoint (`shed.training.Checkpoint`) for run `run` of a `RunStore`: a
+    state is due `seconds` after the last one (or the run's start; 0: after every step)."""
+
+    def __init__(self, store: RunStore, run: int, seconds: float):
+        self.store, self.run, self.seconds = store, run, seconds
+        self.last = time.monotonic()
+
+    def load(self) -> dict | None:
+        return self.store.load_partial(self.run)
+
+    def due(self, step: int) -> bool:
+        return time.monotonic() - self.last >= self.seconds
+
+    def save(self, state: dict) -> None:
+        self.store.save_partial(self.run, state)
+        self.last = time.monotonic()
+
 
 def run_summary(summary, weights: np.ndarray) -> dict:
     """A finished run in JSON: the dev log-likelihood (as gold_loglik scores the whole dev set) before
@@ -220,6 +291,9 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
     records = [proxy_records[c] for c in players]
     dev_batch = inrun.collate(inrun.dev_rows(tokenizer, dev), tokenizer.pad_token_id, trainer.device)
     weights = inrun.token_weights(dev_batch)
+    problem = inrun.held_dev_problem(trainer.model, len(dev), cfg.dev_every)
+    if problem:  # before any run: not an out-of-memory kill at the first refresh
+        raise ShedError(f"params.yaml: shapley.dev_every: {problem}")
     setup = time.perf_counter() - t0
 
     store = RunStore(artifacts.INRUN_RUNS, inrun_context(params, [q["id"] for q in dev], players,
@@ -231,6 +305,7 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
         if found is not None:
             credits.put_run(run, found[0])
             summaries[run] = found[1]
+            store.drop_partial(run)  # left by a kill between saving the run and dropping its checkpoint
     todo = [run for run in range(cfg.k) if run not in summaries]
     steps = len(trainer.schedule(records, params.train.seed))
     log.info("in-run Shapley: %d proxies, %d dev questions, k=%d runs of %d steps (%d finished before, %d to run)",
@@ -239,11 +314,13 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
     def finished(summary) -> None:
         summaries[summary.run] = run_summary(summary, weights)
         store.save(summary.run, credits.run_slice(summary.run), summaries[summary.run])
+        store.drop_partial(summary.run)
 
     t1 = time.perf_counter()
     with tqdm(total=len(todo) * steps, desc="in-run credits", unit="step", disable=not todo) as bar:
         done = inrun.value_runs(trainer, records, players, dev_batch, credits, todo, direction=cfg.direction,
-                                dev_chunk=cfg.dev_chunk, progress=bar, on_run=finished)
+                                dev_chunk=cfg.dev_chunk, dev_every=cfg.dev_every, progress=bar, on_run=finished,
+                                checkpoints=lambda run: RunCheckpoint(store, run, cfg.checkpoint_seconds))
     wall = time.perf_counter() - t1
 
     if near is not None:
@@ -252,10 +329,12 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
     else:
         result = credits.result(weights)
     lines = [{k: v for k, v in summaries[r].items() if not k.startswith("seconds")} for r in range(cfg.k)]
-    steps_run = sum(s.steps for s in done)
+    steps_run = sum(s.steps - s.resumed_from for s in done)
     metrics = {
         "runs": cfg.k, "runs_reused": cfg.k - len(todo), "runs_run": len(todo), "steps": steps,
-        "steps_run": steps_run, "direction": cfg.direction, "device": device, "dtype": cfg.dtype,
+        "steps_run": steps_run,
+        "resumed": [{"run": s.run, "from_step": s.resumed_from} for s in done if s.resumed_from],
+        "direction": cfg.direction, "dev_every": cfg.dev_every, "device": device, "dtype": cfg.dtype,
         "v_empty": lines[0]["v_before"], "v_full": float(np.mean([s["v_after"] for s in lines])),
         "first_order": float(np.mean([s["first_order"] for s in lines])),
         "seconds_setup": round(setup, 2), "seconds_train": round(wall, 1),
@@ -317,7 +396,8 @@ def main(params: Params) -> None:
     _, proxies = artifacts.read_clusters()
     missing = [p for p in proxies["proxy_id"] if p not in pool]
     if missing:
-        raise ShedError(f"{artifacts.POOL}: proxy record {missing[0]} is not in the pool (rerun prepare, embed, cluster)")
+        raise ShedError(f"{artifacts.POOL}: proxy record {missing[0]} is not in the pool "
+                        "(rerun prepare, embed, cluster)")
     players = [int(c) for c in proxies["cluster"]]
     proxy_records = {int(c): pool[p] for c, p in zip(proxies["cluster"], proxies["proxy_id"])}
     if cfg.method == "retrain" and cfg.n > len(players):
