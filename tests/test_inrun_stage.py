@@ -470,10 +470,16 @@ def test_the_inrun_stage_writes_the_retrain_stages_outputs_and_is_deterministic(
     for name in ["plots/shapley.png", "plots/convergence.png", "plots/shapley_scores.csv"]:
         assert (ws / name).stat().st_size > 0
     assert len(finished_runs(ws)) == 3
+    curves = ws / "dvclive/shapley/plots/metrics"
+    for r in range(3):  # each run's training curve, one row per step
+        rows = (curves / f"run-{r}/loss.tsv").read_text().splitlines()
+        assert rows[0].split("\t") == ["step", "loss"] and [line.split("\t")[0] for line in rows[1:]] == ["0", "1"]
+    curve_bytes = {p: p.read_bytes() for p in curves.rglob("*.tsv")}
 
-    # Rerun with the runs kept: nothing is trained, the same bytes.
+    # Rerun with the runs kept: nothing is trained, the same bytes (the curves come from the saved runs).
     first = (ws / "data/shapley/scores.csv").read_bytes()
     shed(ws, "shapley")
+    assert {p: p.read_bytes() for p in curves.rglob("*.tsv")} == curve_bytes
     assert metrics(ws)["runs_reused"] == 3 and metrics(ws)["runs_run"] == 0
     assert (ws / "data/shapley/scores.csv").read_bytes() == first
     # From scratch in another workspace: the same bytes again.

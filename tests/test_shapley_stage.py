@@ -100,6 +100,14 @@ def test_raising_k_reuses_every_earlier_evaluation_and_runs_only_new_jobs(worksp
     assert second["jobs_reused"] == first["jobs"]
     assert second["jobs_run"] == len(schedule("group_permutation", players, 4, 2)) - first["jobs"]
     assert second["seconds_overhead"] >= 0
+    # The valuation's curve: each job's dev value and subset size, in the estimator's order.
+    subsets = [json.loads(line) for line in (workspace / "data/shapley/subsets.jsonl").read_text().splitlines()]
+    curves = workspace / "dvclive/shapley/plots/metrics"
+    values = [line.split("\t") for line in (curves / "value.tsv").read_text().splitlines()[1:]]
+    sizes = [line.split("\t") for line in (curves / "size.tsv").read_text().splitlines()[1:]]
+    assert [int(s) for s, _ in values] == list(range(len(subsets)))
+    assert [float(v) for _, v in values] == pytest.approx([s["value"] for s in subsets])
+    assert [int(float(v)) for _, v in sizes] == [s["size"] for s in subsets]
 
 
 @pytest.mark.parametrize("executor", ["local", "ray"])

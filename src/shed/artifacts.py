@@ -51,6 +51,9 @@ MANIFEST = f"{CURATED}/manifest.json"
 # finetune
 FINETUNED = "models/finetuned"
 FINETUNE_CURVE = "dvclive/finetune/plots/metrics"  # dvclive's per-step loss.tsv and lr.tsv: dvc plots
+# dvclive series of the valuation's training: retrain: value.tsv and size.tsv per job (step = the job's place in
+# the estimator's order); inrun: run-<r>/loss.tsv per step of run r
+SHAPLEY_CURVES = "dvclive/shapley/plots/metrics"
 
 
 def metrics(stage: str) -> str:
@@ -95,7 +98,7 @@ OUTPUTS = {
     "base": [BASE_MODEL],
     "embed": [EMBED],
     "cluster": [CLUSTERS, CLUSTERS_PNG],
-    "shapley": [SHAPLEY, JOBS_DIR, SHAPLEY_PNG, CONVERGENCE_PNG, SCORES_PLOT],
+    "shapley": [SHAPLEY, JOBS_DIR, SHAPLEY_PNG, CONVERGENCE_PNG, SCORES_PLOT, SHAPLEY_CURVES],
     "sample": [CURATED],
     "finetune": [FINETUNED, FINETUNE_CURVE],
     "evaluate": [],

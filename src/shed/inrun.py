@@ -48,7 +48,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -533,6 +533,7 @@ class RunSummary:
     first_order: np.ndarray  # Σ_steps Σ_examples credits per dev question: the first-order prediction of
     #                          dev_before - dev_after (the drop of each question's loss over the run)
     resumed_from: int = 0  # the step the fit resumed at from a mid-run checkpoint (0: from the start)
+    losses: list[float] = field(default_factory=list)  # the trainer's loss at each step (the run's curve)
 
 
 class CreditCallback:
@@ -757,7 +758,7 @@ def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batc
             raise RuntimeError(f"in-run credits: {int(credits.steps[run])} steps credited, the fit took {fit['steps']}")
         summary = RunSummary(run, seed, fit["steps"], fit["loss"], fit["seconds"], callback.seconds,
                              callback.dev_before, dev_losses(trainer.model, dev_batch, dev_chunk),
-                             callback.first_order, fit["resumed_from"])
+                             callback.first_order, fit["resumed_from"], fit["losses"])
         out.append(summary)
         if on_run is not None:
             on_run(summary)

@@ -267,7 +267,7 @@ class LoraTrainer:
         self.reset(seed)
         self.model.eval()
         if not records:
-            return {"steps": 0, "loss": float("nan"), "seconds": 0.0, "resumed_from": 0}
+            return {"steps": 0, "loss": float("nan"), "losses": [], "seconds": 0.0, "resumed_from": 0}
         if checkpoint is not None and callback is not None \
                 and not (hasattr(callback, "state") and hasattr(callback, "load_state")):
             raise TypeError("fit(checkpoint=...): the callback has no state()/load_state(), so it could not resume")
@@ -321,7 +321,7 @@ class LoraTrainer:
                                                losses, callback, earlier + time.perf_counter() - start))
         self.model.eval()
         per_epoch = len(steps) // self.cfg.epochs
-        return {"steps": len(steps), "loss": float(np.mean(losses[-per_epoch:])),
+        return {"steps": len(steps), "loss": float(np.mean(losses[-per_epoch:])), "losses": list(losses),
                 "seconds": earlier + time.perf_counter() - start, "resumed_from": first}
 
     def fit_state(self, step: int, seed: int, total: int, digest: str, optimizer, scheduler, scaler,

@@ -37,7 +37,9 @@ and resumes the interrupted one at its last checkpoint, ending with the same sco
 Outputs: data/shapley/scores.csv `cluster, proxy_id, size, score, stderr, credits`,
 data/shapley/subsets.jsonl (retrain: each evaluated subset and its value; inrun: one line per run,
 its seed, steps, dev log-likelihood before and after and the credits' first-order prediction of the
-change), metrics/shapley.json, plots/shapley_scores.csv, plots/shapley.png, plots/convergence.png.
+change), metrics/shapley.json, plots/shapley_scores.csv, plots/shapley.png, plots/convergence.png, and
+the valuation's curves with dvclive in dvclive/shapley/plots/metrics (retrain: each job's dev value and
+subset size in the estimator's order; inrun: each run's training loss per step): `dvc plots show`.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from shed import artifacts, codedeps, plots
+from shed import artifacts, codedeps, curves, plots
 from shed.config import Params
 from shed.embedding import embed_texts
 from shed.executors import JobSpec, run_jobs
@@ -270,7 +272,7 @@ def run_summary(summary, weights: np.ndarray) -> dict:
     and after it, and the credits' first-order prediction of the change (their token-weighted sum)."""
     return {"run": summary.run, "seed": summary.seed, "steps": summary.steps, "train_loss": summary.train_loss,
             "v_before": float(-(weights @ summary.dev_before)), "v_after": float(-(weights @ summary.dev_after)),
-            "first_order": float(weights @ summary.first_order),
+            "first_order": float(weights @ summary.first_order), "losses": [round(x, 6) for x in summary.losses],
             "seconds": round(summary.seconds, 2), "seconds_credits": round(summary.credit_seconds, 2)}
 
 
@@ -328,7 +330,13 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
         result = local_values(credits.vector_result(), dict(zip(players, near)))
     else:
         result = credits.result(weights)
-    lines = [{k: v for k, v in summaries[r].items() if not k.startswith("seconds")} for r in range(cfg.k)]
+    with curves.live_curves(artifacts.SHAPLEY_CURVES) as live:
+        for r in range(cfg.k):
+            for step, loss in enumerate(summaries[r].get("losses", [])):  # runs saved before curves have none
+                live.step = step
+                live.log_metric(f"run-{r}/loss", loss)
+    lines = [{k: v for k, v in summaries[r].items() if not k.startswith("seconds") and k != "losses"}
+             for r in range(cfg.k)]
     steps_run = sum(s.steps - s.resumed_from for s in done)
     metrics = {
         "runs": cfg.k, "runs_reused": cfg.k - len(todo), "runs_run": len(todo), "steps": steps,
@@ -374,6 +382,11 @@ def value_retrain(params: Params, dev: list[dict], players: list[int], proxy_rec
         result = ESTIMATORS[cfg.estimator](players, lambda s: store.values[key(s)], k=cfg.k, n=cfg.n, seed=cfg.seed)
     lines = [{"clusters": sorted(int(c) for c in s), "size": len(s), "value": store.values[key(s)]}
              for s in result.evaluations]
+    with curves.live_curves(artifacts.SHAPLEY_CURVES) as live:
+        for step, line in enumerate(lines):
+            live.step = step
+            live.log_metric("value", line["value"])
+            live.log_metric("size", line["size"])
     run = max(stats["jobs_run"], 1)
     metrics = {
         "estimator": cfg.estimator, "executor": cfg.executor, "workers": cfg.workers,
