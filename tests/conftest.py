@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import DVC, ROOT, TINY, merge, sh  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers import DVC, ROOT, TINY, merge, run_stage, sh, write_stage_params  # noqa: E402  (tests/ is on sys.path)
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +27,16 @@ def workspace(tmp_path_factory):
     sh(ws, "git", "add", "-A")
     sh(ws, "git", "commit", "-q", "-m", "tiny pipeline")
     return ws, out
+
+
+@pytest.fixture(scope="session")
+def shapley_inputs(tmp_path_factory):
+    """prepare, base, embed and cluster once (no DVC): the shapley stage's inputs, copied by its tests."""
+    ws = tmp_path_factory.mktemp("shapley-inputs")
+    write_stage_params(ws)
+    for stage in ["prepare", "base", "embed", "cluster"]:
+        run_stage(ws, stage)
+    return ws
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Shared by the end-to-end tests: a tiny config, and running commands in a DVC workspace."""
 
+import json
 import os
 import re
 import subprocess
@@ -77,3 +78,69 @@ def fails_reading(path, text, read, match):
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ShedError, match=match):
         read(str(path))
+
+
+# --- the shapley stage run as a user runs it (tests/test_shapley_stage.py, tests/test_inrun_stage.py) ---
+STAGE_ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def write_stage_params(ws, epochs: int = 1, **shapley) -> None:
+    """params.yaml in `ws`: the shipped one with the tiny settings, k = 2, n = 1, then `shapley` and `epochs`."""
+    import yaml
+
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), merge(TINY, {"shapley": {"k": 2, "n": 1}}))
+    params["shapley"].update(shapley)
+    params["train"]["epochs"] = epochs
+    (Path(ws) / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def start_stage(ws, stage: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "shed", stage], cwd=ws, env=STAGE_ENV, **kwargs)
+
+
+def run_stage(ws, stage: str, ok: bool = True) -> subprocess.CompletedProcess:
+    """`shed <stage>` in `ws`; with ok, asserts it succeeded (its stderr otherwise)."""
+    result = subprocess.run([sys.executable, "-m", "shed", stage], cwd=ws, capture_output=True, text=True,
+                            env=STAGE_ENV, check=False)
+    if ok:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def kill_stage_when(ws, ready, stage: str = "shapley", timeout: float = 300) -> None:
+    """Start `shed <stage>` in `ws` and SIGKILL it as soon as `ready()` holds (polled every 5 ms)."""
+    import signal
+    import time
+
+    proc = start_stage(ws, stage, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def shapley_metrics(ws) -> dict:
+    return json.loads((Path(ws) / "metrics/shapley.json").read_text())
+
+
+def tiny_float64_trainer(records: list[dict], questions: list[dict], train, corpus: list[str] = ()):
+    """A LoRA trainer on a 2-layer float64 Llama (float64: reference sums agree to 1e-9) whose tokenizer
+    learnt `corpus`, then the records (qa template) and the questions."""
+    import torch
+
+    from shed import tiny
+    from shed.config import BaseConfig
+    from shed.prompts import render
+    from shed.training import LoraTrainer
+
+    corpus = list(corpus) + [" ".join(render(r, "qa")) for r in records] * 10
+    corpus += [f"Question: {q['question']}\nAnswer: {' '.join(q['choices'])}" for q in questions] * 10
+    tokenizer = tiny.train_tokenizer(corpus, 300)
+    model = tiny.build_model(BaseConfig(vocab_size=300, hidden_size=32, layers=2, heads=2, intermediate_size=64,
+                                        max_length=64, pretrain_steps=0), tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    trainer = LoraTrainer(model, tokenizer, train)
+    trainer.model.double()
+    return trainer

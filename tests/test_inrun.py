@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_float64_trainer
 
 from shed import inrun, tiny
 from shed.config import BaseConfig, LoraConfig, TrainConfig
-from shed.prompts import render
 from shed.scoring import gold_loglik
 from shed.shapley import local_values
 from shed.training import LoraTrainer
@@ -36,15 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def trainer():
     """A LoRA trainer on a 2-layer float64 Llama, its adapter's B made non-zero (a fresh B = 0 would leave
     every A gradient 0, and the A half of the products untested)."""
-    corpus = [" ".join(r["output"] for r in RECORDS)] * 10 + [" ".join(render(r, "qa")) for r in RECORDS] * 10
-    corpus += [f"Question: {q['question']}\nAnswer: {' '.join(q['choices'])}" for q in QUESTIONS] * 10
-    tokenizer = tiny.train_tokenizer(corpus, 300)
-    model = tiny.build_model(BaseConfig(vocab_size=300, hidden_size=32, layers=2, heads=2, intermediate_size=64,
-                                        max_length=64, pretrain_steps=0), tokenizer)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)
-    t = LoraTrainer(model, tokenizer, TRAIN)
-    t.model.double()
+    t = tiny_float64_trainer(RECORDS, QUESTIONS, TRAIN, corpus=[" ".join(r["output"] for r in RECORDS)] * 10)
     t.reset(0)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -3,26 +3,25 @@ the stage as a process: the retrain contract's outputs, determinism, SIGKILL the
 
 import copy
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import ROOT, TINY, merge
+from helpers import (
+    ROOT,
+    kill_stage_when,
+    run_stage,
+    tiny_float64_trainer,
+    write_stage_params,
+)
+from helpers import shapley_metrics as metrics
 
-from shed import inrun, tiny
-from shed.config import BaseConfig, LoraConfig, TrainConfig, load_params
+from shed import inrun
+from shed.config import LoraConfig, TrainConfig, load_params
 from shed.fileio import ShedError
-from shed.prompts import render
-from shed.training import LoraTrainer
 
 RECORDS = [
     {"id": f"r{i}", "instruction": f"Name a {kind}.", "input": "", "output": answer}
@@ -47,16 +46,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def trainer():
     """A LoRA trainer on a 2-layer float64 Llama (float64: the reference sums agree to 1e-9)."""
-    corpus = [" ".join(render(r, "qa")) for r in RECORDS] * 10
-    corpus += [f"Question: {q['question']}\nAnswer: {' '.join(q['choices'])}" for q in QUESTIONS] * 10
-    tokenizer = tiny.train_tokenizer(corpus, 300)
-    model = tiny.build_model(BaseConfig(vocab_size=300, hidden_size=32, layers=2, heads=2, intermediate_size=64,
-                                        max_length=64, pretrain_steps=0), tokenizer)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)
-    t = LoraTrainer(model, tokenizer, TRAIN)
-    t.model.double()
-    return t
+    return tiny_float64_trainer(RECORDS, QUESTIONS, TRAIN)
 
 
 @pytest.fixture(scope="module")
@@ -390,25 +380,11 @@ def test_switching_method_reruns_the_shapley_stage_onward_only():
 
 # --- the stage as a process ----------------------------------------------------------------------
 
-ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 COLUMNS = "cluster,proxy_id,size,score,stderr,credits"
 
 
 def set_params(ws: Path, epochs: int = 1, **shapley) -> None:
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), merge(TINY, {"shapley": {"k": 2, "n": 1}}))
-    params["shapley"].update({"method": "inrun", **shapley})
-    params["train"]["epochs"] = epochs
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def shed(ws: Path, stage: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "shed", stage], cwd=ws, capture_output=True, text=True, env=ENV,
-                            check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-def metrics(ws: Path) -> dict:
-    return json.loads((ws / "metrics/shapley.json").read_text())
+    write_stage_params(ws, epochs, **{"method": "inrun", **shapley})
 
 
 def finished_runs(ws: Path) -> list[Path]:
@@ -426,38 +402,17 @@ def mid_run_checkpoints(ws: Path) -> list[dict]:
     return out
 
 
-def kill_when(ws: Path, ready: Callable[[], bool], timeout: float = 300) -> None:
-    """Start the shapley stage in `ws` and SIGKILL it as soon as `ready()` holds (polled every 5 ms)."""
-    proc = subprocess.Popen([sys.executable, "-m", "shed", "shapley"], cwd=ws, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while not ready() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """prepare, base, embed and cluster once (no DVC): the shapley stage's inputs."""
-    ws = tmp_path_factory.mktemp("prepared")
-    set_params(ws)
-    for stage in ["prepare", "base", "embed", "cluster"]:
-        shed(ws, stage)
-    return ws
-
-
 @pytest.fixture
-def ws(prepared, tmp_path):
+def ws(shapley_inputs, tmp_path):
     out = tmp_path / "ws"
-    shutil.copytree(prepared, out)
+    shutil.copytree(shapley_inputs, out)
     return out
 
 
 @pytest.mark.slow
 def test_the_inrun_stage_writes_the_retrain_stages_outputs_and_is_deterministic(ws, tmp_path):
     set_params(ws, epochs=2, k=3)
-    shed(ws, "shapley")
+    run_stage(ws, "shapley")
     scores = (ws / "data/shapley/scores.csv").read_text().splitlines()
     assert scores[0] == COLUMNS and len(scores) == 1 + 8
     assert all(line.split(",")[-1] == "3" for line in scores[1:])  # one credit per run
@@ -478,7 +433,7 @@ def test_the_inrun_stage_writes_the_retrain_stages_outputs_and_is_deterministic(
 
     # Rerun with the runs kept: nothing is trained, the same bytes (the curves come from the saved runs).
     first = (ws / "data/shapley/scores.csv").read_bytes()
-    shed(ws, "shapley")
+    run_stage(ws, "shapley")
     assert {p: p.read_bytes() for p in curves.rglob("*.tsv")} == curve_bytes
     assert metrics(ws)["runs_reused"] == 3 and metrics(ws)["runs_run"] == 0
     assert (ws / "data/shapley/scores.csv").read_bytes() == first
@@ -486,19 +441,19 @@ def test_the_inrun_stage_writes_the_retrain_stages_outputs_and_is_deterministic(
     again = tmp_path / "again"
     shutil.copytree(ws, again)
     shutil.rmtree(again / "data/shapley_jobs")
-    shed(again, "shapley")
+    run_stage(again, "shapley")
     assert metrics(again)["runs_run"] == 3
     assert (again / "data/shapley/scores.csv").read_bytes() == first
 
     # The single game (dev_neighbours 0) reads the same runs: the token-weighted whole-dev credit.
     set_params(ws, epochs=2, k=3, dev_neighbours=0)
-    shed(ws, "shapley")
+    run_stage(ws, "shapley")
     assert metrics(ws)["runs_reused"] == 3
     single = (ws / "data/shapley/scores.csv").read_text().splitlines()
     assert single[0] == COLUMNS and single[1:] != scores[1:]
     # Raising k reuses the earlier runs.
     set_params(ws, epochs=2, k=4, dev_neighbours=0)
-    shed(ws, "shapley")
+    run_stage(ws, "shapley")
     assert metrics(ws)["runs_reused"] == 3 and metrics(ws)["runs_run"] == 1
 
 
@@ -508,14 +463,14 @@ def test_sigkill_mid_stage_then_rerun_gives_identical_scores_and_reuses_finished
     reference = tmp_path / "reference"
     shutil.copytree(ws, reference)
     set_params(reference, **slow)
-    shed(reference, "shapley")
+    run_stage(reference, "shapley")
 
     set_params(ws, **slow)
-    kill_when(ws, lambda: bool(finished_runs(ws)))
+    kill_stage_when(ws, lambda: bool(finished_runs(ws)))
     finished = len(finished_runs(ws))
     assert 1 <= finished < 3, "the kill must land mid-stage"
 
-    shed(ws, "shapley")
+    run_stage(ws, "shapley")
     assert (ws / "data/shapley/scores.csv").read_bytes() == (reference / "data/shapley/scores.csv").read_bytes()
     assert metrics(ws)["runs_reused"] == finished and metrics(ws)["runs_run"] == 3 - finished
     assert len(finished_runs(ws)) == 3
@@ -532,17 +487,17 @@ def test_sigkill_mid_run_resumes_at_its_last_checkpoint_and_gives_identical_scor
     reference = tmp_path / "reference"
     shutil.copytree(ws, reference)
     set_params(reference, **slow)
-    shed(reference, "shapley")
+    run_stage(reference, "shapley")
     assert metrics(reference)["resumed"] == []
 
     set_params(ws, checkpoint_seconds=0, **slow)
-    kill_when(ws, lambda: any(3 <= c["step"] <= 8 for c in mid_run_checkpoints(ws)))
+    kill_stage_when(ws, lambda: any(3 <= c["step"] <= 8 for c in mid_run_checkpoints(ws)))
     (partial,) = mid_run_checkpoints(ws)
     assert 3 <= partial["step"] < 12, "the kill must land mid-run, after checkpoints replaced each other"
     run, step = partial["run"], partial["step"]
     assert len(finished_runs(ws)) == run  # runs go in order: the ones before it are finished
 
-    shed(ws, "shapley")
+    run_stage(ws, "shapley")
     m = metrics(ws)
     assert m["resumed"] == [{"run": run, "from_step": step}]
     assert m["runs_reused"] == run and m["steps_run"] == (12 - step) + 12 * (1 - run)
@@ -556,11 +511,11 @@ def test_sigkill_mid_run_resumes_at_its_last_checkpoint_and_gives_identical_scor
 @pytest.mark.slow
 def test_a_damaged_run_file_is_done_again(ws):
     set_params(ws, k=2)
-    shed(ws, "shapley")
+    run_stage(ws, "shapley")
     first = (ws / "data/shapley/scores.csv").read_bytes()
     (damaged,) = (ws / "data/shapley_jobs/inrun").glob("*/run-0001.safetensors")
     damaged.write_bytes(damaged.read_bytes()[:-8])
-    shed(ws, "shapley")
+    run_stage(ws, "shapley")
     assert metrics(ws)["runs_reused"] == 1 and metrics(ws)["runs_run"] == 1
     assert (ws / "data/shapley/scores.csv").read_bytes() == first
 
@@ -568,7 +523,6 @@ def test_a_damaged_run_file_is_done_again(ws):
 @pytest.mark.slow
 def test_inrun_with_a_choice_value_is_a_one_line_error(ws):
     set_params(ws, value="choice_logprob")
-    result = subprocess.run([sys.executable, "-m", "shed", "shapley"], cwd=ws, capture_output=True, text=True,
-                            env=ENV, check=False)
+    result = run_stage(ws, "shapley", ok=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "shapley.value: method inrun credits the gradient of the dev loss" in result.stderr

@@ -1,40 +1,17 @@
 """The shapley stage as a process: crash-safe resume, reuse on raising k, parallel executors."""
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import kill_stage_when, run_stage
+from helpers import shapley_metrics as metrics
+from helpers import write_stage_params as set_params
 
 from shed.shapley import schedule
 
 pytestmark = pytest.mark.slow  # each case starts the stage 2-3 times (~10 s of imports each)
-from helpers import ROOT, TINY, merge
-
-TINY = merge(TINY, {"shapley": {"k": 2, "n": 1}})
-ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-
-
-def set_params(ws: Path, epochs: int = 1, **shapley) -> None:
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
-    params["shapley"].update(shapley)
-    params["train"]["epochs"] = epochs
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def shed(ws: Path, stage: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "shed", stage], cwd=ws, capture_output=True, text=True, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-def metrics(ws: Path) -> dict:
-    return json.loads((ws / "metrics/shapley.json").read_text())
 
 
 def job_lines(ws: Path) -> list[str]:
@@ -42,20 +19,10 @@ def job_lines(ws: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """prepare, base, embed and cluster once (no DVC): the shapley stage's inputs."""
-    ws = tmp_path_factory.mktemp("prepared")
-    set_params(ws)
-    for stage in ["prepare", "base", "embed", "cluster"]:
-        shed(ws, stage)
-    return ws
-
-
 @pytest.fixture
-def workspace(prepared, tmp_path):
+def workspace(shapley_inputs, tmp_path):
     ws = tmp_path / "ws"
-    shutil.copytree(prepared, ws)
+    shutil.copytree(shapley_inputs, ws)
     return ws
 
 
@@ -64,21 +31,15 @@ def test_sigkill_mid_run_then_rerun_gives_identical_scores_and_reuses_finished_j
     reference = tmp_path / "reference"
     shutil.copytree(workspace, reference)
     set_params(reference, **slow)
-    shed(reference, "shapley")
+    run_stage(reference, "shapley")
 
     set_params(workspace, **slow)
-    proc = subprocess.Popen([sys.executable, "-m", "shed", "shapley"], cwd=workspace, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while len(job_lines(workspace)) < 3 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_stage_when(workspace, lambda: len(job_lines(workspace)) >= 3, timeout=120)
     finished = len([line for line in job_lines(workspace) if line.endswith("}")])
     total = metrics(reference)["jobs"]
     assert 3 <= finished < total, "the kill must land mid-run"
 
-    shed(workspace, "shapley")
+    run_stage(workspace, "shapley")
     assert (workspace / "data/shapley/scores.csv").read_bytes() == (reference / "data/shapley/scores.csv").read_bytes()
     assert metrics(workspace)["jobs_reused"] == finished
     assert metrics(workspace)["jobs_run"] == total - finished
@@ -90,10 +51,10 @@ def test_sigkill_mid_run_then_rerun_gives_identical_scores_and_reuses_finished_j
 
 def test_raising_k_reuses_every_earlier_evaluation_and_runs_only_new_jobs(workspace):
     set_params(workspace, k=2, n=2)
-    shed(workspace, "shapley")
+    run_stage(workspace, "shapley")
     first = metrics(workspace)
     set_params(workspace, k=4, n=2)
-    shed(workspace, "shapley")
+    run_stage(workspace, "shapley")
     second = metrics(workspace)
     players = list(range(8))
     assert first["jobs"] == len(schedule("group_permutation", players, 2, 2))
@@ -117,9 +78,9 @@ def test_parallel_workers_give_the_same_scores_as_one(workspace, tmp_path, execu
     serial = tmp_path / "serial"
     shutil.copytree(workspace, serial)
     set_params(serial, k=2, n=2, estimator="regression")
-    shed(serial, "shapley")
+    run_stage(serial, "shapley")
     set_params(workspace, k=2, n=2, estimator="regression", workers=2, executor=executor)
-    shed(workspace, "shapley")
+    run_stage(workspace, "shapley")
     assert (workspace / "data/shapley/scores.csv").read_bytes() == (serial / "data/shapley/scores.csv").read_bytes()
     assert metrics(workspace)["workers"] == 2 and metrics(workspace)["executor"] == executor
 
@@ -129,7 +90,7 @@ def test_local_games_reuse_the_jobs_and_over_every_question_are_the_single_game(
     with every dev question as each proxy's neighbours (choice_logprob: a plain mean over
     questions) it is the paper's single game."""
     set_params(workspace, k=2, n=1, value="choice_logprob", dev_neighbours=0)
-    shed(workspace, "shapley")
+    run_stage(workspace, "shapley")
     single = (workspace / "data/shapley/scores.csv").read_text().splitlines()
     jobs = [json.loads(line) for line in job_lines(workspace)]
     dev_size = len((workspace / "data/prepared/dev.jsonl").read_text().splitlines())
@@ -137,7 +98,7 @@ def test_local_games_reuse_the_jobs_and_over_every_question_are_the_single_game(
     assert all(job["value"] == pytest.approx(sum(job["questions"]) / dev_size, abs=1e-12) for job in jobs)
 
     set_params(workspace, k=2, n=1, value="choice_logprob", dev_neighbours=dev_size)
-    shed(workspace, "shapley")
+    run_stage(workspace, "shapley")
     assert metrics(workspace)["jobs_run"] == 0 and metrics(workspace)["dev_neighbours"] == dev_size
     every = (workspace / "data/shapley/scores.csv").read_text().splitlines()
     assert every[0] == single[0]
@@ -149,15 +110,14 @@ def test_local_games_reuse_the_jobs_and_over_every_question_are_the_single_game(
         assert float(stderr_a) == pytest.approx(float(stderr_b), abs=1e-9)
 
     set_params(workspace, k=2, n=1, value="choice_logprob", dev_neighbours=3)
-    shed(workspace, "shapley")
+    run_stage(workspace, "shapley")
     assert metrics(workspace)["jobs_run"] == 0
     assert (workspace / "data/shapley/scores.csv").read_text().splitlines() != every
 
 
 def test_more_neighbours_than_dev_questions_is_a_clear_error(workspace):
     set_params(workspace, dev_neighbours=10_000)
-    result = subprocess.run([sys.executable, "-m", "shed", "shapley"], cwd=workspace, capture_output=True,
-                            text=True, env=ENV)
+    result = run_stage(workspace, "shapley", ok=False)
     assert result.returncode != 0
     assert "shapley.dev_neighbours: 10000 is more than the" in result.stderr
     assert "Traceback" not in result.stderr

@@ -55,6 +55,7 @@ import torch
 
 from shed.scoring import context_and_choices
 from shed.shapley import Player, ShapleyResult, _stderr_of, _value
+from shed.training import pad_rows
 
 Batch = dict[str, torch.Tensor]  # input_ids, labels, attention_mask (as LoraTrainer._batch makes them)
 Grads = dict[str, torch.Tensor]  # parameter name -> tensor (per example: a leading example axis)
@@ -79,16 +80,8 @@ def dev_rows(tokenizer, questions: list[dict]) -> list[tuple[list[int], list[int
 
 
 def collate(rows: list[tuple[list[int], list[int]]], pad_token_id: int | None, device=None) -> Batch:
-    """Right-padded tensors, as `LoraTrainer._batch` makes them (pad id, labels -100, mask 0 past each row)."""
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id or 0, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    """Right-padded tensors, as `LoraTrainer._batch` makes them (`training.pad_rows`)."""
+    return pad_rows(rows, pad_token_id, device)
 
 
 def response_tokens(batch: Batch) -> np.ndarray:

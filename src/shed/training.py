@@ -100,6 +100,19 @@ def schedule_digest(records: list[dict], steps: list[list[list[int]]]) -> str:
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
 
 
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_token_id: int | None, device=None) -> dict[str, torch.Tensor]:
+    """(input_ids, labels) rows as right-padded tensors: pad id, labels -100 and attention mask 0 past each row."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id or 0, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
 class LoraTrainer:
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         from peft import LoraConfig, get_peft_model
@@ -173,17 +186,7 @@ class LoraTrainer:
                 module.reset_lora_parameters("default", init_lora_weights=True)
 
     def _batch(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(ids) for ids, _ in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, lab) in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            mask[i, : len(ids)] = 1
-        return {"input_ids": input_ids.to(self.device), "labels": labels.to(self.device),
-                "attention_mask": mask.to(self.device)}
+        return pad_rows(rows, self.tokenizer.pad_token_id, self.device)
 
     def schedule(self, records: list[dict], seed: int) -> list[list[list[int]]]:
         """The recipe's data order: per optimizer step, its micro-batches as indices into `records`.
