@@ -262,14 +262,14 @@ def inrun_runs(k: int, direction: str) -> dict:
 
     from shed import inrun
     from shed.models import load_causal_lm
-    from shed.training import LoraTrainer
+    from shed.training import LoraTrainer, pad_rows
 
     torch.set_num_threads(1)
     params, records, dev, _ = load_game()
     players = list(range(PLAYERS))
     model, tokenizer = load_causal_lm(params.shapley.model, "cpu", params.shapley.dtype)
     trainer = LoraTrainer(model, tokenizer, params.train)
-    dev_batch = inrun.collate(inrun.dev_rows(tokenizer, dev), tokenizer.pad_token_id, trainer.device)
+    dev_batch = pad_rows(inrun.dev_rows(tokenizer, dev), tokenizer.pad_token_id, trainer.device)
     credits = inrun.InRunCredits(players, len(dev), k)
     times = []
     start = time.perf_counter()

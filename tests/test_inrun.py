@@ -13,7 +13,7 @@ from shed import inrun, tiny
 from shed.config import BaseConfig, LoraConfig, TrainConfig
 from shed.scoring import gold_loglik
 from shed.shapley import local_values
-from shed.training import LoraTrainer
+from shed.training import LoraTrainer, pad_rows
 
 RECORDS = [
     {"id": f"r{i}", "instruction": f"Name a {kind}.", "input": "" if i % 2 else "quickly", "output": answer}
@@ -50,7 +50,7 @@ def trainer():
 @pytest.fixture(scope="module")
 def batches(trainer):
     train = trainer._batch([trainer.encode(r) for r in RECORDS[:4]])
-    dev = inrun.collate(inrun.dev_rows(trainer.tokenizer, QUESTIONS), trainer.tokenizer.pad_token_id)
+    dev = pad_rows(inrun.dev_rows(trainer.tokenizer, QUESTIONS), trainer.tokenizer.pad_token_id)
     return train, dev
 
 
@@ -83,9 +83,9 @@ def reference_dev_grads(model, rows) -> torch.Tensor:
                         for ids, lab in rows])
 
 
-def test_collate_is_the_trainers_batch(trainer):
+def test_pad_rows_is_the_trainers_batch(trainer):
     rows = [trainer.encode(r) for r in RECORDS]
-    ours, theirs = inrun.collate(rows, trainer.tokenizer.pad_token_id), trainer._batch(rows)
+    ours, theirs = pad_rows(rows, trainer.tokenizer.pad_token_id), trainer._batch(rows)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
@@ -242,7 +242,7 @@ def test_a_bfloat16_base_with_a_float32_adapter(trainer):
     assert got.flat().dtype == torch.float32
     reference = grads_of(t.model, t.model(**train).loss)
     assert torch.allclose(got.flat().sum(0), reference, rtol=0, atol=1e-5 * float(reference.abs().max()))
-    dev = inrun.collate(inrun.dev_rows(trainer.tokenizer, QUESTIONS), trainer.tokenizer.pad_token_id)
+    dev = pad_rows(inrun.dev_rows(trainer.tokenizer, QUESTIONS), trainer.tokenizer.pad_token_id)
     assert np.all(np.isfinite(inrun.step_credits(t.model, train, dev, 0.01).credits))
 
 

@@ -22,6 +22,7 @@ from helpers import shapley_metrics as metrics
 from shed import inrun
 from shed.config import LoraConfig, TrainConfig, load_params
 from shed.fileio import ShedError
+from shed.training import pad_rows
 
 RECORDS = [
     {"id": f"r{i}", "instruction": f"Name a {kind}.", "input": "", "output": answer}
@@ -51,7 +52,7 @@ def trainer():
 
 @pytest.fixture(scope="module")
 def dev(trainer):
-    return inrun.collate(inrun.dev_rows(trainer.tokenizer, QUESTIONS), trainer.tokenizer.pad_token_id)
+    return pad_rows(inrun.dev_rows(trainer.tokenizer, QUESTIONS), trainer.tokenizer.pad_token_id)
 
 
 def flat_grad(model, loss) -> torch.Tensor:

@@ -50,9 +50,11 @@ def faiss_kmeans(embeddings: np.ndarray, n_clusters: int, seed: int, iterations:
 
     Training sees at most max_points_per_centroid x C records (a seeded subsample, as FAISS draws one).
     64, not FAISS's 256: training time grows with it, and at C = 3,000 on 1M records 256 x C is 768k
-    records (about 25 minutes on 2 cores) against 192k; FAISS warns only below 39 per centroid. The centroids start from k-means++ on a seeded subsample of max(4 x C, 10,000) of them
-    (FAISS's own random start often merges two clusters); empty clusters met during training are
-    re-seeded by FAISS (it splits a large one).
+    records (about 25 minutes on 2 cores, estimated from the 100k run) against 192k; FAISS warns only
+    below 39 per centroid.
+    The centroids start from k-means++ on a seeded subsample of max(4 x C, 10,000) records (FAISS's
+    own random start often merges two clusters); FAISS re-seeds empty clusters met during training
+    by splitting a large one.
     """
     try:
         import faiss

@@ -55,9 +55,8 @@ import torch
 
 from shed.scoring import context_and_choices
 from shed.shapley import Player, ShapleyResult, _stderr_of, _value
-from shed.training import pad_rows
 
-Batch = dict[str, torch.Tensor]  # input_ids, labels, attention_mask (as LoraTrainer._batch makes them)
+Batch = dict[str, torch.Tensor]  # input_ids, labels, attention_mask (training.pad_rows)
 Grads = dict[str, torch.Tensor]  # parameter name -> tensor (per example: a leading example axis)
 
 log = logging.getLogger(__name__)
@@ -77,11 +76,6 @@ def dev_rows(tokenizer, questions: list[dict]) -> list[tuple[list[int], list[int
         t = tokenizer(choices[q["answer"]], add_special_tokens=False)["input_ids"]
         rows.append((c + t, [-100] * len(c) + t))
     return rows
-
-
-def collate(rows: list[tuple[list[int], list[int]]], pad_token_id: int | None, device=None) -> Batch:
-    """Right-padded tensors, as `LoraTrainer._batch` makes them (`training.pad_rows`)."""
-    return pad_rows(rows, pad_token_id, device)
 
 
 def response_tokens(batch: Batch) -> np.ndarray:
@@ -287,7 +281,7 @@ def step_credits(model, train_batch: Batch, dev_batch: Batch, lr: float, *,
     """The credits of one training step, with the model at θ_t, before the update.
 
     train_batch: the step's micro-batch (LoraTrainer._batch), taken in the model's current mode
-    (train, as the update sees it). dev_batch: one row per dev question (`collate(dev_rows(...))`),
+    (train, as the update sees it). dev_batch: one row per dev question (`training.pad_rows(dev_rows(...), pad id)`),
     taken in eval mode (as scoring sees it; the modes are restored after). lr: the step size η_t
     credited (the scheduler's current lr, times `clip_coefficient` when the step clips).
     preconditioner: None for the SGD direction (default), or `adam_preconditioner(...)`.

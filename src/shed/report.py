@@ -122,7 +122,10 @@ def markdown(summary: list[dict]) -> str:
 def curves(summary: list[dict], task: str) -> tuple[dict, dict]:
     """Plot inputs for plots.accuracy_png: sampled methods as lines, full pool and base as references."""
     models = {s["model"] for s in summary}
-    label = (lambda s, name: name if len(models) == 1 else f"{name} @ {s['model']}")
+
+    def label(s: dict, name: str) -> str:
+        return name if len(models) == 1 else f"{name} @ {s['model']}"
+
     lines, refs = defaultdict(list), {}
     for s in summary:
         if task not in s["acc"]:

@@ -281,7 +281,7 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
     """(result, subsets.jsonl lines, metrics) of the in-run method."""
     from shed import inrun
     from shed.models import load_causal_lm, resolve_device
-    from shed.training import LoraTrainer
+    from shed.training import LoraTrainer, pad_rows
 
     cfg = params.shapley
     if cfg.workers > 1 or cfg.executor != "local":
@@ -291,7 +291,7 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
     model, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype)
     trainer = LoraTrainer(model, tokenizer, params.train)
     records = [proxy_records[c] for c in players]
-    dev_batch = inrun.collate(inrun.dev_rows(tokenizer, dev), tokenizer.pad_token_id, trainer.device)
+    dev_batch = pad_rows(inrun.dev_rows(tokenizer, dev), tokenizer.pad_token_id, trainer.device)
     weights = inrun.token_weights(dev_batch)
     problem = inrun.held_dev_problem(trainer.model, len(dev), cfg.dev_every)
     if problem:  # before any run: not an out-of-memory kill at the first refresh
