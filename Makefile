@@ -28,7 +28,7 @@ test: install
 	$(OFFLINE) $(BIN)/pytest -q
 
 # The README's grid: methods x sizes and the full pool, queued from HEAD (commit first), then the report.
-METHODS ?= qocs qwcs random dsir
+METHODS ?= qocs qwcs random dsir cluster_uniform length perplexity
 SIZES   ?= 0.05 0.1 0.3
 grid: install
 	for m in $(METHODS); do for s in $(SIZES); do \

@@ -25,35 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--steps", type=int, help="pretraining steps (default: params.yaml base.pretrain_steps)")
-    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
-    parser.add_argument("--eval", default=str(ROOT / "data/prepared/eval.jsonl"))
-    parser.add_argument("--weights", help="save the final weights here (.npz)")
-    parser.add_argument("--compare", help="another run's --weights: report the largest difference")
-    args = parser.parse_args()
-
+def accuracy(model, tokenizer, questions: list[dict]) -> float:
+    """Share of questions whose gold choice has the highest log-likelihood."""
     import torch
 
-    from shed import tiny
-    from shed.config import load_params
-    from shed.fileio import read_jsonl
     from shed.scoring import _continuation_logliks, context_and_choices
-    from shed.synthetic import pretraining_corpus
 
-    cfg = load_params(args.params).base
-    if args.steps is not None:
-        cfg = dataclasses.replace(cfg, pretrain_steps=args.steps)
-    tokenizer = tiny.train_tokenizer(tiny.tokenizer_corpus(cfg.seed), cfg.vocab_size)
-    model = tiny.build_model(cfg, tokenizer).to(getattr(torch, args.dtype))
-    blocks = tiny.pack(pretraining_corpus(20_000, cfg.seed), tokenizer, block=64)
-    start = time.perf_counter()
-    losses = tiny.pretrain(model, blocks, cfg)
-    seconds = time.perf_counter() - start
-    model = model.float().eval()
-    questions = read_jsonl(args.eval)
     pairs, owner = [], []
     for i, q in enumerate(questions):
         context, choices = context_and_choices(q)
@@ -64,12 +41,60 @@ def main() -> None:
     scores: dict[int, list[float]] = {}
     for (value, _), i in zip(logliks, owner):
         scores.setdefault(i, []).append(value)
-    accuracy = float(np.mean([int(np.argmax(scores[i])) == q["answer"] for i, q in enumerate(questions)]))
-    weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return float(np.mean([int(np.argmax(scores[i])) == q["answer"] for i, q in enumerate(questions)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--steps", type=int, help="pretraining steps (default: params.yaml base.pretrain_steps)")
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--eval", default=str(ROOT / "data/prepared/eval.jsonl"))
+    parser.add_argument("--weights", help="save the final weights here (.npz)")
+    parser.add_argument("--compare", help="another run's --weights: report the largest difference")
+    parser.add_argument("--load", metavar="WEIGHTS", help="skip pretraining: a run's --weights (same base params)")
+    parser.add_argument("--finetune", action="store_true",
+                        help="also LoRA fine-tune on the whole prepared pool (train.*) and score that (downstream)")
+    args = parser.parse_args()
+
+    import torch
+
+    from shed import tiny
+    from shed.config import load_params
+    from shed.fileio import read_jsonl
+    from shed.synthetic import pretraining_corpus
+
+    cfg = load_params(args.params).base
+    if args.steps is not None:
+        cfg = dataclasses.replace(cfg, pretrain_steps=args.steps)
+    tokenizer = tiny.train_tokenizer(tiny.tokenizer_corpus(cfg.seed), cfg.vocab_size)
+    model = tiny.build_model(cfg, tokenizer).to(getattr(torch, args.dtype))
+    blocks = tiny.pack(pretraining_corpus(20_000, cfg.seed), tokenizer, block=64)
+    start = time.perf_counter()
+    if args.load:
+        saved = np.load(args.load)
+        model.load_state_dict({k: torch.from_numpy(saved[k]) for k in saved.files})
+        losses = []
+    else:
+        losses = tiny.pretrain(model, blocks, cfg)
+    seconds = time.perf_counter() - start
+    model = model.float().eval()
+    questions = read_jsonl(args.eval)
+    weights = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     out = {"benchmark": "base_stability", "dtype": args.dtype, "steps": cfg.pretrain_steps,
-           "last_loss": round(losses[-1], 4) if losses else None, "eval_accuracy": round(accuracy, 4),
+           "last_loss": round(losses[-1], 4) if losses else None,
+           "eval_accuracy": round(accuracy(model, tokenizer, questions), 4),
            "seconds": round(seconds, 1), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "base": {k: getattr(cfg, k) for k in ("pretrain_lr", "seed")}}
+    if args.finetune:
+        from shed.training import LoraTrainer
+
+        params = load_params(args.params)
+        trainer = LoraTrainer(model, tokenizer, params.train)
+        fit = trainer.fit(read_jsonl(ROOT / "data/prepared/pool.jsonl"), seed=params.train.seed)
+        trainer.model.eval()
+        out["finetuned_accuracy"] = round(accuracy(trainer.model, tokenizer, questions), 4)
+        out["finetune_loss"] = round(fit["loss"], 4)
     if args.weights:
         np.savez(args.weights, **weights)
     if args.compare:

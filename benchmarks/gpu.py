@@ -21,7 +21,7 @@ checkpointing on), 1 and 2 workers (the 2-vs-1 figure of docs/gpu.md).
 The last line printed is one JSON object: per worker count, jobs per hour, training tokens per second
 (tokens in the records, without padding), peak GPU memory, and whether every job's value equals its
 value with one worker; `inrun_seconds_for_C_proxies`, the in-run method's time to value C proxies in
-one run, stays null until that method exists (`inrun_seconds`, the hook).
+one run (shapley.method inrun, k = 1).
 """
 
 from __future__ import annotations
@@ -174,11 +174,20 @@ def run_workers(spec, workers: int, jobs: list[dict], warmup: dict, threads: int
     }
 
 
-def inrun_seconds(spec, records: list[dict], dev: list[dict]) -> float | None:
-    """HOOK: the in-run method's wall time to value `records` (the C proxies) in one training run with the
-    same recipe, model and dev set (shapley.method: inrun, being built on LoraTrainer.schedule/optimizer
-    and fit's callback). Returns None until shed has that method; then time its entry point here."""
-    return None
+def inrun_seconds(spec, records: list[dict], dev: list[dict]) -> float:
+    """The in-run method's wall time to value `records` (the C proxies) in one training run (k = 1) with the
+    same recipe, model and dev set: shed.inrun.value_runs, as the shapley stage calls it (model load excluded)."""
+    from shed import inrun
+    from shed.models import load_causal_lm
+    from shed.training import LoraTrainer, pad_rows
+
+    model, tokenizer = load_causal_lm(spec.model, spec.device, spec.dtype)
+    trainer = LoraTrainer(model, tokenizer, spec.train)
+    dev_batch = pad_rows(inrun.dev_rows(tokenizer, dev), tokenizer.pad_token_id, trainer.device)
+    players = list(range(len(records)))
+    start = time.perf_counter()
+    inrun.value_runs(trainer, records, players, dev_batch, inrun.InRunCredits(players, len(dev), 1), [0])
+    return round(time.perf_counter() - start, 1)
 
 
 def throughput(args, tiny: bool) -> dict:
@@ -194,7 +203,8 @@ def throughput(args, tiny: bool) -> dict:
         model = args.model or (str(SMOLLM2) if SMOLLM2.is_dir() else SMOLLM2_HUB)
         cfg = train_config({"gradient_checkpointing": args.gradient_checkpointing})
         device, gpus = "cuda", torch.cuda.device_count()
-    records, source = pool(args.pool or (str(ALPACA) if not tiny and ALPACA.exists() else None), 4 * args.records)
+    records, source = pool(args.pool or (str(ALPACA) if not tiny and ALPACA.exists() else None),
+                           max(4 * args.records, args.C))
     dev = generate_questions(args.dev, 0, salt=11)
     with tempfile.TemporaryDirectory() as tmp:
         dev_path = Path(tmp) / "dev.jsonl"

@@ -8,6 +8,8 @@ shapley once, then sample+finetune+evaluate per method and size. The base model 
 Prints the AUROC of the cluster scores for separating mostly corrupted clusters (>50% planted
 harmful members, per truth.jsonl) from the rest, eval accuracy per method and size (mean ± std
 over seeds), wall times, and last one JSON line. `--set key=value` overrides params (tuning).
+`--valuations retrain inrun` values each seed's clusters both ways (same prepare/embed/cluster): AUROC,
+shapley-stage seconds and the QOCS/QWCS accuracies per valuation, side by side.
 
 `--markdown PATH` also writes the result tables as Markdown, from the dict printed as the JSON line;
 `--from-json FILE` renders them from a saved JSON line (or a saved log ending in one) and runs nothing:
@@ -43,6 +45,7 @@ sys.path.insert(0, str(ROOT / "src"))
 # The base model is built once (base.seed fixed) and shared by all seeds; everything else varies.
 SEEDED = ["prepare.embedded.seed", "cluster.seed", "shapley.seed", "sample.seed", "train.seed"]
 SHARED = ["prepare", "embed", "cluster", "shapley"]
+SCORED = {"qocs", "qwcs"}  # samplers that read the Shapley scores: rerun per valuation
 KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEEP") else None  # debug: keep workspaces
 
 
@@ -85,50 +88,74 @@ def harm_in_bad_clusters(assignments: pd.DataFrame, truth: list[dict]) -> float:
     return float((bad & (share > 0.5)).sum() / max(bad.sum(), 1))
 
 
-def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], base_dir: Path) -> dict:
+def finetune_and_score(raw: dict, method: str, size: float, with_base: bool) -> tuple[dict, float]:
+    """sample -> finetune -> evaluate in the current workspace; (metrics/eval.json, seconds)."""
+    set_dotted(raw, "sample.method", method)
+    set_dotted(raw, "sample.subset_size", size)
+    set_dotted(raw, "evaluate.include_base", with_base)
+    seconds = sum(run_stage(stage, raw) for stage in ["sample", "finetune", "evaluate"])
+    return json.loads(Path("metrics/eval.json").read_text()), seconds
+
+
+def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], base_dir: Path,
+             valuations: list[str]) -> dict:
+    """One seed's workspace: prepare/embed/cluster once; per valuation (shapley.method) the shapley stage
+    and the score-driven samplers; the other samplers and the full pool once. Run names are
+    `method@size`, with `/valuation` after a score-driven method when more than one valuation runs."""
     from shed import artifacts
     from shed.fileio import read_jsonl
 
     raw = json.loads(json.dumps(base_raw))
     for key in SEEDED:
         set_dotted(raw, key, seed)
-    out = {"seconds": {}, "acc": {}}
+    out = {"seconds": {}, "acc": {}, "valuations": {}}
     with tempfile.TemporaryDirectory(prefix=f"shed-quality-{seed}-") as ws:
         ws = KEEP / f"seed{seed}" if KEEP else Path(ws)
         ws.mkdir(parents=True, exist_ok=True)
         os.chdir(ws)
         shutil.copytree(base_dir / "models/base", "models/base", dirs_exist_ok=True)
-        for stage in SHARED:
+        for stage in SHARED[:-1]:
             out["seconds"][stage] = run_stage(stage, raw)
         assignments, _ = artifacts.read_clusters()
         truth = read_jsonl(artifacts.TRUTH)
-        out["auroc"] = auroc(pd.read_csv("data/shapley/scores.csv"), assignments, truth)
         out["harm_in_bad_clusters"] = harm_in_bad_clusters(assignments, truth)
-        runs = [(m, s) for m in methods for s in sizes] + [("full", 1.0)]
-        for i, (method, size) in enumerate(runs):
-            set_dotted(raw, "sample.method", method)
-            set_dotted(raw, "sample.subset_size", size)
-            set_dotted(raw, "evaluate.include_base", i == 0)
-            t = sum(run_stage(stage, raw) for stage in ["sample", "finetune", "evaluate"])
-            metrics = json.loads(Path("metrics/eval.json").read_text())
-            task = next(iter(metrics["finetuned"]))
-            name = f"{method}@{size:g}" if method != "full" else "full"
-            out["acc"][name] = metrics["finetuned"][task]["acc"]
-            if "base" in metrics:
-                out["acc"]["base"] = metrics["base"][task]["acc"]
-            out["seconds"][name] = t
-            print(f"  seed {seed} {name}: acc {out['acc'][name]:.4f} ({t:.0f} s)", flush=True)
+        for valuation in valuations:
+            set_dotted(raw, "shapley.method", valuation)
+            seconds = run_stage("shapley", raw)
+            value = auroc(pd.read_csv("data/shapley/scores.csv"), assignments, truth)
+            out["valuations"][valuation] = {"auroc": value, "shapley_s": seconds}
+            out["seconds"]["shapley" if len(valuations) == 1 else f"shapley/{valuation}"] = seconds
+            print(f"  seed {seed} shapley ({valuation}): AUROC {value:.3f} ({seconds:.0f} s)", flush=True)
+            runs = [(valuation, m, s) for m in methods if m in SCORED for s in sizes]
+            if valuation == valuations[-1]:  # the rest read no scores
+                runs += [(None, m, s) for m in methods if m not in SCORED for s in sizes] + [(None, "full", 1.0)]
+            for v, method, size in runs:
+                metrics, t = finetune_and_score(raw, method, size, with_base="base" not in out["acc"])
+                task = next(iter(metrics["finetuned"]))
+                tag = f"/{v}" if v is not None and len(valuations) > 1 else ""
+                name = f"{method}{tag}@{size:g}" if method != "full" else "full"
+                out["acc"][name] = metrics["finetuned"][task]["acc"]
+                if "base" in metrics:
+                    out["acc"]["base"] = metrics["base"][task]["acc"]
+                out["seconds"][name] = t
+                print(f"  seed {seed} {name}: acc {out['acc'][name]:.4f} ({t:.0f} s)", flush=True)
+        out["auroc"] = out["valuations"][valuations[0]]["auroc"]
         os.chdir(ROOT)
     return out
 
 
 def summarize(runs: list[dict], key: str) -> dict:
-    values = np.array([r[key] if key in ("auroc", "harm_in_bad_clusters") else r["acc"][key] for r in runs], dtype=float)
+    values = [r[key] if key in ("auroc", "harm_in_bad_clusters") else r["acc"][key] for r in runs]
+    return stats(values)
+
+
+def stats(values: list[float]) -> dict:
+    values = np.array(values, dtype=float)
     return {"mean": round(float(np.nanmean(values)), 4), "std": round(float(np.nanstd(values)), 4),
             "values": [round(float(v), 4) for v in values]}
 
 
-PREFERRED = ["qocs", "qwcs", "random", "dsir"]
+PREFERRED = ["qocs", "qwcs", "random", "dsir", "cluster_uniform", "length", "perplexity"]
 
 
 def _pm(stat: dict) -> str:
@@ -151,6 +178,7 @@ def markdown(result: dict, source: str | None) -> str:
     sizes = sorted({s for v in by_method.values() for s in v})
     methods = sorted(by_method, key=lambda m: (PREFERRED.index(m) if m in PREFERRED else len(PREFERRED), m))
     seeds_text = ", ".join(map(str, seeds))
+    first_valuation = f"shapley.method {next(iter(result['valuations']))}" if result.get("valuations") else "retrain"
     lines = head + [
         f"Source: {origin}. Seeds {seeds_text} (mean ± std over seeds; eval accuracy on the embedded",
         "default's four-choice eval questions, chance 0.25).",
@@ -165,7 +193,7 @@ def markdown(result: dict, source: str | None) -> str:
             lines.append(f"| {label} | {_pm(acc[key])} |" + " |" * (len(sizes) - 1))
     lines += [
         "",
-        (f"AUROC of the cluster scores (mostly corrupted clusters score low): {_pm(result['auroc'])}. "
+        (f"AUROC of the cluster scores (mostly corrupted clusters score low; {first_valuation}): {_pm(result['auroc'])}. "
         f"Share of the planted harmful records in mostly corrupted clusters: {_pm(result['harm_in_bad_clusters'])}."),
         "",
         "Per seed:",
@@ -173,7 +201,15 @@ def markdown(result: dict, source: str | None) -> str:
         "| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
         "|---|" + "---|" * (len(seeds) + 1),
     ]
-    rows = [("AUROC", result["auroc"]), ("harmful in mostly corrupted clusters", result["harm_in_bad_clusters"])]
+    valuations = result.get("valuations", {})
+    if len(valuations) > 1:  # side by side: each valuation's AUROC and shapley-stage seconds
+        lines[-4:-4] = [
+            "| valuation (shapley.method) | AUROC | shapley stage, s |", "|---|---|---|",
+            *(f"| {v} | {_pm(f['auroc'])} | {_pm(f['shapley_s'])} |" for v, f in valuations.items()), ""]
+        rows = [(f"AUROC ({v})", f["auroc"]) for v, f in valuations.items()]
+    else:
+        rows = [("AUROC", result["auroc"])]
+    rows += [("harmful in mostly corrupted clusters", result["harm_in_bad_clusters"])]
     ordered = [f"{m}@{s:g}" for s in sizes for m in methods if f"{m}@{s:g}" in acc]
     rows += [(k, acc[k]) for k in ordered + [k for k in ("full", "base") if k in acc]]
     rows += [(k, acc[k]) for k in acc if k not in ordered and k not in ("full", "base")]
@@ -192,6 +228,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--methods", nargs="+", default=["qocs", "qwcs", "random"])
+    parser.add_argument("--valuations", nargs="+", choices=("retrain", "inrun"),
+                        help="shapley.method(s) measured side by side on each seed (default: the params' own)")
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     parser.add_argument("--base-model", help="reuse this built models/base (same base params) instead of building one")
@@ -205,6 +243,7 @@ def main() -> None:
     for item in args.set:
         key, value = item.split("=", 1)
         set_dotted(raw, key, yaml.safe_load(value))
+    valuations = args.valuations or [raw.get("shapley", {}).get("method", "retrain")]
     out_png = Path(args.out).resolve()
     markdown_path = str(Path(args.markdown).resolve()) if args.markdown else None  # the run changes directory
     start = time.perf_counter()
@@ -219,7 +258,7 @@ def main() -> None:
             print(f"base model built in {base_seconds:.0f} s", flush=True)
         for seed in args.seeds:
             print(f"seed {seed}", flush=True)
-            runs.append(one_seed(seed, raw, args.methods, args.sizes, Path(base_dir)))
+            runs.append(one_seed(seed, raw, args.methods, args.sizes, Path(base_dir), valuations))
         os.chdir(ROOT)
     keys = [k for k in runs[0]["acc"]]
     acc = {k: summarize(runs, k) for k in keys}
@@ -228,6 +267,8 @@ def main() -> None:
         "harm_in_bad_clusters": summarize(runs, "harm_in_bad_clusters"),
         "acc": acc,
         "seeds": args.seeds,
+        "valuations": {v: {"auroc": stats([r["valuations"][v]["auroc"] for r in runs]),
+                           "shapley_s": stats([r["valuations"][v]["shapley_s"] for r in runs])} for v in valuations},
         "seconds": {k: round(float(np.mean([r["seconds"][k] for r in runs])), 1) for k in runs[0]["seconds"]}
         | {"base": round(base_seconds, 1), "total": round(time.perf_counter() - start, 1)},
     }

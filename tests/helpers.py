@@ -144,3 +144,17 @@ def tiny_float64_trainer(records: list[dict], questions: list[dict], train, corp
     trainer = LoraTrainer(model, tokenizer, train)
     trainer.model.double()
     return trainer
+
+
+def tiny_random_lm(vocab_size: int = 320, corpus_lines: int = 400):
+    """(model in eval mode, tokenizer): a seeded, untrained one-layer tiny Llama for scoring tests."""
+    import torch
+
+    from shed import tiny
+    from shed.config import BaseConfig
+
+    tokenizer = tiny.train_tokenizer(tiny.tokenizer_corpus(0)[:corpus_lines], vocab_size)
+    torch.manual_seed(0)
+    model = tiny.build_model(BaseConfig(vocab_size=vocab_size, hidden_size=32, layers=1, heads=2,
+                                        intermediate_size=64), tokenizer)
+    return model.eval(), tokenizer

@@ -44,6 +44,11 @@ def mmlu_dev(tmp_path):
                                                               "choices": ["1", "2", "3", "4"], "answer": 1}]))
 
 
+def records_dev(tmp_path):
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    (tmp_path / "data/prepared/dev.jsonl").write_text(jsonl([{"id": "d0", **ALPACA[0]}]))
+
+
 def pool(name, content):
     return {name: content}, f"prepare:\n  pool: {name}\n"
 
@@ -109,6 +114,22 @@ CASES = {
     "dev_eval_overlap": ("prepare", {"pool.json": json.dumps(ALPACA), "dev.jsonl": jsonl(MC), "eval.jsonl": jsonl(MC)},
                          "prepare:\n  pool: pool.json\n  dev: dev.jsonl\n  eval: eval.jsonl\n", None,
                          "dev.jsonl: 1 dev questions also appear in the eval set eval.jsonl"),
+    # A dev set of instruction records (prepare.dev in a pool layout).
+    "dev_record_in_pool": ("prepare", *mc_file("dev.jsonl", jsonl([{"instruction": "Add 1 and 1.", "output": "2"},
+                                                                   ALPACA[1]]), key="dev"), None,
+                           "dev.jsonl: line 2: dev record 6dbb61bc278daad0 is also in the pool pool.json"),
+    "dev_record_blank_output": ("prepare", *mc_file("dev.jsonl", jsonl([{"instruction": "Add 1 and 1.", "output": " "}]),
+                                                    key="dev"), None, "dev.jsonl: line 1: field 'output' is empty"),
+    "dev_record_missing_output": ("prepare", *mc_file("dev.json", json.dumps([{"instruction": "a", "output": "b"},
+                                                                               {"instruction": "c"}]), key="dev"), None,
+                                  "dev.json: item 2: field 'output' is missing"),
+    "dev_records_with_dev_exclude": ("prepare", {"pool.json": json.dumps(ALPACA), "dev.jsonl": jsonl([{"instruction": "a",
+                                                                                                      "output": "b"}])},
+                                     "prepare:\n  pool: pool.json\n  dev: dev.jsonl\n  dev_exclude: [mmlu]\n", None,
+                                     "params.yaml: prepare.dev_exclude: removes multiple-choice questions"),
+    "dev_records_with_a_choice_value": ("shapley", {}, "shapley:\n  value: accuracy\n  dev_neighbours: 0\n", records_dev,
+                                        "params.yaml: shapley.value: accuracy scores the answer choices of multiple-choice "
+                                        "questions, and the dev set (prepare.dev) holds instruction records"),
     "C_larger_than_pool": ("cluster", {}, "cluster:\n  C: 10\nshapley:\n  n: 2\n", embeddings,
                            "params.yaml: cluster.C: 10 clusters asked for, but the pool has only 4 records"),
     "n_below_one": ("cluster", {}, "shapley:\n  n: 0\n", None, "params.yaml: shapley.n: must be at least 1, got 0"),

@@ -1,10 +1,17 @@
-"""QOCS, QWCS and random sampling with exact expectations."""
+"""QOCS, QWCS, random and the cluster_uniform, length and perplexity baselines with exact expectations."""
+
+import math
+from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from shed.config import Params
 from shed.fileio import ShedError
-from shed.sampling import qocs, qwcs, qwcs_probabilities, random_sample, resolve_size
+from shed.prompts import render
+from shed.sampling import (cluster_uniform, longest_output, lowest_loss, qocs, qwcs, qwcs_probabilities,
+                           random_sample, resolve_size)
 
 MEMBERS = {0: ["a0", "a1", "a2"], 1: ["b0", "b1"], 2: ["c0", "c1", "c2", "c3"], 3: ["d0"]}
 SCORES = {0: 0.2, 1: 0.9, 2: -0.1, 3: 0.5}
@@ -67,3 +74,196 @@ def test_resolve_size(size, expected):
 def test_resolve_size_rejects_impossible_sizes(size):
     with pytest.raises(ShedError, match="sample.subset_size"):
         resolve_size(size, 100)
+
+
+# --- cluster_uniform: every cluster weighted equally ---
+UNEVEN = {0: [f"a{i}" for i in range(5)], 1: [f"b{i}" for i in range(5)], 2: ["c0", "c1"]}
+
+
+def counts_by_cluster(taken: list[str]) -> dict[str, int]:
+    return dict(sorted(Counter(record[0] for record in taken).items()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_cluster_uniform_takes_equal_counts_while_every_cluster_has_members(seed):
+    taken = cluster_uniform(UNEVEN, 6, seed)
+    assert counts_by_cluster(taken) == {"a": 2, "b": 2, "c": 2}
+    assert len(set(taken)) == 6
+    # round by round: the first three are one record of each cluster
+    assert sorted(record[0] for record in taken[:3]) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_cluster_uniform_skips_a_cluster_that_ran_out_and_gives_the_extra_record_to_the_first_in_order(seed):
+    taken = cluster_uniform(UNEVEN, 9, seed)
+    rng = np.random.default_rng([seed, 5])
+    first_big = next("ab"[c] for c in rng.permutation(3) if c != 2)  # the documented cluster order
+    assert counts_by_cluster(taken) == {"a": 3, "b": 3, "c": 2, first_big: 4}
+    assert [record[0] for record in taken[6:]] == sorted("ab", key=lambda c: c != first_big) + [first_big]
+
+
+def test_cluster_uniform_follows_the_documented_round_robin_exactly():
+    # the cluster order is rng.permutation(3), then each cluster's members are shuffled, in ascending id
+    rng = np.random.default_rng([0, 5])
+    order = [sorted(UNEVEN)[i] for i in rng.permutation(3)]
+    shuffled = {c: [UNEVEN[c][i] for i in rng.permutation(len(UNEVEN[c]))] for c in sorted(UNEVEN)}
+    expected = [shuffled[c][r] for r in range(5) for c in order if r < len(shuffled[c])]
+    assert cluster_uniform(UNEVEN, 12, 0) == expected
+    assert cluster_uniform(UNEVEN, 9, 0) == expected[:9]
+    assert cluster_uniform(UNEVEN, 9, 0) == ["a1", "b3", "c1", "a4", "b1", "c0", "a0", "b0", "a3"]
+
+
+def test_cluster_uniform_is_deterministic_by_seed():
+    big = {c: [f"{c}-{i}" for i in range(20)] for c in range(6)}
+    assert cluster_uniform(big, 30, 7) == cluster_uniform(big, 30, 7)
+    assert cluster_uniform(big, 30, 7) != cluster_uniform(big, 30, 8)
+    assert sorted(cluster_uniform(big, 120, 7)) == sorted(sum(big.values(), []))
+
+
+def select_with(method: str, subset_size: float, pool: list[dict], assignments=None, losses=None) -> list[str]:
+    from shed.stages.sample import select
+
+    params = Params()
+    params.sample.method, params.sample.subset_size = method, subset_size
+    return select(params, pool, pd.DataFrame() if assignments is None else assignments, pd.DataFrame(),
+                  losses=losses)
+
+
+def test_sample_stage_cluster_uniform_sizes_a_fraction_or_a_count_of_the_pool():
+    pool = [{"id": r, "instruction": "i", "input": "", "output": "o"} for c in sorted(UNEVEN) for r in UNEVEN[c]]
+    assignments = pd.DataFrame({"id": [r["id"] for r in pool], "cluster": [int("abc".index(r["id"][0])) for r in pool],
+                                "distance": np.linspace(0, 1, len(pool))})
+    half = select_with("cluster_uniform", 0.5, pool, assignments)  # 6 of 12
+    assert half == cluster_uniform(UNEVEN, 6, 0) and counts_by_cluster(half) == {"a": 2, "b": 2, "c": 2}
+    assert select_with("cluster_uniform", 9, pool, assignments) == cluster_uniform(UNEVEN, 9, 0)
+
+
+# --- length: longest responses first ---
+def test_longest_output_ranks_by_characters_descending_with_ties_by_id():
+    assert longest_output(["b", "a", "c", "d"], [3, 5, 5, 1], 3) == ["a", "c", "b"]
+    assert longest_output(["b", "a", "c", "d"], [3, 5, 5, 1], 4) == ["a", "c", "b", "d"]
+
+
+def test_sample_stage_length_counts_characters_of_the_output_only():
+    outputs = {"r1": "ééé", "r2": "abcd", "r3": "ab", "r4": "xyz", "r5": ""}  # "ééé": 3 characters, 6 UTF-8 bytes
+    pool = [{"id": i, "instruction": "a very long instruction" * (k == 4), "input": "", "output": o}
+            for k, (i, o) in enumerate(outputs.items())]
+    assert select_with("length", 0.6, pool) == ["r2", "r1", "r4"]  # 0.6 of 5: 3 records
+    assert select_with("length", 4, pool) == ["r2", "r1", "r4", "r3"]
+
+
+# --- perplexity: lowest loss first ---
+def test_lowest_loss_ranks_ascending_with_ties_by_id_and_nan_last():
+    ids, losses = ["x", "y", "z", "w", "v"], [2.0, 1.0, 2.0, math.nan, math.inf]
+    assert lowest_loss(ids, losses, 3) == ["y", "x", "z"]
+    assert lowest_loss(ids, losses, 5) == ["y", "x", "z", "v", "w"]
+
+
+def test_sample_stage_perplexity_selects_from_the_given_losses():
+    pool = [{"id": f"r{i}", "instruction": "i", "input": "", "output": "o"} for i in range(4)]
+    assert select_with("perplexity", 0.5, pool, losses=[0.3, 0.1, 0.2, 0.1]) == ["r1", "r3"]
+    with pytest.raises(ValueError, match="one loss per pool record"):
+        select_with("perplexity", 0.5, pool)
+
+
+RECORDS = [
+    {"id": "r0", "instruction": "Say hi.", "input": "", "output": "Hello"},
+    {"id": "r1", "instruction": "Translate hello to French.", "input": "hello there my friend",
+     "output": "Bonjour mon ami, bonjour"},
+    {"id": "r2", "instruction": "Name a colour.", "input": "", "output": "red"},
+    {"id": "r3", "instruction": "Repeat the words twice.", "input": "apple pear", "output": "apple pear apple pear"},
+    {"id": "r4", "instruction": "Answer.", "input": "", "output": "Hi"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A 2-layer fp32 Llama (random weights) whose tokenizer learnt the records' words."""
+    from shed import tiny
+    from shed.config import BaseConfig
+
+    tokenizer = tiny.train_tokenizer([" ".join(render(r, "qa")) for r in RECORDS] * 20, 300)
+    model = tiny.build_model(BaseConfig(vocab_size=300, hidden_size=32, layers=2, heads=2, intermediate_size=64,
+                                        max_length=128, pretrain_steps=0), tokenizer)
+    return model.eval(), tokenizer
+
+
+def one_record_loss(model, tokenizer, record: dict, cut: int = 0) -> float:
+    """The mean NLL of the response tokens (and EOS) after the qa prompt, of those within the first `cut`
+    tokens (0: all): one unpadded sequence, a plain forward pass."""
+    import torch
+
+    prompt, response = render(record, "qa")
+    context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    target = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    target = target[: cut - len(context)] if cut else target
+    logprobs = torch.log_softmax(model(input_ids=torch.tensor([context + target])).logits[0].float(), -1)
+    return -sum(logprobs[len(context) - 1 + j, t].item() for j, t in enumerate(target)) / len(target)
+
+
+def test_response_losses_in_padded_batches_equal_one_record_at_a_time(tiny_lm, one_thread):
+    from shed.stages.sample import response_losses
+
+    model, tokenizer = tiny_lm
+    expected = [one_record_loss(model, tokenizer, r) for r in RECORDS]
+    assert len({round(x, 4) for x in expected}) == len(RECORDS)  # distinct: the order is a real test
+    for batch_size in (1, 3, 5):
+        losses = response_losses(model, tokenizer, RECORDS, "qa", 0, batch_size)
+        assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_response_losses_average_the_response_tokens_left_after_the_cut(tiny_lm, one_thread):
+    from shed.stages.sample import response_losses
+
+    model, tokenizer = tiny_lm
+    prompt_tokens = [len(tokenizer(render(r, "qa")[0], add_special_tokens=False)["input_ids"]) for r in RECORDS]
+    assert prompt_tokens == [12, 38, 17, 29, 8]
+    # cut at 12 tokens: only r4's prompt (8 tokens) leaves room for its response (2 tokens and EOS)
+    losses = response_losses(model, tokenizer, RECORDS, "qa", 12, 2)
+    assert [math.isinf(x) for x in losses] == [True, True, True, True, False]
+    assert losses[4] == pytest.approx(one_record_loss(model, tokenizer, RECORDS[4]), rel=1e-5)
+    # cut at 20: r2 keeps 3 of its 5 response tokens, and its loss is their mean
+    assert response_losses(model, tokenizer, RECORDS, "qa", 20, 2)[2] == pytest.approx(
+        one_record_loss(model, tokenizer, RECORDS[2], cut=20), rel=1e-5)
+
+
+def write_sample_inputs(ws, model, tokenizer) -> None:
+    """The sample stage's inputs in `ws`: RECORDS as the pool, two clusters, their scores, models/base."""
+    import json
+
+    (ws / "data/prepared").mkdir(parents=True)
+    (ws / "data/prepared/pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    (ws / "data/clusters").mkdir(parents=True)
+    (ws / "data/clusters/assignments.csv").write_text(
+        "id,cluster,distance,proxy\n" + "".join(f"{r['id']},{i % 2},0.{i},{i < 2}\n" for i, r in enumerate(RECORDS)))
+    (ws / "data/clusters/proxies.csv").write_text("cluster,proxy_id,size\n0,r0,3\n1,r1,2\n")
+    (ws / "data/shapley").mkdir(parents=True)
+    (ws / "data/shapley/scores.csv").write_text("cluster,score\n0,0.1\n1,0.2\n")
+    model.save_pretrained(ws / "models/base")
+    tokenizer.save_pretrained(ws / "models/base")
+
+
+@pytest.mark.parametrize("method", ["cluster_uniform", "length", "perplexity"])
+def test_sample_stage_writes_the_baselines_dataset_manifest_and_metrics(tmp_path, monkeypatch, tiny_lm, one_thread,
+                                                                        method):
+    import json
+
+    from shed.stages.sample import main
+
+    model, tokenizer = tiny_lm
+    write_sample_inputs(tmp_path, model, tokenizer)
+    monkeypatch.chdir(tmp_path)
+    params = Params()
+    params.sample.method, params.sample.subset_size = method, 3
+    params.train.template, params.shapley.device = "qa", "cpu"
+    main(params)
+    ids = [r["id"] for r in RECORDS]
+    expected = {"cluster_uniform": cluster_uniform({0: ["r0", "r2", "r4"], 1: ["r1", "r3"]}, 3, 0),
+                "length": ["r1", "r3", "r0"],
+                "perplexity": lowest_loss(ids, [one_record_loss(model, tokenizer, r) for r in RECORDS], 3)}[method]
+    dataset = [json.loads(line) for line in (tmp_path / "data/curated/dataset.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in dataset] == expected and dataset[0] == RECORDS[ids.index(expected[0])]
+    manifest = json.loads((tmp_path / "data/curated/manifest.json").read_text())
+    assert (manifest["method"], manifest["size"], manifest["pool_size"], manifest["temperature"]) == (method, 3, 5, None)
+    metrics = json.loads((tmp_path / "metrics/sample.json").read_text())
+    assert {k: metrics[k] for k in ("method", "size", "fraction")} == {"method": method, "size": 3, "fraction": 0.6}

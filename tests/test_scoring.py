@@ -4,10 +4,9 @@ import json
 
 import pytest
 import torch
-from helpers import choice_sums
+from helpers import choice_sums, tiny_random_lm
 
-from shed import synthetic, tiny
-from shed.config import BaseConfig
+from shed import synthetic
 from shed.scoring import (
     LmEvalScorer,
     choice_logprob,
@@ -19,11 +18,7 @@ from shed.scoring import (
 
 @pytest.fixture(scope="module")
 def lm():
-    tokenizer = tiny.train_tokenizer(tiny.tokenizer_corpus(0)[:400], 320)
-    torch.manual_seed(0)
-    model = tiny.build_model(BaseConfig(vocab_size=320, hidden_size=32, layers=1, heads=2, intermediate_size=64),
-                             tokenizer)
-    return model.eval(), tokenizer
+    return tiny_random_lm()
 
 
 @pytest.fixture(scope="module")

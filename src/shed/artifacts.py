@@ -79,7 +79,9 @@ PARAMS = {
     "cluster": ["cluster"],
     # dev questions are embedded like the records (shapley.dev_neighbours)
     "shapley": ["shapley", "train", "embed.model", "embed.fields", "embed.max_seq_length"],
-    "sample": ["sample"],
+    # perplexity scores the pool with the value model, prompted and cut as the recipe trains
+    "sample": ["sample", "shapley.model", "shapley.device", "shapley.dtype", "train.template", "train.max_length",
+               "train.batch_size", "train.micro_batch_size"],
     "finetune": ["finetune", "train"],
     "evaluate": ["evaluate", "finetune.model", "finetune.device", "finetune.dtype"],
 }
@@ -89,7 +91,7 @@ INPUTS = {
     "embed": [POOL],
     "cluster": [EMBED],
     "shapley": [POOL, DEV, EMBED, CLUSTERS, BASE_MODEL],
-    "sample": [POOL, DEV, CLUSTERS, SCORES],
+    "sample": [POOL, DEV, CLUSTERS, SCORES, BASE_MODEL],
     "finetune": [DATASET, BASE_MODEL],
     "evaluate": [DEV, EVAL, FINETUNED, BASE_MODEL],
 }

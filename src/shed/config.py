@@ -64,8 +64,9 @@ class PrepareConfig:
     pool: str = param("embedded", '"embedded", a local .json/.jsonl/.csv/.parquet, or "hf:<dataset id>"')
     format: str = param("auto", "record layout of the pool", choices=("auto", "alpaca", "dolly", "chat"))
     split: str = param("train", "split of a hub dataset")
-    dev: str = param("embedded", 'multiple-choice JSONL {question, choices, answer} for the Shapley value '
-                     'function, or "embedded"')
+    dev: str = param("embedded", 'the Shapley value function\'s dev set: multiple-choice JSONL {question, choices, '
+                     'answer} (or ARC JSONL, MMLU CSV, a folder of them), instruction records in any layout the pool '
+                     'takes, or "embedded"')
     eval: str = param("embedded", 'multiple-choice JSONL for the evaluate stage (never the dev questions), '
                       'or "embedded"')
     dev_exclude: list[str] = param([], "eval files/dirs (e.g. the MMLU dir) whose questions leave the dev set")
@@ -191,7 +192,8 @@ class ShapleyConfig:
     estimator: str = param("group_permutation", "Shapley estimator (group_permutation: the paper's)",
                            choices=("group_permutation", "antithetic", "regression", "stratified"))
     value: str = param("loglik", "value function: loglik (negative dev loss), choice_logprob (smooth MC "
-                       "accuracy), accuracy (lm-eval)", choices=("loglik", "choice_logprob", "accuracy"))
+                       "accuracy), accuracy (lm-eval); a dev set of instruction records takes loglik only",
+                       choices=("loglik", "choice_logprob", "accuracy"))
     dev_neighbours: int = param(16, "m: each proxy valued on its m nearest dev questions (paper: 0, one game)",
                                 ge=0, zero="whole dev set")
     workers: int = param(1, "concurrent jobs: worker processes (on GPUs round robin: cuda:0, cuda:1, ...), "
@@ -219,12 +221,21 @@ class ShapleyConfig:
             yield "dev_neighbours", ("needs per-question scores, which shapley.value accuracy (lm-eval) does not "
                                      "give: use loglik or choice_logprob, or dev_neighbours 0")
 
+    def dev_problem(self, dev_kind: str) -> str | None:
+        """Why `value` cannot score a dev set of `dev_kind` (scoring.dev_kind: "choices" or "records"), or None.
+        The shapley stage asks before any work: only prepare's output tells the kind."""
+        if dev_kind == "records" and self.value != "loglik":
+            return (f"{self.value} scores the answer choices of multiple-choice questions, and the dev set "
+                    "(prepare.dev) holds instruction records, which have none: use loglik")
+        return None
+
 
 @dataclass
 class SampleConfig:
     """The curated subset drawn from the valued clusters."""
 
-    method: str = param("qocs", "sampler", choices=("qocs", "qwcs", "random", "dsir", "full"))
+    method: str = param("qocs", "sampler (the baselines: docs/method.md#baselines)",
+                        choices=("qocs", "qwcs", "random", "dsir", "full", "cluster_uniform", "length", "perplexity"))
     subset_size: float = param(0.1, "a fraction of the pool (<= 1) or a record count (> 1)", gt=0)
     temperature: float = param(0.01, "QWCS: p(cluster) ∝ exp(score / T)", gt=0)
     seed: int = param(0, "sampling seed", ge=0)

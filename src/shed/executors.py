@@ -27,8 +27,8 @@ class JobSpec:
     device: str
     dtype: str
     train: TrainConfig
-    value: str  # loglik | choice_logprob | accuracy
-    dev: list[dict]  # the dev questions
+    value: str  # loglik | choice_logprob | accuracy (these two: multiple-choice dev questions only)
+    dev: list[dict]  # the dev questions, or instruction records (value loglik)
     dev_path: str  # the same questions as a file (lm-eval reads files)
 
 
@@ -39,6 +39,8 @@ class JobRunner:
         import torch
 
         from shed.models import load_causal_lm
+        from shed.prompts import render
+        from shed.scoring import dev_kind
         from shed.training import LoraTrainer
 
         if threads:
@@ -48,6 +50,9 @@ class JobRunner:
         model, self.tokenizer = load_causal_lm(spec.model, device, spec.dtype)
         self.trainer = LoraTrainer(model, self.tokenizer, spec.train)
         self.value_kind = spec.value
+        # A dev set of instruction records: each record's (prompt, response), prompted as training prompts it.
+        self.prompts = ([render(r, spec.train.template, self.tokenizer) for r in spec.dev]
+                        if dev_kind(spec.dev) == "records" else None)
         if spec.value == "accuracy":
             from shed.scoring import LmEvalScorer, mc_task_config
 
@@ -55,9 +60,11 @@ class JobRunner:
         self.setup_seconds = time.perf_counter() - start  # reported with this worker's first job
 
     def score(self) -> tuple[float, list[float] | None]:
-        """The dev score, and each dev question's own (None from lm-eval accuracy)."""
-        from shed.scoring import choice_logprob, gold_loglik
+        """The dev score, and each dev item's own (None from lm-eval accuracy)."""
+        from shed.scoring import choice_logprob, gold_loglik, response_loglik
 
+        if self.value_kind == "loglik" and self.prompts is not None:
+            return response_loglik(self.trainer.model, self.tokenizer, self.prompts)
         if self.value_kind == "loglik":
             return gold_loglik(self.trainer.model, self.tokenizer, self.dev)
         if self.value_kind == "choice_logprob":

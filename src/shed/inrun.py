@@ -53,7 +53,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from shed.scoring import context_and_choices
+from shed.prompts import render
+from shed.scoring import dev_kind, gold_rows, response_rows
 from shed.shapley import Player, ShapleyResult, _stderr_of, _value
 
 Batch = dict[str, torch.Tensor]  # input_ids, labels, attention_mask (training.pad_rows)
@@ -64,18 +65,20 @@ log = logging.getLogger(__name__)
 
 # --- batches -------------------------------------------------------------------------------------
 
-def dev_rows(tokenizer, questions: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per dev question, tokenised as `scoring.gold_loglik` scores it: the context
-    "Question: ...\\nAnswer:" and the gold continuation " choice" tokenised apart, no BOS, no EOS;
-    the loss on the continuation only. With reduction "example" a row's loss is minus the question's
-    per-question gold_loglik."""
-    rows = []
-    for q in questions:
-        context, choices = context_and_choices(q)
-        c = tokenizer(context, add_special_tokens=False)["input_ids"]
-        t = tokenizer(choices[q["answer"]], add_special_tokens=False)["input_ids"]
-        rows.append((c + t, [-100] * len(c) + t))
-    return rows
+def dev_rows(tokenizer, dev: list[dict], template: str | None = None) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per dev item, tokenised as the shapley.value loglik scores it, the loss on
+    the scored part only. A question (`scoring.gold_rows`): the context "Question: ...\\nAnswer:" and the
+    gold continuation " choice", no BOS, no EOS. An instruction record (`scoring.response_rows`): its
+    prompt and response by `prompts.render` under `template` (train.template; required for records),
+    the response followed by EOS. With reduction "example" a row's loss is minus the item's own
+    per-token log-likelihood (`scoring.gold_loglik`'s or `scoring.response_loglik`'s per-item score)."""
+    if dev_kind(dev) == "records":
+        if template is None:
+            raise ValueError("dev_rows: instruction records are prompted as training prompts them: pass train.template")
+        pairs = response_rows(tokenizer, [render(r, template, tokenizer) for r in dev])
+    else:
+        pairs = gold_rows(tokenizer, dev)
+    return [(c + t, [-100] * len(c) + t) for c, t in pairs]
 
 
 def response_tokens(batch: Batch) -> np.ndarray:
@@ -84,8 +87,9 @@ def response_tokens(batch: Batch) -> np.ndarray:
 
 
 def token_weights(batch: Batch) -> np.ndarray:
-    """Each dev question's share of the dev set's gold tokens: `gold_loglik`'s whole-dev score is the
-    token-weighted mean of the per-question scores, so its credit is this weighting of per-question credits."""
+    """Each dev item's share of the dev set's scored tokens: the whole-dev loglik (`gold_loglik`,
+    `response_loglik`) is the token-weighted mean of the per-item scores, so its credit is this weighting
+    of per-item credits."""
     n = response_tokens(batch).astype(float)
     return n / max(n.sum(), 1.0)
 

@@ -90,10 +90,15 @@ def load_choice_set(source: str) -> list[dict]:
         rows = mmlu_rows(path) if path.is_dir() else read_mmlu_csv(path)
         rows = [{k: r[k] for k in ("question", "choices", "answer")} for r in rows]
         return normalize_choice_set(rows if path.is_dir() else Rows(rows, "row"), source)
-    rows = load_rows(source)  # JSON Lines or a JSON array, whatever the suffix
+    return choice_set(load_rows(source), source)  # JSON Lines or a JSON array, whatever the suffix
+
+
+def choice_set(rows: list[dict], source: str) -> list[dict]:
+    """`{id, question, choices, answer}` from rows `load_rows(source)` read: ours, or ARC's (read again
+    by `arc_rows`, which knows its layout)."""
     if rows and isinstance(rows[0].get("question"), dict):
         rows = Rows([{"question": r["question"], "choices": r["choices"]["text"],
-                      "answer": r["choices"]["label"].index(r["answerKey"])} for r in arc_rows(path)],
+                      "answer": r["choices"]["label"].index(r["answerKey"])} for r in arc_rows(Path(source))],
                     rows.unit, rows.numbers)
     return normalize_choice_set(rows, source)
 
@@ -105,8 +110,9 @@ def question_key(question: str, choices: list[str]) -> tuple:
 
 
 def refuse_overlap(dev: list[dict], eval_keys: set[tuple], dev_source: str, eval_source: str) -> None:
-    """Never evaluate on questions the Shapley value function saw."""
-    shared = [q for q in dev if question_key(q["question"], q["choices"]) in eval_keys]
+    """Never evaluate on questions the Shapley value function saw (a dev set of instruction records has
+    no questions to compare: prepare refuses its records that are in the pool instead)."""
+    shared = [q for q in dev if "question" in q and question_key(q["question"], q["choices"]) in eval_keys]
     if shared:
         raise ShedError(f"{dev_source}: {len(shared)} dev questions also appear in the eval set {eval_source} "
                         f"(first: record id {shared[0]['id']}); set prepare.dev_exclude to {eval_source} or use another split")

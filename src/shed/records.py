@@ -11,5 +11,8 @@ def record_text(record: dict, fields: tuple[str, ...] | list[str] = FIELDS) -> s
 
 
 def question_as_record(question: dict) -> dict:
-    """A multiple-choice question `{question, choices, answer}` as the record that teaches its answer."""
+    """A dev item as a record: a multiple-choice question `{question, choices, answer}` as the record that
+    teaches its answer; an instruction record (a dev set of them, prepare.dev) as itself."""
+    if "instruction" in question:
+        return question
     return {"instruction": question["question"], "input": "", "output": question["choices"][question["answer"]]}

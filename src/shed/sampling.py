@@ -1,10 +1,13 @@
 """Samplers from clusters to a curated subset of size N: pure functions of their inputs and seed.
 
 `members` maps each cluster to its record ids ordered by distance to the centroid (nearest
-first); `scores` maps each cluster to its Shapley value.
+first); `scores` maps each cluster to its Shapley value. The baselines `longest_output` and
+`lowest_loss` rank records by a per-record number computed elsewhere (no model here).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -84,3 +87,42 @@ def dsir_sample(ids: list[str], log_weights: np.ndarray, size: int, seed: int) -
     rng = np.random.default_rng([seed, 4])
     keys = np.asarray(log_weights, dtype=float) + rng.gumbel(size=len(ids))
     return [ids[i] for i in np.argsort(-keys, kind="stable")[:size]]
+
+
+def cluster_uniform(members: dict[int, list[str]], size: int, seed: int) -> list[str]:
+    """Every cluster weighted equally (the ablation of the Shapley scores): a round robin over the clusters.
+
+    Seeded by rng = default_rng([seed, 5]): first the cluster order, rng.permutation of the cluster
+    ids sorted ascending; then each cluster's members, cluster by ascending id, shuffled by
+    rng.permutation. Round r takes the r-th shuffled member of every cluster that has more than r
+    members, in the cluster order; rounds go on until `size` records are taken, the last one cut
+    short. So clusters that have not run out give counts that differ by at most one (the extra
+    records go to the first in the cluster order), and a cluster that runs out gives all it has.
+    Returned in the order taken.
+    """
+    rng = np.random.default_rng([seed, 5])
+    clusters = sorted(members)
+    position = {clusters[i]: p for p, i in enumerate(rng.permutation(len(clusters)))}
+    shuffled = {c: [members[c][i] for i in rng.permutation(len(members[c]))] for c in clusters}
+    # Record (round, cluster position) pairs in lexicographic order are the round robin's order.
+    order = sorted((rank, position[c], record) for c in clusters for rank, record in enumerate(shuffled[c]))
+    return [record for _, _, record in order[:size]]
+
+
+def _ranked(ids: list[str], keys: list[float], size: int) -> list[str]:
+    """The `size` ids of the smallest keys, ascending, ties by id; a NaN key ranks last."""
+    ranked = sorted(zip(ids, keys), key=lambda pair: (math.isnan(pair[1]), 0.0 if math.isnan(pair[1]) else pair[1],
+                                                      pair[0]))
+    return [i for i, _ in ranked[:size]]
+
+
+def longest_output(ids: list[str], output_chars: list[int], size: int) -> list[str]:
+    """Longest responses first (Xia et al.'s length baseline): ids by `output_chars` (each record's
+    `output` length in characters, Unicode code points, not tokens) descending, ties by id ascending."""
+    return _ranked(ids, [-n for n in output_chars], size)
+
+
+def lowest_loss(ids: list[str], losses: list[float], size: int) -> list[str]:
+    """Lowest base-model loss first (a perplexity filter): ids by `losses` (each record's mean
+    per-token negative log-likelihood of its response) ascending, ties by id ascending, NaN last."""
+    return _ranked(ids, losses, size)

@@ -1,8 +1,10 @@
-"""Deterministic scores of a model on multiple-choice sets: lm-eval accuracy and gold log-likelihood.
+"""Deterministic scores of a model on dev and eval sets: lm-eval accuracy and log-likelihoods.
 
-Both use the ARC-style prompt of `tasks/shed_mc.yaml` ("Question: ...\nAnswer:" then " choice"),
-so the value function of the Shapley stage and the evaluate stage measure the same thing.
-Nothing is sampled: v(S) is a function of S alone (the authors scored sampled generations).
+Multiple-choice questions use the ARC-style prompt of `tasks/shed_mc.yaml` ("Question: ...\nAnswer:"
+then " choice"), so the value function of the Shapley stage and the evaluate stage measure the same
+thing. A dev set of instruction records is scored on its reference responses, prompted as training
+prompts them (`prompts.render`, train.template). Nothing is sampled: v(S) is a function of S alone
+(the authors scored sampled generations).
 """
 
 from __future__ import annotations
@@ -39,6 +41,33 @@ def context_and_choices(question: dict) -> tuple[str, list[str]]:
     return f"Question: {question['question']}\nAnswer:", [" " + c for c in question["choices"]]
 
 
+def dev_kind(dev: list[dict]) -> str:
+    """"records" for a dev set of instruction records `{id, instruction, input, output}`, "choices" for
+    multiple-choice questions `{id, question, choices, answer}` (prepare writes one kind or the other)."""
+    return "records" if dev and "instruction" in dev[0] else "choices"
+
+
+def gold_rows(tokenizer, questions: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, gold choice ids) per question, as `gold_loglik` scores it: "Question: ...\nAnswer:"
+    and " choice" tokenised apart, no BOS, no EOS."""
+    rows = []
+    for q in questions:
+        context, choices = context_and_choices(q)
+        rows.append((tokenizer(context, add_special_tokens=False)["input_ids"],
+                     tokenizer(choices[q["answer"]], add_special_tokens=False)["input_ids"]))
+    return rows
+
+
+def response_rows(tokenizer, prompts: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) per instruction record, as `response_loglik` scores it and
+    `training.LoraTrainer.encode` trains on it: `prompts` holds each record's (prompt, response) as
+    `prompts.render` gives them under train.template (the caller renders them); the two are tokenised
+    apart, no BOS, the response followed by EOS; not cut at train.max_length."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [(tokenizer(prompt, add_special_tokens=False)["input_ids"],
+             tokenizer(response, add_special_tokens=False)["input_ids"] + eos) for prompt, response in prompts]
+
+
 class LmEvalScorer:
     """lm-eval log-likelihood multiple-choice scoring of an in-memory model (PEFT or not)."""
 
@@ -72,12 +101,19 @@ class LmEvalScorer:
         return scores
 
 
-@torch.no_grad()
 def _continuation_logliks(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int) -> list[tuple[float, int]]:
     """(sum of log p, token count) of each continuation after its context, in batches."""
-    device = next(model.parameters()).device
     rows = [(tokenizer(c, add_special_tokens=False)["input_ids"], tokenizer(t, add_special_tokens=False)["input_ids"])
             for c, t in pairs]
+    return token_logliks(model, tokenizer, rows, batch_size)
+
+
+@torch.no_grad()
+def token_logliks(model, tokenizer, rows: list[tuple[list[int], list[int]]], batch_size: int,
+                  progress=None) -> list[tuple[float, int]]:
+    """(sum of log p, token count) of each row's continuation ids after its (non-empty) context ids, in
+    right-padded batches; `progress`: a tqdm-like bar, updated by the rows of each batch."""
+    device = next(model.parameters()).device
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -91,18 +127,30 @@ def _continuation_logliks(model, tokenizer, pairs: list[tuple[str, str]], batch_
         logprobs = torch.log_softmax(logits, -1)
         for i, (c, t) in enumerate(chunk):
             positions = torch.arange(len(c) - 1, len(c) + len(t) - 1, device=logprobs.device)
-            out.append((logprobs[i, positions, torch.tensor(t, device=logprobs.device)].sum().item(), len(t)))
+            out.append((logprobs[i, positions, torch.tensor(t, dtype=torch.long, device=logprobs.device)].sum().item(),
+                        len(t)))
+        if progress is not None:
+            progress.update(len(chunk))
     return out
 
 
 def gold_loglik(model, tokenizer, questions: list[dict], batch_size: int = 64) -> tuple[float, list[float]]:
     """Mean per-token log-likelihood of the correct choices over all their tokens (the negative dev
     loss), and each question's own per-token log-likelihood of its correct choice."""
-    pairs = []
-    for q in questions:
-        context, choices = context_and_choices(q)
-        pairs.append((context, choices[q["answer"]]))
-    scores = _continuation_logliks(model, tokenizer, pairs, batch_size)
+    return _mean_per_token(token_logliks(model, tokenizer, gold_rows(tokenizer, questions), batch_size))
+
+
+def response_loglik(model, tokenizer, prompts: list[tuple[str, str]], batch_size: int = 64
+                    ) -> tuple[float, list[float]]:
+    """shapley.value loglik of a dev set of instruction records, each given as its (prompt, response)
+    (`response_rows`): the mean per-token log-likelihood of the reference responses (and EOS) given
+    their training prompts over all their tokens (the negative dev loss with train.responses_only),
+    and each record's own per-token mean."""
+    return _mean_per_token(token_logliks(model, tokenizer, response_rows(tokenizer, prompts), batch_size))
+
+
+def _mean_per_token(scores: list[tuple[float, int]]) -> tuple[float, list[float]]:
+    """(the token-weighted mean over all rows, each row's own mean) of (sum of log p, token count) rows."""
     return sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1), [s / max(n, 1) for s, n in scores]
 
 

@@ -100,6 +100,21 @@ def schedule_digest(records: list[dict], steps: list[list[list[int]]]) -> str:
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
 
 
+def encode_record(record: dict, tokenizer, template: str, max_length: int | None,
+                  responses_only: bool = True) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a record: prompt then response plus EOS, cut at `max_length` (None or 0: uncut);
+    labels -100 on the prompt when `responses_only`."""
+    prompt, response = render(record, template, tokenizer)
+    # No BOS added: lm-eval scores causal LMs without one, and training must match scoring.
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    cut = max_length or None
+    labels = ([-100] * len(prompt_ids) if responses_only else list(prompt_ids)) + response_ids
+    return (prompt_ids + response_ids)[:cut], labels[:cut]
+
+
 def pad_rows(rows: list[tuple[list[int], list[int]]], pad_token_id: int | None, device=None) -> dict[str, torch.Tensor]:
     """(input_ids, labels) rows as right-padded tensors: pad id, labels -100 and attention mask 0 past each row."""
     width = max(len(ids) for ids, _ in rows)
@@ -163,16 +178,7 @@ class LoraTrainer:
             return cached
         if self.length_problem:
             raise ShedError(self.length_problem)
-        tok = self.tokenizer
-        prompt, response = render(record, self.cfg.template, tok)
-        # No BOS added: lm-eval scores causal LMs without one, and training must match scoring.
-        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        response_ids = tok(response, add_special_tokens=False)["input_ids"]
-        if tok.eos_token_id is not None:
-            response_ids = response_ids + [tok.eos_token_id]
-        ids = (prompt_ids + response_ids)[: self.max_length]
-        labels = ([-100] * len(prompt_ids) if self.cfg.responses_only else list(prompt_ids)) + response_ids
-        labels = labels[: self.max_length]
+        ids, labels = encode_record(record, self.tokenizer, self.cfg.template, self.max_length, self.cfg.responses_only)
         self._encoded[record["id"]] = (ids, labels)
         return ids, labels
 

@@ -7,19 +7,27 @@ Outputs (data/prepared/): pool.jsonl `{id, instruction, input, output}`, dev.jso
 `{id, question, choices, answer}` (prepare.dev / prepare.eval: our JSONL, an AI2 ARC JSONL, an
 MMLU CSV or a directory of them, e.g. ../shared/data/mmlu/val), and for the embedded default
 truth.jsonl (which records were planted as harmful: read by benchmarks only, never by the method).
+
+prepare.dev may instead be a file of instruction records in any layout prepare.pool reads (alpaca,
+dolly or chat fields; JSONL, a JSON array, CSV with a header, Parquet, hf:<id>): dev.jsonl then holds
+records `{id, instruction, input, output}` with the pool's content-hash ids, and shapley.value loglik
+scores their reference responses. The kind is told by the first row's fields (`question`: multiple
+choice; `instruction`, `conversations` or `messages`: records). A dev record that is also in the pool
+(the same instruction, input and output, so the same id) stops the run.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from shed import artifacts, streaming, synthetic
 from shed.config import Params
-from shed.data import PoolNormalizer, Rows, load_rows
-from shed.fileio import ShedError
-from shed.mcdata import load_choice_set, question_key, refuse_overlap
+from shed.data import CHAT_KEYS, POOL_FORMATS, PoolNormalizer, Rows, load_rows, normalize_row, record_id, where
+from shed.fileio import ShedError, _read_text
+from shed.mcdata import choice_set, load_choice_set, question_key, refuse_overlap
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +88,75 @@ def exclude(dev: list[dict], sources: list[str]) -> list[dict]:
     return kept
 
 
+def _record_format(row) -> str | None:
+    """The pool schema (chat, dolly, alpaca: as data.detect_format tells them) of a dev set's first row,
+    or None for a multiple-choice question (or anything else: the question reader then says what is wrong)."""
+    if not isinstance(row, dict) or "question" in row:
+        return None
+    if any(k in row for k in CHAT_KEYS):
+        return "chat"
+    if "instruction" in row:
+        return "dolly" if "response" in row else "alpaca"
+    return None
+
+
+def load_dev(source: str) -> tuple[list[dict], dict[str, str]]:
+    """prepare.dev's items and, for instruction records, where each is in the file (id -> "line N").
+
+    Multiple-choice questions `{id, question, choices, answer}` (our JSONL, ARC JSONL, an MMLU CSV or a
+    folder of them): the positions are {}. Instruction records in any layout prepare.pool reads become
+    `{id, instruction, input, output}` with the pool's ids (`data.record_id`); a blank instruction or
+    output is an error (nothing to score), an exact duplicate counts once. The first row's fields tell the kind; a CSV's
+    header (MMLU's CSVs have none: their first row is a question)."""
+    path = Path(source)
+    if path.is_dir():
+        return load_choice_set(source), {}
+    if path.suffix.lower() == ".csv":
+        header = next(csv.reader(_read_text(path).splitlines()[:1]), []) if path.is_file() else []
+        fmt = _record_format({name.strip(): "" for name in header})
+        if fmt is None:
+            return load_choice_set(source), {}
+        rows = load_rows(source)
+    else:
+        rows = load_rows(source)
+        fmt = _record_format(rows[0]) if rows else None
+        if fmt is None:
+            return choice_set(rows, source), {}
+    if not rows:
+        raise ShedError(f"{source}: empty file (no records)")
+    names = POOL_FORMATS.get(fmt, ("instruction", "input", "output"))
+    records, positions = [], {}
+    for i, row in enumerate(rows):
+        at = where(rows, i)
+        instruction, inp, output = normalize_row(row, source, at, fmt)
+        for name, text in ((names[0], instruction), (names[2], output)):
+            if not text.strip():
+                raise ShedError(f"{source}: {at}: field {name!r} is empty (a dev record needs an instruction and "
+                                "a reference response)")
+        rid = record_id(instruction, inp, output)
+        if rid not in positions:  # an exact duplicate counts once
+            records.append({"id": rid, "instruction": instruction, "input": inp, "output": output})
+            positions[rid] = at
+    log.info("%s: %d instruction records (%s fields) as the dev set", source, len(records), fmt)
+    return records, positions
+
+
+def refuse_dev_in_pool(pool: Iterable[dict], positions: dict[str, str], dev_source: str,
+                       pool_source: str) -> Iterator[dict]:
+    """The pool's records, passed on as they are read; once all are read, an error if any is a dev
+    record (a record must not value itself), naming the first in dev-file order."""
+    found = set()
+    for record in pool:
+        if record["id"] in positions:
+            found.add(record["id"])
+        yield record
+    if found:
+        first_id = next(rid for rid in positions if rid in found)
+        raise ShedError(f"{dev_source}: {positions[first_id]}: dev record {first_id} is also in the pool {pool_source} "
+                        f"(dev records in the pool: {len(found)} of {len(positions)}); a record must not value itself: "
+                        "remove them from the dev set or the pool")
+
+
 class Counted:
     """An iterable of rows that counts what it hands out (a streamed pool has no len() until written)."""
 
@@ -107,24 +184,29 @@ def build(params: Params, stream: bool = False) -> dict[str, list[dict]]:
     read in chunks (prepare.pool JSONL/Parquet), consumed when written."""
     cfg = params.prepare
     emb = cfg.embedded
-    tables: dict[str, list[dict]] = {}
+    tables: dict[str, list[dict]] = {"pool": []}  # pool first: the order files and metrics list the tables in
     if cfg.pool == "embedded":
-        tables["pool"], tables["truth"] = synthetic.generate_pool(emb.pool_size, emb.corrupt_fraction, emb.seed)
+        records, tables["truth"] = synthetic.generate_pool(emb.pool_size, emb.corrupt_fraction, emb.seed)
         if cfg.max_records:
-            tables["pool"] = tables["pool"][: cfg.max_records]
+            records = records[: cfg.max_records]
     else:
         records = pool_records(cfg.pool, cfg.split, cfg.format, cfg.duplicates, cfg.empty)
         if cfg.max_records:
             records = first(records, cfg.max_records)
-        tables["pool"] = Counted(records) if stream else list(records)  # type: ignore[assignment]
-    tables["dev"] = (synthetic.generate_questions(emb.dev_size, emb.seed, salt=11) if cfg.dev == "embedded"
-                     else load_choice_set(cfg.dev))
+    tables["dev"], positions = (synthetic.generate_questions(emb.dev_size, emb.seed, salt=11), {}) \
+        if cfg.dev == "embedded" else load_dev(cfg.dev)
+    if positions:  # instruction records: none may be a pool record (checked as the pool is read)
+        if cfg.dev_exclude:
+            raise ShedError(f"params.yaml: prepare.dev_exclude: removes multiple-choice questions, and prepare.dev "
+                            f"{cfg.dev} holds instruction records: set it to []")
+        records = refuse_dev_in_pool(records, positions, cfg.dev, cfg.pool)
+    tables["pool"] = Counted(records) if stream and cfg.pool != "embedded" else list(records)  # type: ignore[assignment]
     tables["eval"] = (synthetic.generate_questions(emb.eval_size, emb.seed, salt=12) if cfg.eval == "embedded"
                       else load_choice_set(cfg.eval))
     if cfg.dev_exclude:
         tables["dev"] = exclude(tables["dev"], cfg.dev_exclude)
     # Never evaluate on questions the value function saw: refused for given files, dropped for generated ones.
-    if cfg.dev != "embedded" or cfg.eval != "embedded":
+    if not positions and (cfg.dev != "embedded" or cfg.eval != "embedded"):
         refuse_overlap(tables["dev"], {question_key(q["question"], q["choices"]) for q in tables["eval"]},
                        cfg.dev, cfg.eval)
     dev_ids = {q["id"] for q in tables["dev"]}

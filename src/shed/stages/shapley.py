@@ -62,6 +62,7 @@ from shed.executors import JobSpec, run_jobs
 from shed.fileio import ShedError, atomic_path, write_csv, write_json
 from shed.jobstore import NOT_JOB_CODE, JobStore, job_context, subset_key
 from shed.records import question_as_record, record_text
+from shed.scoring import dev_kind
 from shed.shapley import ESTIMATORS, local_values, schedule
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,9 @@ def run_and_record(spec: JobSpec, jobs: list[dict], store: JobStore, workers: in
 
 
 def nearest_questions(params: Params, dev: list[dict], proxy_ids: list[str]) -> np.ndarray:
-    """Row i: the indices of the shapley.dev_neighbours dev questions nearest proxy i (cosine, in
-    the embed stage's space; a question embedded as the record that teaches its correct choice)."""
+    """Row i: the indices of the shapley.dev_neighbours dev items nearest proxy i (cosine, in the embed
+    stage's space; a question embedded as the record that teaches its correct choice, an instruction
+    record as itself: its embed.fields, as the pool's records are embedded)."""
     vectors, ids = artifacts.read_embeddings(mmap=True)  # only the C proxy rows are read
     row = {rid: i for i, rid in enumerate(ids)}
     missing = [p for p in proxy_ids if p not in row]
@@ -291,7 +293,7 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
     model, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype)
     trainer = LoraTrainer(model, tokenizer, params.train)
     records = [proxy_records[c] for c in players]
-    dev_batch = pad_rows(inrun.dev_rows(tokenizer, dev), tokenizer.pad_token_id, trainer.device)
+    dev_batch = pad_rows(inrun.dev_rows(tokenizer, dev, params.train.template), tokenizer.pad_token_id, trainer.device)
     weights = inrun.token_weights(dev_batch)
     problem = inrun.held_dev_problem(trainer.model, len(dev), cfg.dev_every)
     if problem:  # before any run: not an out-of-memory kill at the first refresh
@@ -404,8 +406,11 @@ def value_retrain(params: Params, dev: list[dict], players: list[int], proxy_rec
 def main(params: Params) -> None:
     cfg = params.shapley
     start = time.perf_counter()
-    pool = {r["id"]: r for r in artifacts.read_pool()}
     dev = artifacts.read_dev()
+    problem = cfg.dev_problem(dev_kind(dev))
+    if problem:
+        raise ShedError(f"params.yaml: shapley.value: {problem}")
+    pool = {r["id"]: r for r in artifacts.read_pool()}
     _, proxies = artifacts.read_clusters()
     missing = [p for p in proxies["proxy_id"] if p not in pool]
     if missing:
