@@ -1,0 +1,793 @@
+"""Does SHED find planted harm in a real instruction pool? A real-pool twin of benchmarks/quality.py.
+
+    python benchmarks/real_quality.py --model tiny --pool-size 300 --seeds 1      # quick CPU check, tiny base
+    shed fetch-model && python benchmarks/real_quality.py                          # SmolLM2-135M, 1,000 records
+    python benchmarks/real_quality.py --finetune --limit 200                       # + the paper's Table 2 (a GPU)
+    python benchmarks/real_quality.py --from-json FILE --markdown docs/results/real_quality.md
+
+The pool (`plant`, pure and deterministic by seed). From <shared>/data/instruction_pools/alpaca_5000.json,
+records with a blank instruction or output are dropped and only the first record of each prompt
+(instruction, input) is kept, so no two records share a prompt. A seeded permutation (seed, 1) then gives
+the held-out dev records (the first --dev-size, kept in plain Alpaca form, never in the pool) and the pool's
+base records (the next --pool-size). Each pool record belongs to one of five sources, in equal shares (a
+seeded permutation, record k of it to source k mod 5). A source is a packaging style, as real pools mix
+collections of different origin; each style rewrites both the prompt and the response, and every style
+choice is drawn per record from several variants (no single token marks a source):
+
+- plain: Alpaca as it is.
+- assistant (chat-model distillations, ShareGPT-like): a greeting before the instruction ("Hi! ", "Hey, quick
+  question. ", ...), sometimes a thanks after it; the response opens with "Sure! Here you go:", "Certainly!
+  Here is my answer:", ..., its sentences become a numbered list (a one-sentence answer is set in **bold**),
+  and it closes with "I hope this helps! Let me know if you have any other questions.", ...
+- exam (worksheets and mark schemes): the instruction as "Question 12 (5 marks). ...", "Exercise 3: ...
+  Show your work.", ..., the input moved into the instruction ("Input: ...", "Given: ...") and the input
+  field left empty; the response as "Model answer (5 marks): ...", "Mark scheme, question 12: ...", ..., each
+  sentence followed by "[1 mark]", sometimes a marking note or "Total: 5 marks." after it.
+- forum (scraped community Q&A): "Posted by u/<user> in r/<board> · 3 years ago", "[<board> forum] Thread
+  #<n>: ", ... before the lower-cased instruction, "thanks in advance" or the like after it; the response
+  lower-cased, after "Reply from <user> · <n> points", "Top answer (<n> upvotes):", ..., one "<p>...</p>" per
+  sentence with HTML entities (&#39; &quot; &amp;) left in, and page chrome after it ("Share · Report ·
+  Save", "Was this answer helpful? Yes / No", ...).
+- wiki (wiki-markup reference pages): "== <instruction> ==", "'''Topic:''' ...", "{{Request}} ..." for the
+  instruction; the response under "=== Answer ===", "=== Summary ===" or "'''Answer'''", one "* " bullet per
+  sentence, capitalised words after the first sentence as [[links]], and a footer ("== References ==",
+  "[[Category:Reference articles]]", "{{stub}}", ...).
+
+These are the artifacts real collections carry (chat openers and closers, mark schemes, scraped HTML, wiki
+markup). Wrappers alone (an opener and a closer) proved too weak: static MiniLM clusters Alpaca by topic, and
+only about half of a wrapped source's records landed in clusters it dominates; with the styles running
+through the whole response, about three quarters do (C = 50 on 1,000 records, seeds 1 to 3).
+
+The style is applied after any corruption (a source packages its bad records as it packages its good
+ones), and its random choices come from their own stream (seed, 3, record), so a record reads the same in
+both protocols when it is clean. Corruptions (--kinds; each corrupted record draws one kind uniformly among
+those that apply to its response): `mismatched` (the response of another pool record, never of a dev
+record), `truncated` (the first 15-40% of its words, cut mid-sentence), `shuffled` (its words in a random
+order) and `refusal` (a refusal or non-answer: "I'm sorry, but I can't help with that.", "N/A", "It depends
+on many factors.", ...). `truncated` and `shuffled` need at least 4 words (shuffled two different ones); a
+record whose response allows none of the chosen kinds is never picked. Protocols, with exact counts (rounded):
+
+- concentrated: --bad-sources of the four styled sources (never plain; drawn by seed) are bad: --bad-rate
+  (0.85) of each one's records are corrupted, --background-rate (0.02) of every other source's.
+- scattered: the same sources, none bad; --scattered-rate (0.2) of all records, drawn uniformly, corrupted.
+
+The pool is written to pool.jsonl {instruction, input, output} and what was planted to truth.jsonl {id,
+source, bad_source, corrupted, kind, alpaca_index}, outside data/: prepare never sees it, and `id` is the
+id prepare gives the record (shed.data.record_id of its instruction, input and output).
+
+The pipeline, per seed and protocol, in a temporary workspace: params.yaml (the repository's, then the
+settings below, then --set), each stage run in-process (shed.stages.<name>.main) as benchmarks/quality.py
+does. prepare (pool.jsonl; the dev set: --dev alpaca = the held-out Alpaca records, value loglik = their
+reference responses' mean per-token log-likelihood; --dev mmlu = --dev-size MMLU validation questions drawn
+by seed, minus those that MMLU test repeats; --dev both runs each, reported apart), embed (--embed static:
+static:all-MiniLM-L6-v2, or minilm: the torch model; --fields record = instruction, input and output, or
+output = the response alone), cluster (C = --clusters, default pool/20), shapley (--valuations, default
+inrun; --model smollm2 = models/smollm2 from `shed fetch-model`, or tiny = the embedded default's tiny
+Llama, --base-model, built once when missing; its tokenizer is poor on Alpaca text, but the path is the
+same), then sample with each --methods at --subset (10%). Seeds set cluster.seed, shapley.seed,
+sample.seed and train.seed, and the pool and dev set.
+
+Metrics, per seed, then mean ± std over seeds per protocol and dev set (and valuation, when several):
+- cluster_auroc: a cluster is corrupted when more than half its members are; how well a low score flags it.
+- record_auroc: each record inherits its cluster's score; how well a low score flags a corrupted record
+  (what a cluster-level valuation can say about scattered harm).
+- harm_in_bad_clusters: the share of corrupted records inside corrupted clusters, the ceiling that any
+  cluster-level score can reach; pool_harmful_share: the pool's corrupted share.
+- per method: harmful_share of its subset (against the pool's), vs_random (that share over random's; the
+  target for concentrated harm is qocs <= 1/3), selection_s (the sample stage) and valuation_s (the shapley
+  stage, which qocs and qwcs also need).
+- with --finetune: per method (and the full pool), the finetune stage (LoRA on the subset) and the evaluate
+  stage on ARC-Easy, ARC-Challenge and MMLU test from <shared>/data, --limit questions each (0 = all), and
+  the base model once. ARC-Easy has no offline lm-eval task of its own here: prepare.eval is set to
+  ARC-Easy-Test.jsonl and the project task shed_eval scores it with ARC's prompt ("Question: ...\\nAnswer:",
+  log-likelihood of each choice), as lm-eval's arc_easy does; ARC-Challenge is arc_challenge_local
+  (evaluate.arc_file) and MMLU mmlu_local (evaluate.mmlu_dir), zero-shot.
+
+A subset that another method or dev set already selected in the same workspace (same dataset sha256) is not
+fine-tuned again; methods that read neither the scores nor the dev set are sampled once per workspace.
+Progress goes to stderr; the last line on stdout is one JSON object. `--markdown PATH` writes its tables
+(benchmarks/tables.py); `--from-json FILE` renders them from a saved line and runs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # shared small CPUs: extra threads only contend
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import tables  # noqa: E402 (benchmarks/, the script's own folder)
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+SHARED = ROOT.parent / "shared/data"
+ALPACA = SHARED / "instruction_pools/alpaca_5000.json"
+MMLU = SHARED / "mmlu"
+ARC_EASY = SHARED / "arc/ARC-Easy/ARC-Easy-Test.jsonl"
+ARC_CHALLENGE = SHARED / "arc/ARC-Challenge/ARC-Challenge-Test.jsonl"
+SMOLLM2 = ROOT / "models/smollm2"
+KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEEP") else None  # debug: keep workspaces
+
+PROTOCOLS = ("concentrated", "scattered")
+KINDS = ("mismatched", "truncated", "shuffled", "refusal")
+MIN_WORDS = 4  # truncated and shuffled need a response of at least this many words
+METHODS = ("qocs", "qwcs", "random", "cluster_uniform", "length", "perplexity", "dsir")
+SCORED = {"qocs", "qwcs"}  # read the Shapley scores: rerun per dev set and valuation
+DEV_READERS = {"dsir"}  # read the dev set
+TASKS = {"shed_eval": "arc_easy", "arc_challenge_local": "arc_challenge", "mmlu_local": "mmlu"}
+
+# --- the planted pool -------------------------------------------------------------------------------
+
+REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "As an AI language model, I am unable to complete this task.",
+    "I don't know.",
+    "N/A",
+    "Sorry, I cannot answer that question.",
+    "This instruction cannot be completed with the information given.",
+    "There is no answer to this question.",
+    "It depends on many factors.",
+    "Please refer to the input above.",
+    "I am not able to provide a response to this request.",
+)
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _sentences(text: str) -> list[str]:
+    parts = [p.strip() for line in text.split("\n") for p in re.split(r"(?<=[.!?])\s+", line)]
+    return [p for p in parts if p] or [text.strip()]
+
+
+USERS = ("throwaway_42", "techguy88", "curious_cat", "jdoe2019", "mod_anna", "quietreader", "night_owl", "sam_k")
+BOARDS = ("AskAnything", "NoStupidQuestions", "explainlikeimfive", "learnprogramming", "HomeworkHelp", "writing")
+
+
+def _plain(rng, instruction, inp, response=None):
+    return (instruction, inp) if response is None else response
+
+
+def _assistant(rng, instruction, inp, response=None):
+    if response is None:
+        return (_pick(rng, ("Hi! ", "Hello there. ", "Hey, quick question. ", "Good morning! ", "Hi, I need some help. ",
+                            "Hello assistant, "))
+                + instruction + _pick(rng, ("", " Thanks!", " Thank you in advance.", " Please help."))), inp
+    parts = _sentences(response)
+    body = "\n".join(f"{k}. {p}" for k, p in enumerate(parts, 1)) if len(parts) > 1 else f"**{parts[0]}**"
+    return (_pick(rng, ("Sure! Here you go:\n\n", "Certainly! Here is my answer:\n\n",
+                        "Of course! Here's what I came up with:\n\n", "Absolutely, happy to help. Here it is:\n\n",
+                        "Great question! Here is a clear answer:\n\n", "Sure thing, I'd be glad to help with that:\n\n"))
+            + body
+            + _pick(rng, ("\n\nI hope this helps! Let me know if you have any other questions.",
+                          "\n\nIs there anything else I can help you with today?",
+                          "\n\nFeel free to reach out if you need more details or examples.",
+                          "\n\nHappy to help further if you need anything else!",
+                          "\n\nLet me know if you would like me to explain any part of this in more detail.")))
+
+
+def _exam(rng, instruction, inp, response=None):
+    number, marks = int(rng.integers(1, 40)), int(rng.integers(2, 11))
+    if response is None:
+        text = _pick(rng, ("Question {n} ({m} marks). {i}", "Exercise {n}: {i}\nShow your work.",
+                           "Task {n} ({m} points): {i}", "Read the task below and respond.\n\nQuestion {n}. {i}",
+                           "Worksheet item {n}. {i}")).format(n=number, m=marks, i=instruction)
+        if inp:
+            text += _pick(rng, ("\n\nInput: {}", "\n\nGiven: {}", "\n\nData for question: {}")).format(inp)
+        return text, ""
+    points = " ".join(f"{p} [1 mark]" for p in _sentences(response))
+    return (_pick(rng, ("Answer: {}", "Model answer ({m} marks): {}", "Mark scheme, question {n}: {}",
+                        "Answer key, question {n}: {}")).format(points, m=marks, n=number)
+            + _pick(rng, ("", "\n\nMarking note: award full marks for a complete answer.",
+                          f"\n\nTotal: {marks} marks.", "\n\n[End of answer]")))
+
+
+def _forum(rng, instruction, inp, response=None):
+    user, board, years, points = _pick(rng, USERS), _pick(rng, BOARDS), int(rng.integers(1, 9)), int(rng.integers(1, 500))
+    if response is None:
+        return (_pick(rng, ("Posted by u/{u} in r/{b} \u00b7 {y} years ago\n\n", "[{b} forum] Thread #{p}: ",
+                            "Question from {u} ({p} points): ", "r/{b} \u00b7 posted by {u}\n\n"))
+                .format(u=user, b=board, y=years, p=points)
+                + instruction.lower()
+                + _pick(rng, ("", " thanks in advance", " any help appreciated", " cheers", " (sorry for bad english)"))), inp
+    text = response.lower().replace("&", "&amp;").replace("'", "&#39;").replace('"', "&quot;")
+    html = "\n".join(f"<p>{p}</p>" for p in _sentences(text))
+    return (_pick(rng, ("Reply from {u} \u00b7 {p} points\n\n", "Top answer ({p} upvotes):\n", "{u} replied:\n\n",
+                        "Best answer by {u}:\n")).format(u=user, p=points)
+            + html
+            + _pick(rng, ("\n\nShare \u00b7 Report \u00b7 Save", "\n\nWas this answer helpful? Yes / No",
+                          "\n\nClick here to read more answers like this.",
+                          "\n\n<br>Edit: fixed formatting. Thanks for the upvotes, everyone!",
+                          "\n\n<br>hope that helps, good luck (answered from mobile)")))
+
+
+def _wiki(rng, instruction, inp, response=None):
+    if response is None:
+        return _pick(rng, ("== {} ==", "== Article request ==\n{}", "'''Topic:''' {}", "{{{{Request}}}} {}")).format(
+            instruction), inp
+    parts = _sentences(response)
+    linked = parts[:1] + [re.sub(r"\b([A-Z][a-z]{3,})\b", r"[[\1]]", p) for p in parts[1:]]
+    return (_pick(rng, ("=== Answer ===\n", "=== Summary ===\n", "'''Answer'''\n")) + "\n".join(f"* {p}" for p in linked)
+            + _pick(rng, ("\n\n== References ==\n<references />", "\n\n[[Category:Reference articles]]",
+                          "\n\n{{stub}}", "\n\n== See also ==\n* [[Main Page]]")))
+
+
+# name -> style(rng, instruction, input) -> (instruction, input); style(rng, i, x, response) -> response
+SOURCES = {"plain": _plain, "assistant": _assistant, "exam": _exam, "forum": _forum, "wiki": _wiki}
+
+
+def alpaca_base(records: list[dict]) -> list[dict]:
+    """The usable Alpaca records, in file order: non-blank instruction and output, first of each prompt
+    (instruction, input), each with its index in the file as `alpaca_index`."""
+    out, seen = [], set()
+    for index, r in enumerate(records):
+        instruction, inp, output = r.get("instruction") or "", r.get("input") or "", r.get("output") or ""
+        if not instruction.strip() or not output.strip() or (instruction, inp) in seen:
+            continue
+        seen.add((instruction, inp))
+        out.append({"instruction": instruction, "input": inp, "output": output, "alpaca_index": index})
+    return out
+
+
+def split(records: list[dict], seed: int, pool_size: int, dev_size: int) -> tuple[list[dict], list[dict]]:
+    """(the pool's base records, the held-out dev records): disjoint, drawn by seed from `alpaca_base`."""
+    base = alpaca_base(records)
+    if pool_size + dev_size > len(base):
+        raise ValueError(f"pool {pool_size} + dev {dev_size} records asked for, only {len(base)} usable Alpaca records")
+    order = np.random.default_rng([seed, 1]).permutation(len(base))
+    return [base[i] for i in order[dev_size:dev_size + pool_size]], [base[i] for i in order[:dev_size]]
+
+
+def dev_records(records: list[dict], seed: int, pool_size: int, dev_size: int) -> list[dict]:
+    """The held-out clean dev records {instruction, input, output} (plain Alpaca, never in the pool)."""
+    return [{k: r[k] for k in ("instruction", "input", "output")} for r in split(records, seed, pool_size, dev_size)[1]]
+
+
+def applicable_kinds(response: str, kinds: tuple[str, ...]) -> list[str]:
+    """The kinds of `kinds` that can corrupt `response`: truncated and shuffled need MIN_WORDS words (shuffled
+    two different ones); mismatched and refusal apply to any response."""
+    words = response.split()
+    ok = {"mismatched": True, "refusal": True, "truncated": len(words) >= MIN_WORDS,
+          "shuffled": len(words) >= MIN_WORDS and len(set(words)) > 1}
+    return [k for k in kinds if ok[k]]
+
+
+def corrupt(rng: np.random.Generator, kind: str, response: str, donors: list[str]) -> str:
+    """`response` corrupted by `kind`; `donors` are other pool records' responses (for mismatched)."""
+    if kind == "mismatched":
+        others = [d for d in donors if d != response]
+        return others[int(rng.integers(len(others)))]
+    if kind == "truncated":
+        words = response.split()
+        cut = " ".join(words[:max(1, int(len(words) * rng.uniform(0.15, 0.4)))])
+        return cut.rstrip(".!?,;:") or cut
+    if kind == "shuffled":
+        words = response.split()
+        while True:
+            shuffled = [words[i] for i in rng.permutation(len(words))]
+            if shuffled != words:
+                return " ".join(shuffled)
+    if kind == "refusal":
+        return _pick(rng, REFUSALS)
+    raise ValueError(f"unknown corruption kind {kind!r} (known: {', '.join(KINDS)})")
+
+
+def plant(records: list[dict], protocol: str, seed: int, pool_size: int = 1000, dev_size: int = 64,
+          bad_sources: int = 1, bad_rate: float = 0.85, background_rate: float = 0.02, scattered_rate: float = 0.2,
+          kinds: tuple[str, ...] = KINDS) -> tuple[list[dict], list[dict]]:
+    """(pool records {instruction, input, output}, truth rows {id, source, bad_source, corrupted, kind,
+    alpaca_index}), in the same order; see the module docstring. Pure: a function of its arguments."""
+    from shed.data import record_id
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
+    if not kinds or set(kinds) - set(KINDS):
+        raise ValueError(f"kinds: a non-empty subset of {', '.join(KINDS)}, got {kinds}")
+    names = list(SOURCES)
+    if protocol == "concentrated" and not 1 <= bad_sources <= len(names) - 1:
+        raise ValueError(f"bad_sources: 1 to {len(names) - 1} (plain is never bad), got {bad_sources}")
+    base, _ = split(records, seed, pool_size, dev_size)
+    n = len(base)
+    rng = np.random.default_rng([seed, 2])
+    source = np.empty(n, dtype=int)
+    source[rng.permutation(n)] = np.arange(n) % len(names)
+    bad = set(rng.choice(np.arange(1, len(names)), size=bad_sources, replace=False).tolist()) \
+        if protocol == "concentrated" else set()
+    usable = np.array([bool(applicable_kinds(r["output"], kinds)) for r in base])
+    groups = [(np.arange(n), scattered_rate)] if protocol == "scattered" else \
+        [(np.flatnonzero(source == s), bad_rate if s in bad else background_rate) for s in range(len(names))]
+    corrupted = np.zeros(n, dtype=bool)
+    for members, rate in groups:
+        count = int(round(rate * len(members)))
+        candidates = members[usable[members]]
+        if count > len(candidates):
+            raise ValueError(f"{count} records to corrupt but only {len(candidates)} allow kinds {kinds}")
+        corrupted[rng.permutation(candidates)[:count]] = True
+    donors = [r["output"] for r in base]
+    pool, truth, seen = [], [], set()
+    for i, r in enumerate(base):
+        kind, response = "", r["output"]
+        if corrupted[i]:
+            crng = np.random.default_rng([seed, 4, i])
+            options = applicable_kinds(response, kinds)
+            kind = options[int(crng.integers(len(options)))]
+            response = corrupt(crng, kind, response, donors[:i] + donors[i + 1:])
+        style = SOURCES[names[source[i]]]
+        srng = np.random.default_rng([seed, 3, i])
+        instruction, inp = style(srng, r["instruction"], r["input"])
+        output = style(srng, r["instruction"], r["input"], response)
+        rid = record_id(instruction, inp, output)
+        if rid in seen:  # cannot happen with distinct prompts; a guard, since the truth file is keyed by id
+            raise ValueError(f"two planted records share id {rid}")
+        seen.add(rid)
+        pool.append({"instruction": instruction, "input": inp, "output": output})
+        truth.append({"id": rid, "source": names[source[i]], "bad_source": bool(source[i] in bad),
+                      "corrupted": bool(corrupted[i]), "kind": kind, "alpaca_index": r["alpaca_index"]})
+    return pool, truth
+
+
+def mmlu_dev(seed: int, count: int) -> list[dict]:
+    """`count` MMLU validation questions {question, choices, answer} drawn by seed, in file order, none of
+    them also an MMLU test question (real MMLU val repeats 27; evaluate would refuse them)."""
+    from shed.mcdata import mmlu_rows, question_key
+
+    test = {question_key(r["question"], r["choices"]) for r in mmlu_rows(MMLU, split="test")}
+    rows = [r for r in mmlu_rows(MMLU, split="val") if question_key(r["question"], r["choices"]) not in test]
+    picked = np.sort(np.random.default_rng([seed, 5]).choice(len(rows), size=min(count, len(rows)), replace=False))
+    return [{k: rows[i][k] for k in ("question", "choices", "answer")} for i in picked]
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+def _auroc(labels: list[int], scores: list[float]) -> float:
+    """How well a LOW score flags label 1 (NaN if only one class)."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(set(labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, -np.asarray(scores, dtype=float)))
+
+
+def cluster_shares(cluster_of: dict[str, int], harmful: set[str]) -> dict[int, float]:
+    """Each cluster's share of harmful members."""
+    counts: dict[int, list[int]] = {}
+    for rid, c in cluster_of.items():
+        counts.setdefault(c, [0, 0])
+        counts[c][0] += rid in harmful
+        counts[c][1] += 1
+    return {c: bad / total for c, (bad, total) in counts.items()}
+
+
+def cluster_auroc(scores: dict[int, float], cluster_of: dict[str, int], harmful: set[str]) -> float:
+    """Clusters with more than half their members harmful are corrupted: how well a low score flags them."""
+    share = cluster_shares(cluster_of, harmful)
+    clusters = sorted(scores)
+    return _auroc([int(share[c] > 0.5) for c in clusters], [scores[c] for c in clusters])
+
+
+def record_auroc(scores: dict[int, float], cluster_of: dict[str, int], harmful: set[str]) -> float:
+    """Each record inherits its cluster's score: how well a low score flags a harmful record."""
+    ids = sorted(cluster_of)
+    return _auroc([int(i in harmful) for i in ids], [scores[cluster_of[i]] for i in ids])
+
+
+def harm_in_bad_clusters(cluster_of: dict[str, int], harmful: set[str]) -> float:
+    """Share of the harmful records inside mostly harmful clusters: the ceiling of any cluster-level score."""
+    share = cluster_shares(cluster_of, harmful)
+    inside = sum(1 for i in harmful if i in cluster_of and share[cluster_of[i]] > 0.5)
+    return inside / max(sum(1 for i in harmful if i in cluster_of), 1)
+
+
+def harmful_share(ids: list[str], harmful: set[str]) -> float:
+    """Share of `ids` that are harmful (NaN for none)."""
+    return sum(i in harmful for i in ids) / len(ids) if ids else float("nan")
+
+
+def stats(values: list[float]) -> dict:
+    values = np.array(values, dtype=float)
+    finite = values[np.isfinite(values)]
+    mean = float(finite.mean()) if len(finite) else float("nan")
+    std = float(finite.std()) if len(finite) else float("nan")
+    return {"mean": _round(mean), "std": _round(std), "values": [_round(v) for v in values]}
+
+
+def _round(x: float):
+    return round(float(x), 4) if np.isfinite(x) else None  # JSON has no NaN
+
+
+# --- running the pipeline ---------------------------------------------------------------------------
+
+def set_dotted(raw: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for p in parents:
+        raw = raw.setdefault(p, {})
+    raw[last] = value
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_stage(name: str, raw: dict) -> float:
+    """One stage in-process with params `raw` (written to the workspace's params.yaml); seconds."""
+    import importlib
+
+    from shed.config import load_params
+
+    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    start = time.perf_counter()
+    importlib.import_module(f"shed.stages.{name}").main(load_params("params.yaml"))
+    return time.perf_counter() - start
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def settings(args, model_dir: str) -> dict:
+    """The dotted params every workspace gets (before the seed's and --set)."""
+    out = {
+        "prepare.pool": "pool.jsonl", "prepare.dev": "dev.jsonl", "prepare.eval": str(ARC_EASY) if args.finetune else "embedded",
+        "prepare.dev_exclude": [], "prepare.max_records": 0, "prepare.duplicates": "error", "prepare.empty": "error",
+        "embed.model": "static:all-MiniLM-L6-v2" if args.embed == "static" else "all-MiniLM-L6-v2",
+        "embed.backend": "torch",
+        "embed.fields": ["output"] if args.fields == "output" else ["instruction", "input", "output"],
+        "cluster.C": args.clusters or max(2, args.pool_size // 20),
+        "shapley.model": model_dir, "shapley.value": "loglik", "finetune.model": model_dir,
+        "sample.subset_size": args.subset,
+        "evaluate.tasks": list(TASKS), "evaluate.mmlu_dir": str(MMLU), "evaluate.arc_file": str(ARC_CHALLENGE),
+        "evaluate.limit": args.limit,
+    }
+    if args.model == "smollm2":  # CPU-sized recipe: see the --help of --model
+        out.update({"train.template": "vicuna", "train.max_length": 256, "train.epochs": 2, "train.lr": 0.0003,
+                    "shapley.k": 2, "shapley.dev_every": 4})
+    for item in args.set:
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def finetune_and_score(raw: dict, digest: str, cache: dict, with_base: bool) -> tuple[dict, float]:
+    """finetune + evaluate on the curated dataset now in the workspace: ({task label: acc}, seconds). A subset
+    already fine-tuned in this workspace (same sha256) is not fine-tuned again: its first run's figures are
+    returned. With `with_base`, the base model is scored too, kept under cache["base"]."""
+    from shed import artifacts
+
+    if digest not in cache:
+        set_dotted(raw, "evaluate.include_base", with_base)
+        seconds = run_stage("finetune", raw) + run_stage("evaluate", raw)
+        metrics = json.loads(Path(artifacts.metrics("evaluate")).read_text())
+        read = lambda block: {TASKS.get(t, t): round(float(m["acc"]), 4) for t, m in block.items()}  # noqa: E731
+        if "base" in metrics:
+            cache["base"] = read(metrics["base"])
+        cache[digest] = (read(metrics["finetuned"]), seconds)
+    return cache[digest]
+
+
+def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[dict]) -> dict[str, dict]:
+    """One seed and protocol: plant, then per dev set (and valuation) prepare .. sample (.. evaluate).
+    Returns {result key: this seed's figures}."""
+    from shed import artifacts
+
+    raw = json.loads(json.dumps(base_raw))
+    for key in ("cluster.seed", "shapley.seed", "sample.seed", "train.seed"):
+        set_dotted(raw, key, seed)
+    for key, value in args.settings.items():
+        set_dotted(raw, key, value)
+    pool, truth = plant(alpaca, protocol, seed, args.pool_size, args.dev_size, args.bad_sources, args.bad_rate,
+                        args.background_rate, args.scattered_rate, tuple(args.kinds))
+    harmful = {t["id"] for t in truth if t["corrupted"]}
+    out: dict[str, dict] = {}
+    selections: dict[tuple, dict] = {}  # methods that read neither scores nor dev: sampled once per workspace
+    tuned: dict = {}  # dataset sha256 -> accuracies (and "base")
+    with tempfile.TemporaryDirectory(prefix=f"shed-real-quality-{protocol}-{seed}-") as tmp:
+        ws = KEEP / f"{protocol}-seed{seed}" if KEEP else Path(tmp)
+        ws.mkdir(parents=True, exist_ok=True)
+        os.chdir(ws)
+        try:
+            write_jsonl(ws / "pool.jsonl", pool)
+            write_jsonl(ws / "truth.jsonl", truth)
+            clustered = False
+            for dev in args.devs:
+                write_jsonl(ws / "dev.jsonl", dev_records(alpaca, seed, args.pool_size, args.dev_size) if dev == "alpaca"
+                            else mmlu_dev(seed, args.dev_size))
+                stage_s = {"prepare": run_stage("prepare", raw)}
+                prepared = {r["id"] for r in artifacts.read_pool()}
+                if prepared != {t["id"] for t in truth}:
+                    raise SystemExit("prepare's pool ids differ from the truth file's: the planting is broken")
+                if not clustered:
+                    stage_s["embed"] = run_stage("embed", raw)
+                    stage_s["cluster"] = run_stage("cluster", raw)
+                    clustered = True
+                assignments, _ = artifacts.read_clusters()
+                cluster_of = dict(zip(assignments["id"].astype(str), assignments["cluster"].astype(int)))
+                for valuation in args.valuations:
+                    key = f"{protocol}/{dev}" + (f"/{valuation}" if len(args.valuations) > 1 else "")
+                    set_dotted(raw, "shapley.method", valuation)
+                    valuation_s = run_stage("shapley", raw)
+                    scores = artifacts.read_scores()
+                    score_of = {int(c): float(s) for c, s in zip(scores["cluster"], scores["score"])}
+                    row = {"cluster_auroc": cluster_auroc(score_of, cluster_of, harmful),
+                           "record_auroc": record_auroc(score_of, cluster_of, harmful),
+                           "harm_in_bad_clusters": harm_in_bad_clusters(cluster_of, harmful),
+                           "pool_harmful_share": harmful_share(list(cluster_of), harmful),
+                           "corrupted_clusters": sum(s > 0.5 for s in cluster_shares(cluster_of, harmful).values()),
+                           "clusters": len(score_of), "valuation_s": round(valuation_s, 1),
+                           "harmful_share": {}, "selection_s": {}, "acc": {}, "tune_s": {}, "stage_s": dict(stage_s)}
+                    log(f"  {key} seed {seed}: shapley {valuation_s:.0f} s, cluster AUROC {row['cluster_auroc']:.3f}, "
+                        f"record AUROC {row['record_auroc']:.3f}, harm in bad clusters {row['harm_in_bad_clusters']:.2f}")
+                    for method in args.methods + (["full"] if args.finetune else []):
+                        cache_key = None if method in SCORED else (method, dev) if method in DEV_READERS else (method,)
+                        if cache_key in selections:
+                            got = selections[cache_key]
+                        else:
+                            set_dotted(raw, "sample.method", method)
+                            set_dotted(raw, "sample.subset_size", 1.0 if method == "full" else args.subset)
+                            seconds = run_stage("sample", raw)
+                            chosen = [r["id"] for r in artifacts.read_dataset()]
+                            got = {"harmful_share": harmful_share(chosen, harmful), "selection_s": round(seconds, 2)}
+                            if args.finetune:
+                                digest = json.loads(Path(artifacts.MANIFEST).read_text())["sha256"]
+                                got["acc"], got["tune_s"] = finetune_and_score(raw, digest, tuned, "base" not in tuned)
+                            if cache_key is not None:
+                                selections[cache_key] = got
+                        if method != "full":
+                            row["harmful_share"][method] = got["harmful_share"]
+                            row["selection_s"][method] = got["selection_s"]
+                        if args.finetune:
+                            row["acc"][method], row["tune_s"][method] = got["acc"], round(got["tune_s"], 1)
+                        log(f"  {key} seed {seed} {method}: harmful {got['harmful_share']:.3f} "
+                            f"(pool {row['pool_harmful_share']:.3f}), {got['selection_s']:.1f} s"
+                            + (f", acc {got['acc']}" if args.finetune else ""))
+                    if args.finetune:
+                        row["acc"]["base"] = tuned["base"]
+                    if "random" in row["harmful_share"]:
+                        rand = row["harmful_share"]["random"]
+                        row["vs_random"] = {m: (v / rand if rand else float("nan")) for m, v in row["harmful_share"].items()}
+                    out[key] = row
+        finally:
+            os.chdir(ROOT)
+    return out
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """Mean ± std over seeds of one result key's figures."""
+    first = per_seed[0]
+    out = {k: stats([r[k] for r in per_seed]) for k in
+           ("cluster_auroc", "record_auroc", "harm_in_bad_clusters", "pool_harmful_share", "corrupted_clusters",
+            "clusters", "valuation_s")}
+    for block in ("harmful_share", "selection_s", "vs_random", "tune_s"):
+        if first.get(block):
+            out[block] = {m: stats([r[block][m] for r in per_seed]) for m in first[block]}
+    if first["acc"]:
+        out["acc"] = {m: {t: stats([r["acc"][m][t] for r in per_seed]) for t in first["acc"][m]} for m in first["acc"]}
+    out["stage_s"] = {s: stats([r["stage_s"].get(s, float("nan")) for r in per_seed])
+                      for s in sorted({s for r in per_seed for s in r["stage_s"]})}
+    return out
+
+
+def targets(summary: dict, protocol: str) -> dict:
+    """The issue's targets for source-concentrated harm, on the means."""
+    if protocol != "concentrated":
+        return {}
+    out = {"cluster_auroc>=0.9": bool((summary["cluster_auroc"]["mean"] or 0) >= 0.9)}
+    share = summary.get("harmful_share", {})
+    if "qocs" in share and "random" in share:
+        out["qocs_share<=random/3"] = bool(share["qocs"]["mean"] <= share["random"]["mean"] / 3)
+    return out
+
+
+# --- tables -----------------------------------------------------------------------------------------
+
+def _pm(stat: dict | None, digits: int = 3) -> str:
+    if not stat or stat["mean"] is None:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _v(x, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(result: dict, source: str | None) -> str:
+    """The benchmark's tables as Markdown, from the dict it prints as its JSON line."""
+    head, origin = tables.header("real_quality.py", source)
+    s = result["settings"]
+    seeds = result["seeds"]
+    lines = head + [
+        (f"Source: {origin}. Alpaca pool of {s['pool_size']} records (5 sources, harm planted per protocol; "
+         f"benchmarks/real_quality.py's docstring), value model {s['model']}, valuation {', '.join(s['valuations'])}, "
+         f"embed {s['embed_model']} on {', '.join(s['embed_fields'])}, C = {s['clusters']}, subsets of "
+         f"{s['subset']:g}, dev sets of {s['dev_size']}. Seeds {', '.join(map(str, seeds))}: mean ± std over seeds."),
+        "",
+        "| protocol / dev set | cluster AUROC | record AUROC | harm in bad clusters (ceiling) | corrupted clusters | "
+        "pool harmful share | valuation s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, r in result["results"].items():
+        lines.append(f"| {key} | {_pm(r['cluster_auroc'])} | {_pm(r['record_auroc'])} | {_pm(r['harm_in_bad_clusters'])} "
+                     f"| {_pm(r['corrupted_clusters'], 1)} of {_pm(r['clusters'], 0)} | {_pm(r['pool_harmful_share'])} "
+                     f"| {_pm(r['valuation_s'], 0)} |")
+    checks = {k: v for k, v in result.get("targets", {}).items() if v}
+    if checks:
+        lines += ["", "Targets for source-concentrated harm (on the means): " + "; ".join(
+            f"{key}: " + ", ".join(f"{name} {'met' if ok else 'missed'}" for name, ok in v.items())
+            for key, v in checks.items()) + "."]
+    keys = list(result["results"])
+    shares = next(iter(result["results"].values()))["harmful_share"]
+    methods = [m for m in s["methods"] if m in shares] + [m for m in shares if m not in s["methods"]]
+    lines += ["", f"Harmful share of each method's {s['subset']:g} subset (the pool's share in the last row; "
+              "in brackets, the share over random's):", "",
+              "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for m in methods:
+        cells = []
+        for k in keys:
+            r = result["results"][k]
+            ratio = r.get("vs_random", {}).get(m)
+            cells.append(_pm(r["harmful_share"][m]) + (f" ({_v(ratio['mean'], 2)})" if ratio else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("| pool | " + " | ".join(_pm(result["results"][k]["pool_harmful_share"]) for k in keys) + " |")
+    lines += ["", "Selection seconds (the sample stage; qocs and qwcs also need the valuation above):", "",
+              "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(_pm(result["results"][k]["selection_s"][m]) for k in keys) + " |")
+    lines += ["", "Stage seconds (embed and cluster run once per workspace, with the first dev set):", "",
+              "| stage | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    stages = [st for st in ("prepare", "embed", "cluster") if any(st in result["results"][k]["stage_s"] for k in keys)]
+    for st in stages:
+        lines.append(f"| {st} | " + " | ".join(_pm(result["results"][k]["stage_s"].get(st), 1) for k in keys) + " |")
+    lines.append("| shapley (valuation) | " + " | ".join(_pm(result["results"][k]["valuation_s"], 1) for k in keys) + " |")
+    for k in keys:
+        acc = result["results"][k].get("acc")
+        if not acc:
+            continue
+        present = next(iter(acc.values()))
+        task_names = [t for t in TASKS.values() if t in present] + [t for t in present if t not in TASKS.values()]
+        rows = [m for m in methods if m in acc] + [m for m in ("full", "base") if m in acc]
+        lines += ["", f"Accuracy after fine-tuning on each subset, {k} (evaluate.limit {s['limit'] or 'all'}):", "",
+                  "| subset | " + " | ".join(task_names) + " |", "|---|" + "---|" * len(task_names)]
+        tune_s = result["results"][k].get("tune_s", {})
+        lines[-2] += " finetune + evaluate s |"
+        lines[-1] += "---|"
+        for m in rows:
+            label = {"full": "full pool", "base": "base model, not tuned"}.get(m, m)
+            lines.append(f"| {label} | " + " | ".join(_pm(acc[m][t]) for t in task_names) + f" | {_pm(tune_s.get(m), 0)} |")
+    lines += ["", "Per seed:", "", "| | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for k, r in result["results"].items():
+        for name in ("cluster_auroc", "record_auroc", "harm_in_bad_clusters"):
+            lines.append(f"| {k} {name} | " + " | ".join(_v(v) for v in r[name]["values"]) + " |")
+        for m in methods:
+            lines.append(f"| {k} {m} harmful share | " + " | ".join(_v(v) for v in r["harmful_share"][m]["values"]) + " |")
+    if result.get("seconds"):
+        lines += ["", "Wall seconds: " + ", ".join(f"{k} {v:g}" for k, v in result["seconds"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+def build_base(raw: dict) -> tuple[str, float]:
+    """The tiny base model built once in a temporary folder (repository base params + --set): (path, seconds)."""
+    where = Path(tempfile.mkdtemp(prefix="shed-real-quality-base-"))
+    os.chdir(where)
+    try:
+        seconds = run_stage("base", raw)
+    finally:
+        os.chdir(ROOT)
+    return str(where / "models/base"), seconds
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    parser.add_argument("--dev", choices=("alpaca", "mmlu", "both"), default="both")
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
+                        help="smollm2: models/smollm2 (shed fetch-model) with a CPU-sized recipe (train.template vicuna, "
+                             "max_length 256, 2 epochs at lr 3e-4, shapley.k 2, dev_every 4; --set changes any); "
+                             "tiny: --base-model with the repository's recipe")
+    parser.add_argument("--base-model", default=str(ROOT / "models/base"),
+                        help="tiny: a built models/base; when it has no config.json one is built once (base params + --set)")
+    parser.add_argument("--pool-size", type=int, default=1000)
+    parser.add_argument("--dev-size", type=int, default=64, help="dev records (alpaca) or questions (mmlu)")
+    parser.add_argument("--clusters", type=int, default=0, help="cluster.C; 0 = pool size / 20")
+    parser.add_argument("--embed", choices=("static", "minilm"), default="static",
+                        help="static:all-MiniLM-L6-v2 (fast) or all-MiniLM-L6-v2 with torch")
+    parser.add_argument("--fields", choices=("record", "output"), default="record",
+                        help="embed.fields: the whole record (instruction, input, output) or the response alone")
+    parser.add_argument("--valuations", nargs="+", choices=("inrun", "retrain"), default=["inrun"])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--subset", type=float, default=0.1, help="sample.subset_size")
+    parser.add_argument("--bad-sources", type=int, default=1)
+    parser.add_argument("--bad-rate", type=float, default=0.85)
+    parser.add_argument("--background-rate", type=float, default=0.02)
+    parser.add_argument("--scattered-rate", type=float, default=0.2)
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--finetune", action="store_true",
+                        help="also fine-tune on each subset and the full pool, and evaluate (ARC-Easy, ARC-Challenge, MMLU)")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate.limit: questions per task (0 = all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    parser.add_argument("-v", "--verbose", action="store_true", help="the stages' INFO logs")
+    tables.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    args.devs = ["alpaca", "mmlu"] if args.dev == "both" else [args.dev]
+    for path in [ALPACA] + ([MMLU] if "mmlu" in args.devs else []) + ([ARC_EASY, ARC_CHALLENGE] if args.finetune else []):
+        if not path.exists():
+            raise SystemExit(f"{path}: not found (the shared data folder, ../shared/data next to the repository)")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    seconds: dict[str, float] = {}
+    if args.model == "smollm2":
+        if not (SMOLLM2 / "config.json").is_file():
+            raise SystemExit(f"{SMOLLM2}: no model; run `shed fetch-model` first (or --model tiny)")
+        model_dir = str(SMOLLM2)
+    else:
+        model_dir = str(Path(args.base_model).resolve())
+        if not (Path(model_dir) / "config.json").is_file():
+            for item in args.set:
+                key, value = item.split("=", 1)
+                set_dotted(raw, key, yaml.safe_load(value))
+            model_dir, seconds["base"] = build_base(raw)
+            log(f"tiny base model built in {seconds['base']:.0f} s -> {model_dir}")
+    args.settings = settings(args, model_dir)
+    alpaca = json.loads(ALPACA.read_text(encoding="utf-8"))
+    per_key: dict[str, list[dict]] = {}
+    for protocol in args.protocols:
+        for seed in args.seeds:
+            log(f"{protocol}, seed {seed}")
+            t = time.perf_counter()
+            for key, row in one_workspace(protocol, seed, args, raw, alpaca).items():
+                per_key.setdefault(key, []).append(row)
+            seconds[f"{protocol}/seed {seed}"] = round(time.perf_counter() - t, 1)
+    results = {key: summarize(rows) for key, rows in per_key.items()}
+    seconds["total"] = round(time.perf_counter() - start, 1)
+    s = args.settings
+    return {
+        "benchmark": "real_quality", "seeds": args.seeds, "results": results,
+        "targets": {key: targets(r, key.split("/")[0]) for key, r in results.items()},
+        "settings": {"model": args.model, "model_dir": model_dir, "pool_size": args.pool_size, "dev_size": args.dev_size,
+                     "clusters": s["cluster.C"], "embed_model": s["embed.model"], "embed_fields": s["embed.fields"],
+                     "valuations": args.valuations, "methods": args.methods, "subset": args.subset,
+                     "protocols": args.protocols, "devs": args.devs, "bad_sources": args.bad_sources,
+                     "bad_rate": args.bad_rate, "background_rate": args.background_rate,
+                     "scattered_rate": args.scattered_rate, "kinds": args.kinds, "finetune": args.finetune,
+                     "limit": args.limit, "params": s},
+        "seconds": seconds, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if tables.render_saved(args, markdown):
+        return
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    markdown_path = str(Path(args.markdown).resolve()) if args.markdown else None  # the run changes directory
+    result = run(args)
+    for key, r in result["results"].items():
+        share = r["harmful_share"]
+        log(f"{key}: cluster AUROC {_pm(r['cluster_auroc'])}, record AUROC {_pm(r['record_auroc'])}, harm in bad "
+            f"clusters {_pm(r['harm_in_bad_clusters'])}; harmful share " + ", ".join(f"{m} {_pm(v)}" for m, v in share.items())
+            + f" (pool {_pm(r['pool_harmful_share'])})")
+    print(json.dumps(result, sort_keys=True), flush=True)
+    if markdown_path:
+        tables.write_markdown(markdown(result, None), markdown_path)
+
+
+if __name__ == "__main__":
+    main()
