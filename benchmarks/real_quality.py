@@ -34,9 +34,10 @@ choice is drawn per record from several variants (no single token marks a source
   "[[Category:Reference articles]]", "{{stub}}", ...).
 
 These are the artifacts real collections carry (chat openers and closers, mark schemes, scraped HTML, wiki
-markup). Wrappers alone (an opener and a closer) proved too weak: static MiniLM clusters Alpaca by topic, and
-only about half of a wrapped source's records landed in clusters it dominates; with the styles running
-through the whole response, about three quarters do (C = 50 on 1,000 records, seeds 1 to 3).
+markup). An opener and a closer alone proved too weak: static MiniLM clusters Alpaca by topic, and with such
+wrappers only 0.25 to 0.69 of the corrupted records of the concentrated protocol sat in mostly corrupted
+clusters. With the styles running through the whole response, 0.67 to 0.77 do on the whole record and 0.63 to
+0.87 on the response alone (--fields output); scattered harm: 0.00 to 0.04 (C = 50, 1,000 records, seeds 1-3).
 
 The style is applied after any corruption (a source packages its bad records as it packages its good
 ones), and its random choices come from their own stream (seed, 3, record), so a record reads the same in
@@ -83,6 +84,22 @@ Metrics, per seed, then mean ± std over seeds per protocol and dev set (and val
   log-likelihood of each choice), as lm-eval's arc_easy does; ARC-Challenge is arc_challenge_local
   (evaluate.arc_file) and MMLU mmlu_local (evaluate.mmlu_dir), zero-shot.
 
+Cost (2 CPU cores, OMP_NUM_THREADS=1, shared with other jobs). With the recipe --model smollm2 sets
+(train.template qa, max_length 128, 1 epoch, shapley.k 1, dev_every 4, dev_chunk 8): SmolLM2-135M on 100
+records, C = 10 (one training step), 32 dev records: shapley 190 s (Alpaca dev) and 216 s (MMLU dev) at load
+average 3.5; a stand-in with SmolLM2's architecture and random weights on C = 50 (4 steps) took 230 s at load
+average 1 (the first step, with the dev gradients, 133 s; the others about 20 to 35 s). The perplexity
+baseline scores about 3.5 records/s. A full run (1,000 records, 3 seeds, both protocols, both dev sets: 12
+shapley stages, 6 perplexity passes) so needs about 12 x 230-320 s = 46-64 min of valuation and 6 x 300 s =
+30 min of perplexity, about 80-100 min in all. OMP_NUM_THREADS=2 on two idle cores made a SmolLM2 forward and
+backward 2.5x faster. Each extra epoch or run (shapley.k) adds about 200 s per stage (and with k = 1 a
+proxy's credit carries the learning rate of its one step: linear decay gives the last batch a third of the
+first's). dev_chunk 8 because 64 dev records in one gradient pass (max_length 256) ran out of 24 GB. retrain
+fine-tunes k (C/n + 1) subsets per stage, at least 35 s each here: no C fits next to in-run on a CPU;
+`--valuations inrun retrain` runs both on the same clusters where time allows (a GPU). The tiny model
+(--model tiny) runs the same path in minutes. With --finetune on a GPU, pass a real fine-tuning recipe with
+--set (e.g. train.epochs=3, train.max_length=512): the train block serves the valuation and the fine-tunes.
+
 A subset that another method or dev set already selected in the same workspace (same dataset sha256) is not
 fine-tuned again; methods that read neither the scores nor the dev set are sampled once per workspace.
 Progress goes to stderr; the last line on stdout is one JSON object. `--markdown PATH` writes its tables
@@ -128,6 +145,10 @@ METHODS = ("qocs", "qwcs", "random", "cluster_uniform", "length", "perplexity", 
 SCORED = {"qocs", "qwcs"}  # read the Shapley scores: rerun per dev set and valuation
 DEV_READERS = {"dsir"}  # read the dev set
 TASKS = {"shed_eval": "arc_easy", "arc_challenge_local": "arc_challenge", "mmlu_local": "mmlu"}
+# --model smollm2 on a CPU: one in-run fit over the proxies per valuation, 128 tokens, dev gradients once per 4
+# steps and 8 dev items per gradient pass (64 at once ran out of 24 GB); see "Cost" in the docstring.
+SMOLLM2_CPU = {"train.template": "qa", "train.max_length": 128, "train.epochs": 1, "shapley.k": 1,
+               "shapley.dev_every": 4, "shapley.dev_chunk": 8}
 
 # --- the planted pool -------------------------------------------------------------------------------
 
@@ -286,7 +307,7 @@ def corrupt(rng: np.random.Generator, kind: str, response: str, donors: list[str
     raise ValueError(f"unknown corruption kind {kind!r} (known: {', '.join(KINDS)})")
 
 
-def plant(records: list[dict], protocol: str, seed: int, pool_size: int = 1000, dev_size: int = 64,
+def plant(records: list[dict], protocol: str, seed: int, pool_size: int = 1000, dev_size: int = 32,
           bad_sources: int = 1, bad_rate: float = 0.85, background_rate: float = 0.02, scattered_rate: float = 0.2,
           kinds: tuple[str, ...] = KINDS) -> tuple[list[dict], list[dict]]:
     """(pool records {instruction, input, output}, truth rows {id, source, bad_source, corrupted, kind,
@@ -452,9 +473,8 @@ def settings(args, model_dir: str) -> dict:
         "evaluate.tasks": list(TASKS), "evaluate.mmlu_dir": str(MMLU), "evaluate.arc_file": str(ARC_CHALLENGE),
         "evaluate.limit": args.limit,
     }
-    if args.model == "smollm2":  # CPU-sized recipe: see the --help of --model
-        out.update({"train.template": "vicuna", "train.max_length": 256, "train.epochs": 2, "train.lr": 0.0003,
-                    "shapley.k": 2, "shapley.dev_every": 4})
+    if args.model == "smollm2":  # the CPU-sized recipe (module docstring, "Cost")
+        out.update(SMOLLM2_CPU)
     for item in args.set:
         key, value = item.split("=", 1)
         out[key] = yaml.safe_load(value)
@@ -696,13 +716,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
     parser.add_argument("--dev", choices=("alpaca", "mmlu", "both"), default="both")
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
-                        help="smollm2: models/smollm2 (shed fetch-model) with a CPU-sized recipe (train.template vicuna, "
-                             "max_length 256, 2 epochs at lr 3e-4, shapley.k 2, dev_every 4; --set changes any); "
+                        help="smollm2: models/smollm2 (shed fetch-model) with a CPU-sized recipe (" +
+                             ", ".join(f"{k} {v}" for k, v in SMOLLM2_CPU.items()) + "; --set changes any); "
                              "tiny: --base-model with the repository's recipe")
     parser.add_argument("--base-model", default=str(ROOT / "models/base"),
                         help="tiny: a built models/base; when it has no config.json one is built once (base params + --set)")
     parser.add_argument("--pool-size", type=int, default=1000)
-    parser.add_argument("--dev-size", type=int, default=64, help="dev records (alpaca) or questions (mmlu)")
+    parser.add_argument("--dev-size", type=int, default=32, help="dev records (alpaca) or questions (mmlu)")
     parser.add_argument("--clusters", type=int, default=0, help="cluster.C; 0 = pool size / 20")
     parser.add_argument("--embed", choices=("static", "minilm"), default="static",
                         help="static:all-MiniLM-L6-v2 (fast) or all-MiniLM-L6-v2 with torch")

@@ -96,7 +96,7 @@ def test_corruptions_do_what_they_say():
 
 def test_mismatched_responses_come_from_other_pool_records(alpaca, concentrated):
     pool, truth = concentrated
-    base, dev = rq.split(alpaca, 1, 1000, 64)
+    base, dev = rq.split(alpaca, 1, 1000, 32)
     base_outputs = {r["output"] for r in base}
     dev_outputs = {r["output"] for r in dev} - base_outputs
     plain = [(p, t) for p, t in zip(pool, truth) if t["kind"] == "mismatched" and t["source"] == "plain"]
@@ -107,9 +107,9 @@ def test_mismatched_responses_come_from_other_pool_records(alpaca, concentrated)
 
 
 def test_dev_records_are_held_out_and_plain(alpaca, concentrated, scattered):
-    dev = rq.dev_records(alpaca, 1, 1000, 64)
-    assert len(dev) == 64 and all(set(r) == {"instruction", "input", "output"} for r in dev)
-    base, held = rq.split(alpaca, 1, 1000, 64)
+    dev = rq.dev_records(alpaca, 1, 1000, 32)
+    assert len(dev) == 32 and all(set(r) == {"instruction", "input", "output"} for r in dev)
+    base, held = rq.split(alpaca, 1, 1000, 32)
     assert not {r["alpaca_index"] for r in base} & {r["alpaca_index"] for r in held}
     prompts = {(r["instruction"], r["input"]) for r in dev}
     assert not prompts & {(r["instruction"], r["input"]) for r in base}  # no dev prompt is a pool prompt
@@ -136,7 +136,7 @@ def test_planting_is_deterministic_by_seed_and_differs_across_seeds(alpaca, conc
     other_pool, other_truth = rq.plant(alpaca, "concentrated", seed=2)
     assert other_pool != concentrated[0]
     assert {t["alpaca_index"] for t in other_truth} != {t["alpaca_index"] for t in concentrated[1]}
-    assert rq.dev_records(alpaca, 1, 1000, 64) != rq.dev_records(alpaca, 2, 1000, 64)
+    assert rq.dev_records(alpaca, 1, 1000, 32) != rq.dev_records(alpaca, 2, 1000, 32)
 
 
 def test_clean_records_read_the_same_in_both_protocols(concentrated, scattered):
