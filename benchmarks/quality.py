@@ -176,9 +176,10 @@ def markdown(result: dict, source: str | None) -> str:
             method, size = key.split("@")
             by_method.setdefault(method, {})[float(size)] = stat
     sizes = sorted({s for v in by_method.values() for s in v})
-    methods = sorted(by_method, key=lambda m: (PREFERRED.index(m) if m in PREFERRED else len(PREFERRED), m))
+    methods = sorted(by_method, key=lambda m: (PREFERRED.index(m.split("/")[0]) if m.split("/")[0] in PREFERRED
+                                               else len(PREFERRED), m))
     seeds_text = ", ".join(map(str, seeds))
-    first_valuation = f"shapley.method {next(iter(result['valuations']))}" if result.get("valuations") else "retrain"
+    first_valuation = f"; shapley.method {next(iter(result['valuations']))}" if result.get("valuations") else ""
     lines = head + [
         f"Source: {origin}. Seeds {seeds_text} (mean ± std over seeds; eval accuracy on the embedded",
         "default's four-choice eval questions, chance 0.25).",
@@ -193,8 +194,10 @@ def markdown(result: dict, source: str | None) -> str:
             lines.append(f"| {label} | {_pm(acc[key])} |" + " |" * (len(sizes) - 1))
     lines += [
         "",
-        (f"AUROC of the cluster scores (mostly corrupted clusters score low; {first_valuation}): {_pm(result['auroc'])}. "
-        f"Share of the planted harmful records in mostly corrupted clusters: {_pm(result['harm_in_bad_clusters'])}."),
+        (("AUROC of the cluster scores (mostly corrupted clusters score low): per valuation below. "
+          if len(result.get("valuations", {})) > 1 else
+          f"AUROC of the cluster scores (mostly corrupted clusters score low{first_valuation}): {_pm(result['auroc'])}. ")
+         + f"Share of the planted harmful records in mostly corrupted clusters: {_pm(result['harm_in_bad_clusters'])}."),
         "",
         "Per seed:",
         "",
