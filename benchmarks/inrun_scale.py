@@ -107,12 +107,14 @@ def markdown(results: list[dict], source: str | None) -> str:
     lines = head + [
         f"Source: {origin}. The shapley stage with shapley.method inrun (one LoRA fit per run, k runs); seconds "
         "are wall time (CPU seconds in brackets), memory the stage's peak resident set.", "",
-        "| model | proxies (C) | records | dev questions | k | steps | shapley s | peak MB | load average |",
-        "|" + "---|" * 9]
+        "| model | proxies (C) | records | dev questions | k | steps | shapley s | peak MB | recipe changes | load average |",
+        "|" + "---|" * 10]
     for r in results:
+        changes = ", ".join(f"{k} {v}" for k, v in r["settings"].items()
+                            if k.startswith(("shapley.", "train.")) and k not in ("shapley.method", "shapley.model"))
         lines.append(f"| {r['model']} | {r['clusters']:,} | {r['records']:,} | {r['dev_questions']} | {r['k']} | "
                      f"{r['steps']} | {r['shapley_s']:g} ({r['shapley_cpu_s']:g}) | {r['shapley_peak_mb']:,} | "
-                     f"{', '.join(f'{x:g}' for x in r['load_average'])} |")
+                     f"{changes} | {', '.join(f'{x:g}' for x in r['load_average'])} |")
     return "\n".join(lines) + "\n"
 
 
