@@ -17,7 +17,10 @@ PIN_VARS = (*env.PINNED, *env.THREAD_VARS, "SHED_THREADS", env.OPT_IN)
 @pytest.fixture
 def clean_env(monkeypatch):
     for var in PIN_VARS:
-        monkeypatch.delenv(var, raising=False)
+        # setenv first: monkeypatch restores only what it recorded, and delenv of an unset variable records
+        # nothing, so what env.pin() then sets would leak into every later test's subprocesses.
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     monkeypatch.setenv(env.OPT_IN, "1")
     return monkeypatch
 
