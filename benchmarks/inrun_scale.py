@@ -36,13 +36,6 @@ MMLU = ROOT.parent / "shared/data/mmlu"
 SMOLLM2 = ROOT / "models/smollm2"
 
 
-def set_dotted(raw: dict, key: str, value) -> None:
-    *parents, last = key.split(".")
-    for p in parents:
-        raw = raw.setdefault(p, {})
-    raw[last] = value
-
-
 def mmlu_dev(path: Path, count: int) -> None:
     """`count` MMLU validation questions, evenly spaced over the subjects (in name order), as our dev JSONL."""
     from shed.mcdata import mmlu_rows
@@ -69,7 +62,7 @@ def workspace_params(args, ws: Path) -> dict:
         key, value = item.split("=", 1)
         settings[key] = yaml.safe_load(value)
     for key, value in settings.items():
-        set_dotted(raw, key, value)
+        tables.set_dotted(raw, key, value)
     (ws / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return settings
 

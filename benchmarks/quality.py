@@ -29,15 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # shared small CPUs: extra threads only contend
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import tables  # benchmarks/, the script's own folder
+
+tables.quiet_offline_env()
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import tables  # noqa: E402 (benchmarks/, the script's own folder)
 import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,25 +44,6 @@ SEEDED = ["prepare.embedded.seed", "cluster.seed", "shapley.seed", "sample.seed"
 SHARED = ["prepare", "embed", "cluster", "shapley"]
 SCORED = {"qocs", "qwcs"}  # samplers that read the Shapley scores: rerun per valuation
 KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEEP") else None  # debug: keep workspaces
-
-
-def set_dotted(raw: dict, key: str, value) -> None:
-    *parents, last = key.split(".")
-    for p in parents:
-        raw = raw.setdefault(p, {})
-    raw[last] = value
-
-
-def run_stage(name: str, raw: dict) -> float:
-    """Run one stage in-process with params `raw` (written to the workspace's params.yaml); seconds."""
-    import importlib
-
-    from shed.config import load_params
-
-    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    start = time.perf_counter()
-    importlib.import_module(f"shed.stages.{name}").main(load_params("params.yaml"))
-    return time.perf_counter() - start
 
 
 def auroc(scores: pd.DataFrame, assignments: pd.DataFrame, truth: list[dict]) -> float:
@@ -90,10 +68,10 @@ def harm_in_bad_clusters(assignments: pd.DataFrame, truth: list[dict]) -> float:
 
 def finetune_and_score(raw: dict, method: str, size: float, with_base: bool) -> tuple[dict, float]:
     """sample -> finetune -> evaluate in the current workspace; (metrics/eval.json, seconds)."""
-    set_dotted(raw, "sample.method", method)
-    set_dotted(raw, "sample.subset_size", size)
-    set_dotted(raw, "evaluate.include_base", with_base)
-    seconds = sum(run_stage(stage, raw) for stage in ["sample", "finetune", "evaluate"])
+    tables.set_dotted(raw, "sample.method", method)
+    tables.set_dotted(raw, "sample.subset_size", size)
+    tables.set_dotted(raw, "evaluate.include_base", with_base)
+    seconds = sum(tables.run_stage(stage, raw) for stage in ["sample", "finetune", "evaluate"])
     return json.loads(Path("metrics/eval.json").read_text()), seconds
 
 
@@ -107,7 +85,7 @@ def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], 
 
     raw = json.loads(json.dumps(base_raw))
     for key in SEEDED:
-        set_dotted(raw, key, seed)
+        tables.set_dotted(raw, key, seed)
     out = {"seconds": {}, "acc": {}, "valuations": {}}
     with tempfile.TemporaryDirectory(prefix=f"shed-quality-{seed}-") as ws:
         ws = KEEP / f"seed{seed}" if KEEP else Path(ws)
@@ -115,13 +93,13 @@ def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], 
         os.chdir(ws)
         shutil.copytree(base_dir / "models/base", "models/base", dirs_exist_ok=True)
         for stage in SHARED[:-1]:
-            out["seconds"][stage] = run_stage(stage, raw)
+            out["seconds"][stage] = tables.run_stage(stage, raw)
         assignments, _ = artifacts.read_clusters()
         truth = read_jsonl(artifacts.TRUTH)
         out["harm_in_bad_clusters"] = harm_in_bad_clusters(assignments, truth)
         for valuation in valuations:
-            set_dotted(raw, "shapley.method", valuation)
-            seconds = run_stage("shapley", raw)
+            tables.set_dotted(raw, "shapley.method", valuation)
+            seconds = tables.run_stage("shapley", raw)
             value = auroc(pd.read_csv("data/shapley/scores.csv"), assignments, truth)
             out["valuations"][valuation] = {"auroc": value, "shapley_s": seconds}
             out["seconds"]["shapley" if len(valuations) == 1 else f"shapley/{valuation}"] = seconds
@@ -245,7 +223,7 @@ def main() -> None:
     raw = yaml.safe_load(Path(args.params).read_text())
     for item in args.set:
         key, value = item.split("=", 1)
-        set_dotted(raw, key, yaml.safe_load(value))
+        tables.set_dotted(raw, key, yaml.safe_load(value))
     valuations = args.valuations or [raw.get("shapley", {}).get("method", "retrain")]
     out_png = Path(args.out).resolve()
     markdown_path = str(Path(args.markdown).resolve()) if args.markdown else None  # the run changes directory
@@ -257,7 +235,7 @@ def main() -> None:
             shutil.copytree(args.base_model, "models/base")
             base_seconds = 0.0
         else:
-            base_seconds = run_stage("base", raw)
+            base_seconds = tables.run_stage("base", raw)
             print(f"base model built in {base_seconds:.0f} s", flush=True)
         for seed in args.seeds:
             print(f"seed {seed}", flush=True)

@@ -118,14 +118,11 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # shared small CPUs: extra threads only contend
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import tables  # benchmarks/, the script's own folder
+
+tables.quiet_offline_env()
 
 import numpy as np  # noqa: E402
-import tables  # noqa: E402 (benchmarks/, the script's own folder)
 import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -432,27 +429,8 @@ def _round(x: float):
 
 # --- running the pipeline ---------------------------------------------------------------------------
 
-def set_dotted(raw: dict, key: str, value) -> None:
-    *parents, last = key.split(".")
-    for p in parents:
-        raw = raw.setdefault(p, {})
-    raw[last] = value
-
-
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def run_stage(name: str, raw: dict) -> float:
-    """One stage in-process with params `raw` (written to the workspace's params.yaml); seconds."""
-    import importlib
-
-    from shed.config import load_params
-
-    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    start = time.perf_counter()
-    importlib.import_module(f"shed.stages.{name}").main(load_params("params.yaml"))
-    return time.perf_counter() - start
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -488,8 +466,8 @@ def finetune_and_score(raw: dict, digest: str, cache: dict, with_base: bool) -> 
     from shed import artifacts
 
     if digest not in cache:
-        set_dotted(raw, "evaluate.include_base", with_base)
-        seconds = run_stage("finetune", raw) + run_stage("evaluate", raw)
+        tables.set_dotted(raw, "evaluate.include_base", with_base)
+        seconds = tables.run_stage("finetune", raw) + tables.run_stage("evaluate", raw)
         metrics = json.loads(Path(artifacts.metrics("evaluate")).read_text())
         read = lambda block: {TASKS.get(t, t): round(float(m["acc"]), 4) for t, m in block.items()}  # noqa: E731
         if "base" in metrics:
@@ -505,9 +483,9 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
 
     raw = json.loads(json.dumps(base_raw))
     for key in ("cluster.seed", "shapley.seed", "sample.seed", "train.seed"):
-        set_dotted(raw, key, seed)
+        tables.set_dotted(raw, key, seed)
     for key, value in args.settings.items():
-        set_dotted(raw, key, value)
+        tables.set_dotted(raw, key, value)
     pool, truth = plant(alpaca, protocol, seed, args.pool_size, args.dev_size, args.bad_sources, args.bad_rate,
                         args.background_rate, args.scattered_rate, tuple(args.kinds))
     harmful = {t["id"] for t in truth if t["corrupted"]}
@@ -525,20 +503,20 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
             for dev in args.devs:
                 write_jsonl(ws / "dev.jsonl", dev_records(alpaca, seed, args.pool_size, args.dev_size) if dev == "alpaca"
                             else mmlu_dev(seed, args.dev_size))
-                stage_s = {"prepare": run_stage("prepare", raw)}
+                stage_s = {"prepare": tables.run_stage("prepare", raw)}
                 prepared = {r["id"] for r in artifacts.read_pool()}
                 if prepared != {t["id"] for t in truth}:
                     raise SystemExit("prepare's pool ids differ from the truth file's: the planting is broken")
                 if not clustered:
-                    stage_s["embed"] = run_stage("embed", raw)
-                    stage_s["cluster"] = run_stage("cluster", raw)
+                    stage_s["embed"] = tables.run_stage("embed", raw)
+                    stage_s["cluster"] = tables.run_stage("cluster", raw)
                     clustered = True
                 assignments, _ = artifacts.read_clusters()
                 cluster_of = dict(zip(assignments["id"].astype(str), assignments["cluster"].astype(int)))
                 for valuation in args.valuations:
                     key = f"{protocol}/{dev}" + (f"/{valuation}" if len(args.valuations) > 1 else "")
-                    set_dotted(raw, "shapley.method", valuation)
-                    valuation_s = run_stage("shapley", raw)
+                    tables.set_dotted(raw, "shapley.method", valuation)
+                    valuation_s = tables.run_stage("shapley", raw)
                     scores = artifacts.read_scores()
                     score_of = {int(c): float(s) for c, s in zip(scores["cluster"], scores["score"])}
                     row = {"cluster_auroc": cluster_auroc(score_of, cluster_of, harmful),
@@ -555,9 +533,9 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                         if cache_key in selections:
                             got = selections[cache_key]
                         else:
-                            set_dotted(raw, "sample.method", method)
-                            set_dotted(raw, "sample.subset_size", 1.0 if method == "full" else args.subset)
-                            seconds = run_stage("sample", raw)
+                            tables.set_dotted(raw, "sample.method", method)
+                            tables.set_dotted(raw, "sample.subset_size", 1.0 if method == "full" else args.subset)
+                            seconds = tables.run_stage("sample", raw)
                             chosen = [r["id"] for r in artifacts.read_dataset()]
                             got = {"harmful_share": harmful_share(chosen, harmful), "selection_s": round(seconds, 2)}
                             if args.finetune:
@@ -704,7 +682,7 @@ def build_base(raw: dict) -> tuple[str, float]:
     where = Path(tempfile.mkdtemp(prefix="shed-real-quality-base-"))
     os.chdir(where)
     try:
-        seconds = run_stage("base", raw)
+        seconds = tables.run_stage("base", raw)
     finally:
         os.chdir(ROOT)
     return str(where / "models/base"), seconds
@@ -762,7 +740,7 @@ def run(args: argparse.Namespace) -> dict:
         if not (Path(model_dir) / "config.json").is_file():
             for item in args.set:
                 key, value = item.split("=", 1)
-                set_dotted(raw, key, yaml.safe_load(value))
+                tables.set_dotted(raw, key, yaml.safe_load(value))
             model_dir, seconds["base"] = build_base(raw)
             log(f"tiny base model built in {seconds['base']:.0f} s -> {model_dir}")
     args.settings = settings(args, model_dir)

@@ -1,4 +1,5 @@
-"""What the benchmarks share: their saved JSON lines and the Markdown tables written from them.
+"""What the benchmarks share: their saved JSON lines and the Markdown tables written from them, and
+running pipeline stages in-process.
 
 Each benchmark prints one JSON line; `--markdown PATH` writes its tables from that dict, and
 `--from-json FILE` renders them from a saved line without running anything.
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,3 +62,33 @@ def render_saved(args: argparse.Namespace, markdown: Callable[[dict, str | None]
         return False
     write_markdown(markdown(read_json_line(args.from_json), args.from_json), args.markdown)
     return True
+
+
+def quiet_offline_env() -> None:
+    """Defaults for in-process pipeline runs on a small shared CPU; call before numpy and torch load."""
+    for var, value in (("TQDM_DISABLE", "1"), ("OMP_NUM_THREADS", "1"),  # extra threads only contend
+                       ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(var, value)
+
+
+def set_dotted(raw: dict, key: str, value) -> None:
+    """raw["a"]["b"] = value for key "a.b" (params.yaml blocks made as needed)."""
+    *parents, last = key.split(".")
+    for p in parents:
+        raw = raw.setdefault(p, {})
+    raw[last] = value
+
+
+def run_stage(name: str, raw: dict) -> float:
+    """One stage in-process with params `raw` (written to the current directory's params.yaml); seconds."""
+    import importlib
+
+    import yaml
+
+    from shed.config import load_params
+
+    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    start = time.perf_counter()
+    importlib.import_module(f"shed.stages.{name}").main(load_params("params.yaml"))
+    return time.perf_counter() - start
+

@@ -20,8 +20,6 @@ needs_mmlu = pytest.mark.skipif(not (rq.MMLU / "val").is_dir(), reason=f"shared 
 
 @pytest.fixture(scope="module")
 def alpaca():
-    if not rq.ALPACA.is_file():
-        pytest.skip(f"shared data file {rq.ALPACA} is absent")
     return json.loads(rq.ALPACA.read_text(encoding="utf-8"))
 
 
@@ -37,12 +35,14 @@ def scattered(alpaca):
 
 # --- the planting protocol ---
 
+@needs_alpaca
 def test_sources_have_equal_shares(concentrated):
     _, truth = concentrated
     assert len(truth) == 1000
     assert Counter(t["source"] for t in truth) == {s: 200 for s in rq.SOURCES}
 
 
+@needs_alpaca
 def test_concentrated_plants_one_mostly_corrupted_bad_source(concentrated):
     _, truth = concentrated
     bad = {t["source"] for t in truth if t["bad_source"]}
@@ -53,6 +53,7 @@ def test_concentrated_plants_one_mostly_corrupted_bad_source(concentrated):
     assert sum(t["corrupted"] for t in truth) == 170 + 4 * 4
 
 
+@needs_alpaca
 def test_several_bad_sources_and_other_rates(alpaca):
     _, truth = rq.plant(alpaca, "concentrated", seed=2, pool_size=500, dev_size=20, bad_sources=2, bad_rate=0.9,
                         background_rate=0.0)
@@ -62,6 +63,7 @@ def test_several_bad_sources_and_other_rates(alpaca):
     assert {s: sum(t["corrupted"] for t in truth if t["source"] == s) for s in bad} == {s: 90 for s in bad}
 
 
+@needs_alpaca
 def test_scattered_corrupts_exactly_the_rate_with_no_bad_source(scattered):
     _, truth = scattered
     assert sum(t["corrupted"] for t in truth) == 200
@@ -70,6 +72,7 @@ def test_scattered_corrupts_exactly_the_rate_with_no_bad_source(scattered):
     assert set(per_source) == set(rq.SOURCES) and max(per_source.values()) < 80  # spread, not concentrated
 
 
+@needs_alpaca
 def test_every_corruption_kind_is_planted_and_only_those_asked_for(alpaca, concentrated):
     _, truth = concentrated
     kinds = Counter(t["kind"] for t in truth if t["corrupted"])
@@ -94,6 +97,7 @@ def test_corruptions_do_what_they_say():
     assert rq.applicable_kinds("ha ha ha ha", rq.KINDS) == ["mismatched", "truncated", "refusal"]
 
 
+@needs_alpaca
 def test_mismatched_responses_come_from_other_pool_records(alpaca, concentrated):
     pool, truth = concentrated
     base, dev = rq.split(alpaca, 1, 1000, 32)
@@ -106,6 +110,7 @@ def test_mismatched_responses_come_from_other_pool_records(alpaca, concentrated)
         assert record["output"] in base_outputs and record["output"] != own and record["output"] not in dev_outputs
 
 
+@needs_alpaca
 def test_dev_records_are_held_out_and_plain(alpaca, concentrated, scattered):
     dev = rq.dev_records(alpaca, 1, 1000, 32)
     assert len(dev) == 32 and all(set(r) == {"instruction", "input", "output"} for r in dev)
@@ -121,6 +126,7 @@ def test_dev_records_are_held_out_and_plain(alpaca, concentrated, scattered):
         assert not {t["alpaca_index"] for t in truth} & {r["alpaca_index"] for r in held}
 
 
+@needs_alpaca
 def test_truth_ids_are_the_ids_prepare_gives(tmp_path, concentrated):
     from shed.stages.prepare import pool_records
 
@@ -131,6 +137,7 @@ def test_truth_ids_are_the_ids_prepare_gives(tmp_path, concentrated):
     assert [{k: r[k] for k in ("instruction", "input", "output")} for r in prepared] == pool
 
 
+@needs_alpaca
 def test_planting_is_deterministic_by_seed_and_differs_across_seeds(alpaca, concentrated):
     assert rq.plant(alpaca, "concentrated", seed=1) == concentrated
     other_pool, other_truth = rq.plant(alpaca, "concentrated", seed=2)
@@ -139,6 +146,7 @@ def test_planting_is_deterministic_by_seed_and_differs_across_seeds(alpaca, conc
     assert rq.dev_records(alpaca, 1, 1000, 32) != rq.dev_records(alpaca, 2, 1000, 32)
 
 
+@needs_alpaca
 def test_clean_records_read_the_same_in_both_protocols(concentrated, scattered):
     (pool_c, truth_c), (pool_s, truth_s) = concentrated, scattered
     assert [t["alpaca_index"] for t in truth_c] == [t["alpaca_index"] for t in truth_s]
@@ -147,6 +155,7 @@ def test_clean_records_read_the_same_in_both_protocols(concentrated, scattered):
     assert len(both_clean) > 600 and all(pool_c[i] == pool_s[i] for i in both_clean)
 
 
+@needs_alpaca
 def test_each_styled_source_varies_its_packaging(alpaca, concentrated):
     pool, truth = concentrated
     for source in set(rq.SOURCES) - {"plain"}:
@@ -158,6 +167,7 @@ def test_each_styled_source_varies_its_packaging(alpaca, concentrated):
             assert record == {k: alpaca[t["alpaca_index"]][k] for k in ("instruction", "input", "output")}
 
 
+@needs_alpaca
 def test_plant_refuses_what_it_cannot_plant(alpaca):
     with pytest.raises(ValueError, match="protocol"):
         rq.plant(alpaca, "sprinkled", seed=1)
