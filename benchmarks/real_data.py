@@ -3,7 +3,8 @@
     python benchmarks/real_data.py [--shared ../shared] [--limit 10] [--clusters 500]
 
 1. prepare + embed + cluster the 5,000-record Alpaca pool (dev set: MMLU val minus the questions
-   that also appear in MMLU test; eval: ARC-Challenge test), read in place from <shared>/data, with wall-clock time and throughput per stage.
+   that also appear in MMLU test; eval: ARC-Challenge test), read in place from <shared>/data, with wall-clock
+   time and throughput per stage.
 2. SmolLM2-135M-Instruct (`shed fetch-model`) scored by the project on the offline tasks
    mmlu_local (MMLU test CSVs) and arc_challenge_local (ARC-Challenge test JSONL), first --limit
    questions of each.

@@ -589,6 +589,39 @@ def targets(summary: dict, protocol: str) -> dict:
     return out
 
 
+def merge(runs: list[dict]) -> dict:
+    """Several saved runs of one seed list as one result. Runs that embed other fields than the first have
+    their keys (and wall seconds) marked with the fields, e.g. "concentrated/alpaca/output"."""
+    first = runs[0]
+    for r in runs[1:]:
+        if r["seeds"] != first["seeds"]:
+            raise SystemExit(f"cannot merge runs over different seeds: {first['seeds']} and {r['seeds']}")
+    fields = first["settings"]["embed_fields"]
+    out = json.loads(json.dumps(first))
+    out["results"], out["targets"], out["seconds"] = {}, {}, {}
+    s = out["settings"]
+    for r in runs:
+        mark = "" if r["settings"]["embed_fields"] == fields else "/" + "+".join(r["settings"]["embed_fields"])
+        for key, value in r["results"].items():
+            out["results"][key + mark] = value
+            out["targets"][key + mark] = r["targets"].get(key, {})
+        for key, value in r["seconds"].items():
+            out["seconds"][key + mark] = value
+        for name in ("protocols", "methods", "devs"):
+            s[name] += [x for x in r["settings"][name] if x not in s[name]]
+        if mark:
+            s.setdefault("other_embed_fields", []).append(r["settings"]["embed_fields"])
+    out["seconds"] = {k: v for k, v in out["seconds"].items() if not k.startswith("total")}
+    out["seconds"]["total"] = round(sum(r["seconds"]["total"] for r in runs), 1)
+    return out
+
+
+def read_saved(path: str) -> dict:
+    """A saved JSON line, or the merge of every line in the file (several runs of the same seeds)."""
+    runs = tables.read_json_lines(path)
+    return runs[0] if len(runs) == 1 else merge(runs)
+
+
 # --- tables -----------------------------------------------------------------------------------------
 
 def _pm(stat: dict | None, digits: int = 3) -> str:
@@ -609,7 +642,9 @@ def markdown(result: dict, source: str | None) -> str:
     lines = head + [
         (f"Source: {origin}. Alpaca pool of {s['pool_size']} records (5 sources, harm planted per protocol; "
          f"benchmarks/real_quality.py's docstring), value model {s['model']}, valuation {', '.join(s['valuations'])}, "
-         f"embed {s['embed_model']} on {', '.join(s['embed_fields'])}, C = {s['clusters']}, subsets of "
+         f"embed {s['embed_model']} on {', '.join(s['embed_fields'])}"
+         + "".join(f" (rows marked /{'+'.join(f)}: on {', '.join(f)})" for f in s.get("other_embed_fields", []))
+         + f", C = {s['clusters']}, subsets of "
          f"{s['subset']:g}, dev sets of {s['dev_size']}. Seeds {', '.join(map(str, seeds))}: mean ± std over seeds."),
         "",
         "| protocol / dev set | cluster AUROC | record AUROC | harm in bad clusters (ceiling) | corrupted clusters | "
@@ -626,8 +661,8 @@ def markdown(result: dict, source: str | None) -> str:
             f"{key}: " + ", ".join(f"{name} {'met' if ok else 'missed'}" for name, ok in v.items())
             for key, v in checks.items()) + "."]
     keys = list(result["results"])
-    shares = next(iter(result["results"].values()))["harmful_share"]
-    methods = [m for m in s["methods"] if m in shares] + [m for m in shares if m not in s["methods"]]
+    shares = {m for r in result["results"].values() for m in r["harmful_share"]}
+    methods = [m for m in s["methods"] if m in shares] + sorted(shares - set(s["methods"]))
     lines += ["", f"Harmful share of each method's {s['subset']:g} subset (the pool's share in the last row; "
               "in brackets, the share over random's):", "",
               "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
@@ -636,13 +671,13 @@ def markdown(result: dict, source: str | None) -> str:
         for k in keys:
             r = result["results"][k]
             ratio = r.get("vs_random", {}).get(m)
-            cells.append(_pm(r["harmful_share"][m]) + (f" ({_v(ratio['mean'], 2)})" if ratio else ""))
+            cells.append(_pm(r["harmful_share"].get(m)) + (f" ({_v(ratio['mean'], 2)})" if ratio else ""))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("| pool | " + " | ".join(_pm(result["results"][k]["pool_harmful_share"]) for k in keys) + " |")
     lines += ["", "Selection seconds (the sample stage; qocs and qwcs also need the valuation above):", "",
               "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for m in methods:
-        lines.append(f"| {m} | " + " | ".join(_pm(result["results"][k]["selection_s"][m]) for k in keys) + " |")
+        lines.append(f"| {m} | " + " | ".join(_pm(result["results"][k]["selection_s"].get(m)) for k in keys) + " |")
     lines += ["", "Stage seconds (embed and cluster run once per workspace, with the first dev set):", "",
               "| stage | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     stages = [st for st in ("prepare", "embed", "cluster") if any(st in result["results"][k]["stage_s"] for k in keys)]
@@ -669,9 +704,23 @@ def markdown(result: dict, source: str | None) -> str:
         for name in ("cluster_auroc", "record_auroc", "harm_in_bad_clusters"):
             lines.append(f"| {k} {name} | " + " | ".join(_v(v) for v in r[name]["values"]) + " |")
         for m in methods:
-            lines.append(f"| {k} {m} harmful share | " + " | ".join(_v(v) for v in r["harmful_share"][m]["values"]) + " |")
+            if m in r["harmful_share"]:
+                lines.append(f"| {k} {m} harmful share | " + " | ".join(_v(v) for v in r["harmful_share"][m]["values"]) + " |")
     if result.get("seconds"):
         lines += ["", "Wall seconds: " + ", ".join(f"{k} {v:g}" for k, v in result["seconds"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: dict) -> str:
+    """The README's table: per protocol and dev set, how well the scores flag harm and each method's harmful share."""
+    s = result["settings"]
+    methods = [m for m in s["methods"] if any(m in r["harmful_share"] for r in result["results"].values())]
+    lines = ["| protocol / dev set | cluster AUROC | harm in bad clusters | pool | "
+             + " | ".join(methods) + " |", "|---|---|---|---|" + "---|" * len(methods)]
+    for key, r in result["results"].items():
+        lines.append(f"| {key} | {_pm(r['cluster_auroc'], 2)} | {_pm(r['harm_in_bad_clusters'], 2)} | "
+                     f"{_v(r['pool_harmful_share']['mean'], 2)} | "
+                     + " | ".join(_pm(r["harmful_share"].get(m), 2) for m in methods) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -720,6 +769,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     parser.add_argument("-v", "--verbose", action="store_true", help="the stages' INFO logs")
     tables.add_arguments(parser)
+    parser.add_argument("--readme", metavar="PATH", help="with --from-json: also write the summary table into PATH's "
+                        "real_quality block (between <!-- real_quality:begin --> and <!-- real_quality:end -->)")
     return parser.parse_args(argv)
 
 
@@ -772,7 +823,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    if tables.render_saved(args, markdown):
+    if args.from_json:
+        result = read_saved(args.from_json)
+        tables.write_markdown(markdown(result, args.from_json), args.markdown)
+        if args.readme:
+            tables.write_block(args.readme, "real_quality", summary(result))
         return
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
     markdown_path = str(Path(args.markdown).resolve()) if args.markdown else None  # the run changes directory

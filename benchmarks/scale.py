@@ -140,8 +140,8 @@ def warm_up(backend: str, args) -> float:
     start = time.perf_counter()
     code = ("import sys; from shed.embedding import load_encoder; "
             "load_encoder(sys.argv[1], sys.argv[2], 'cpu', int(sys.argv[3]), int(sys.argv[4]))")
-    subprocess.run([sys.executable, "-c", code, settings["model"], settings["backend"], str(args.batch_size), str(args.max_seq_length)],
-                   check=True, capture_output=True)
+    argv = [settings["model"], settings["backend"], str(args.batch_size), str(args.max_seq_length)]
+    subprocess.run([sys.executable, "-c", code, *argv], check=True, capture_output=True)
     return round(time.perf_counter() - start, 1)
 
 

@@ -56,6 +56,18 @@ def write_markdown(text: str, path: str | Path | None) -> None:
         sys.stdout.write(text)
 
 
+def write_block(path: str | Path, name: str, text: str) -> None:
+    """Replace what lies between `<!-- name:begin -->` and `<!-- name:end -->` in `path` with `text`."""
+    path = Path(path)
+    doc = path.read_text(encoding="utf-8")
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if doc.count(begin) != 1 or doc.count(end) != 1 or doc.index(begin) > doc.index(end):
+        raise SystemExit(f"{path}: needs one '{begin}' line before one '{end}' line")
+    head, rest = doc.split(begin, 1)
+    path.write_text(head + begin + "\n" + text + end + rest.split(end, 1)[1], encoding="utf-8")
+    print(f"wrote {path} ({name} block)", file=sys.stderr)
+
+
 def render_saved(args: argparse.Namespace, markdown: Callable[[dict, str | None], str]) -> bool:
     """With --from-json: write the tables of the saved line and return True (the caller stops there)."""
     if not args.from_json:

@@ -289,3 +289,53 @@ def test_from_json_renders_a_saved_line_and_runs_nothing(tmp_path):
     text = out.read_text()
     assert text.index("| qocs |") < text.index("| random |")  # the settings' method order
     assert "cluster_auroc>=0.9 missed" in text and not list(Path(tmp_path).glob("shed-*"))
+
+
+def _saved_run(fields: list[str], methods: list[str], protocol: str, share: float) -> dict:
+    stat = lambda x: {"mean": x, "std": 0.0, "values": [x]}  # noqa: E731
+    row = {"cluster_auroc": stat(0.5), "record_auroc": stat(0.5), "harm_in_bad_clusters": stat(0.6),
+           "pool_harmful_share": stat(0.2), "corrupted_clusters": stat(4.0), "clusters": stat(50.0),
+           "valuation_s": stat(200.0), "stage_s": {"prepare": stat(0.1)},
+           "harmful_share": {m: stat(share) for m in methods}, "selection_s": {m: stat(0.1) for m in methods},
+           "vs_random": {m: stat(1.0) for m in methods}}
+    return {"benchmark": "real_quality", "seeds": [1, 2], "targets": {f"{protocol}/alpaca": {}},
+            "settings": {"model": "smollm2", "pool_size": 1000, "dev_size": 32, "clusters": 50, "embed_model": "static",
+                         "embed_fields": fields, "valuations": ["inrun"], "methods": methods, "subset": 0.1,
+                         "protocols": [protocol], "devs": ["alpaca"], "limit": 0},
+            "results": {f"{protocol}/alpaca": row}, "seconds": {f"{protocol}/seed 1": 10.0, "total": 20.0}}
+
+
+def test_merge_marks_runs_on_other_fields_and_sums_their_time():
+    record = ["instruction", "input", "output"]
+    runs = [_saved_run(record, ["qocs", "random", "length"], "concentrated", 0.1),
+            _saved_run(record, ["qocs", "random", "length"], "scattered", 0.2),
+            _saved_run(["output"], ["qocs", "random"], "concentrated", 0.3)]
+    merged = rq.merge(runs)
+    assert list(merged["results"]) == ["concentrated/alpaca", "scattered/alpaca", "concentrated/alpaca/output"]
+    assert merged["results"]["concentrated/alpaca/output"]["harmful_share"]["qocs"]["mean"] == 0.3
+    assert merged["settings"]["protocols"] == ["concentrated", "scattered"]
+    assert merged["settings"]["other_embed_fields"] == [["output"]]
+    assert merged["seconds"]["total"] == 60.0 and merged["seconds"]["concentrated/seed 1/output"] == 10.0
+    text = rq.markdown(merged, "x.jsonl")
+    assert "| length | 0.100 ± 0.000 (1.00) | 0.200 ± 0.000 (1.00) | n/a |" in text  # absent where not run
+    assert "rows marked /output: on output" in text
+    table = rq.summary(merged).splitlines()
+    assert table[0].endswith("| qocs | random | length |") and len(table) == 2 + 3
+    assert table[-1].startswith("| concentrated/alpaca/output | 0.50 ± 0.00 | 0.60 ± 0.00 | 0.20 | 0.30 ± 0.00")
+    other_seeds = _saved_run(record, ["qocs"], "scattered", 0.2)
+    other_seeds["seeds"] = [1]
+    with pytest.raises(SystemExit, match="different seeds"):
+        rq.merge([runs[0], other_seeds])
+
+
+def test_readme_block_is_replaced_between_its_markers_only(tmp_path):
+    import tables
+
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n<!-- real_quality:begin -->\nold table\n<!-- real_quality:end -->\nafter\n")
+    tables.write_block(doc, "real_quality", "| new |\n")
+    assert doc.read_text() == "intro\n<!-- real_quality:begin -->\n| new |\n<!-- real_quality:end -->\nafter\n"
+    doc.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="needs one"):
+        tables.write_block(doc, "real_quality", "x\n")
+    assert doc.read_text() == "no markers\n"
