@@ -89,10 +89,11 @@ Cost (2 CPU cores, OMP_NUM_THREADS=1, shared with other jobs). With the recipe -
 records, C = 10 (one training step), 32 dev records: shapley 190 s (Alpaca dev) and 216 s (MMLU dev) at load
 average 3.5; a stand-in with SmolLM2's architecture and random weights on C = 50 (4 steps) took 230 s at load
 average 1 (the first step, with the dev gradients, 133 s; the others about 20 to 35 s). The perplexity
-baseline scores about 3.5 records/s. A full run (1,000 records, 3 seeds, both protocols, both dev sets: 12
-shapley stages, 6 perplexity passes) so needs about 12 x 230-320 s = 46-64 min of valuation and 6 x 300 s =
-30 min of perplexity, about 80-100 min in all. OMP_NUM_THREADS=2 on two idle cores made a SmolLM2 forward and
-backward 2.5x faster. Each extra epoch or run (shapley.k) adds about 200 s per stage (and with k = 1 a
+baseline scores about 3.5 records/s. Measured on 2 idle cores with OMP_NUM_THREADS=2 (docs/results.md,
+2026-12-03): the full run (1,000 records, 3 seeds, both protocols, both dev sets: 12 shapley stages of 44-129
+s, 6 perplexity passes of 129-190 s) took 31 min, and the response-only comparison without the record-level
+baselines 17 min more. The MMLU-dev valuation peaks near 13 GB: run one process at a time on 24 GB (two
+were killed for memory). Each extra epoch or run (shapley.k) adds about 200 s per stage (and with k = 1 a
 proxy's credit carries the learning rate of its one step: linear decay gives the last batch a third of the
 first's). dev_chunk 8 because 64 dev records in one gradient pass (max_length 256) ran out of 24 GB. retrain
 fine-tunes k (C/n + 1) subsets per stage, at least 35 s each here: no C fits next to in-run on a CPU;
@@ -609,8 +610,8 @@ def merge(runs: list[dict]) -> dict:
             out["seconds"][key + mark] = value
         for name in ("protocols", "methods", "devs"):
             s[name] += [x for x in r["settings"][name] if x not in s[name]]
-        if mark:
-            s.setdefault("other_embed_fields", []).append(r["settings"]["embed_fields"])
+        if mark and r["settings"]["embed_fields"] not in s.setdefault("other_embed_fields", []):
+            s["other_embed_fields"].append(r["settings"]["embed_fields"])
     out["seconds"] = {k: v for k, v in out["seconds"].items() if not k.startswith("total")}
     out["seconds"]["total"] = round(sum(r["seconds"]["total"] for r in runs), 1)
     return out

@@ -309,19 +309,21 @@ def test_merge_marks_runs_on_other_fields_and_sums_their_time():
     record = ["instruction", "input", "output"]
     runs = [_saved_run(record, ["qocs", "random", "length"], "concentrated", 0.1),
             _saved_run(record, ["qocs", "random", "length"], "scattered", 0.2),
-            _saved_run(["output"], ["qocs", "random"], "concentrated", 0.3)]
+            _saved_run(["output"], ["qocs", "random"], "concentrated", 0.3),
+            _saved_run(["output"], ["qocs", "random"], "scattered", 0.4)]
     merged = rq.merge(runs)
-    assert list(merged["results"]) == ["concentrated/alpaca", "scattered/alpaca", "concentrated/alpaca/output"]
+    assert list(merged["results"]) == ["concentrated/alpaca", "scattered/alpaca", "concentrated/alpaca/output",
+                                       "scattered/alpaca/output"]
     assert merged["results"]["concentrated/alpaca/output"]["harmful_share"]["qocs"]["mean"] == 0.3
     assert merged["settings"]["protocols"] == ["concentrated", "scattered"]
     assert merged["settings"]["other_embed_fields"] == [["output"]]
-    assert merged["seconds"]["total"] == 60.0 and merged["seconds"]["concentrated/seed 1/output"] == 10.0
+    assert merged["seconds"]["total"] == 80.0 and merged["seconds"]["concentrated/seed 1/output"] == 10.0
     text = rq.markdown(merged, "x.jsonl")
-    assert "| length | 0.100 ± 0.000 (1.00) | 0.200 ± 0.000 (1.00) | n/a |" in text  # absent where not run
-    assert "rows marked /output: on output" in text
+    assert "| length | 0.100 ± 0.000 (1.00) | 0.200 ± 0.000 (1.00) | n/a | n/a |" in text  # absent where not run
+    assert text.count("rows marked /output: on output") == 1
     table = rq.summary(merged).splitlines()
-    assert table[0].endswith("| qocs | random | length |") and len(table) == 2 + 3
-    assert table[-1].startswith("| concentrated/alpaca/output | 0.50 ± 0.00 | 0.60 ± 0.00 | 0.20 | 0.30 ± 0.00")
+    assert table[0].endswith("| qocs | random | length |") and len(table) == 2 + 4
+    assert table[-2].startswith("| concentrated/alpaca/output | 0.50 ± 0.00 | 0.60 ± 0.00 | 0.20 | 0.30 ± 0.00")
     other_seeds = _saved_run(record, ["qocs"], "scattered", 0.2)
     other_seeds["seeds"] = [1]
     with pytest.raises(SystemExit, match="different seeds"):
