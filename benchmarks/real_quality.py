@@ -72,6 +72,8 @@ Metrics, per seed, then mean ± std over seeds per protocol and dev set (and val
 - cluster_auroc: a cluster is corrupted when more than half its members are; how well a low score flags it.
 - record_auroc: each record inherits its cluster's score; how well a low score flags a corrupted record
   (what a cluster-level valuation can say about scattered harm).
+- proxy_auroc and proxy_rank: the proxies' own scores against what was planted in them (is a corrupted proxy
+  valued low; each corruption kind's mean percentile rank of score, "clean" for the uncorrupted proxies).
 - harm_in_bad_clusters: the share of corrupted records inside corrupted clusters, the ceiling that any
   cluster-level score can reach; pool_harmful_share: the pool's corrupted share.
 - per method: harmful_share of its subset (against the pool's), vs_random (that share over random's; the
@@ -411,6 +413,17 @@ def harm_in_bad_clusters(cluster_of: dict[str, int], harmful: set[str]) -> float
     return inside / max(sum(1 for i in harmful if i in cluster_of), 1)
 
 
+def proxy_reading(scores: dict[str, float], kind_of: dict[str, str]) -> tuple[float, dict[str, float]]:
+    """The proxies' own scores against what was planted in them: (how well a low score flags a corrupted proxy,
+    each kind's mean percentile rank of score, "clean" for the uncorrupted; 1 = the highest scores)."""
+    ids = sorted(scores)
+    values = np.array([scores[i] for i in ids], dtype=float)
+    ranks = (np.argsort(np.argsort(values, kind="stable"), kind="stable") + 1) / len(ids)
+    kinds = [kind_of[i] or "clean" for i in ids]
+    by_kind = {k: float(np.mean([r for r, kk in zip(ranks, kinds) if kk == k])) for k in sorted(set(kinds))}
+    return _auroc([int(k != "clean") for k in kinds], values), by_kind
+
+
 def harmful_share(ids: list[str], harmful: set[str]) -> float:
     """Share of `ids` that are harmful (NaN for none)."""
     return sum(i in harmful for i in ids) / len(ids) if ids else float("nan")
@@ -490,6 +503,7 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
     pool, truth = plant(alpaca, protocol, seed, args.pool_size, args.dev_size, args.bad_sources, args.bad_rate,
                         args.background_rate, args.scattered_rate, tuple(args.kinds))
     harmful = {t["id"] for t in truth if t["corrupted"]}
+    kind_of = {t["id"]: t["kind"] for t in truth}
     out: dict[str, dict] = {}
     selections: dict[tuple, dict] = {}  # methods that read neither scores nor dev: sampled once per workspace
     tuned: dict = {}  # dataset sha256 -> accuracies (and "base")
@@ -520,9 +534,12 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                     valuation_s = tables.run_stage("shapley", raw)
                     scores = artifacts.read_scores()
                     score_of = {int(c): float(s) for c, s in zip(scores["cluster"], scores["score"])}
+                    proxy_auroc, proxy_rank = proxy_reading(
+                        {str(i): float(v) for i, v in zip(scores["proxy_id"], scores["score"])}, kind_of)
                     row = {"cluster_auroc": cluster_auroc(score_of, cluster_of, harmful),
                            "record_auroc": record_auroc(score_of, cluster_of, harmful),
                            "harm_in_bad_clusters": harm_in_bad_clusters(cluster_of, harmful),
+                           "proxy_auroc": proxy_auroc, "proxy_rank": proxy_rank,
                            "pool_harmful_share": harmful_share(list(cluster_of), harmful),
                            "corrupted_clusters": sum(s > 0.5 for s in cluster_shares(cluster_of, harmful).values()),
                            "clusters": len(score_of), "valuation_s": round(valuation_s, 1),
@@ -569,6 +586,10 @@ def summarize(per_seed: list[dict]) -> dict:
     out = {k: stats([r[k] for r in per_seed]) for k in
            ("cluster_auroc", "record_auroc", "harm_in_bad_clusters", "pool_harmful_share", "corrupted_clusters",
             "clusters", "valuation_s")}
+    if "proxy_auroc" in first:
+        out["proxy_auroc"] = stats([r["proxy_auroc"] for r in per_seed])
+        kinds = sorted({k for r in per_seed for k in r["proxy_rank"]})
+        out["proxy_rank"] = {k: stats([r["proxy_rank"].get(k, float("nan")) for r in per_seed]) for k in kinds}
     for block in ("harmful_share", "selection_s", "vs_random", "tune_s"):
         if first.get(block):
             out[block] = {m: stats([r[block][m] for r in per_seed]) for m in first[block]}
@@ -656,6 +677,15 @@ def markdown(result: dict, source: str | None) -> str:
         lines.append(f"| {key} | {_pm(r['cluster_auroc'])} | {_pm(r['record_auroc'])} | {_pm(r['harm_in_bad_clusters'])} "
                      f"| {_pm(r['corrupted_clusters'], 1)} of {_pm(r['clusters'], 0)} | {_pm(r['pool_harmful_share'])} "
                      f"| {_pm(r['valuation_s'], 0)} |")
+    read = {k: r for k, r in result["results"].items() if "proxy_auroc" in r}
+    if read:
+        kinds = sorted({kind for r in read.values() for kind in r["proxy_rank"]}, key=lambda k: (k != "clean", k))
+        lines += ["", "The proxies' own scores against what was planted in them: AUROC of a low score for a corrupted "
+                  "proxy, and each kind's mean percentile rank of score (1 = valued highest; 0.5 = no signal):", "",
+                  "| protocol / dev set | proxy AUROC | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+        for key, r in read.items():
+            lines.append(f"| {key} | {_pm(r['proxy_auroc'], 2)} | "
+                         + " | ".join(_pm(r["proxy_rank"].get(kind), 2) for kind in kinds) + " |")
     checks = {k: v for k, v in result.get("targets", {}).items() if v}
     if checks:
         lines += ["", "Targets for source-concentrated harm (on the means): " + "; ".join(

@@ -219,6 +219,16 @@ def test_harm_in_bad_clusters_and_harmful_share():
     assert np.isnan(rq.harmful_share([], HARMFUL))
 
 
+def test_proxy_reading_ranks_each_kind_and_flags_low_scored_corrupted_proxies():
+    scores = {"p1": 0.4, "p2": -0.3, "p3": 0.1, "p4": 0.9}
+    kinds = {"p1": "", "p2": "refusal", "p3": "shuffled", "p4": ""}
+    auroc, rank = rq.proxy_reading(scores, kinds)
+    assert auroc == pytest.approx(1.0)  # both corrupted proxies score below both clean ones
+    assert rank == pytest.approx({"clean": (3 / 4 + 4 / 4) / 2, "refusal": 1 / 4, "shuffled": 2 / 4})
+    auroc, _ = rq.proxy_reading({"p1": -1.0, "p2": 1.0, "p3": 0.5, "p4": 0.0}, kinds)
+    assert auroc == pytest.approx(0.0)
+
+
 def test_stats_skip_nan_and_keep_per_seed_values():
     assert rq.stats([0.5, 0.7]) == {"mean": 0.6, "std": 0.1, "values": [0.5, 0.7]}
     assert rq.stats([0.5, float("nan")]) == {"mean": 0.5, "std": 0.0, "values": [0.5, None]}
