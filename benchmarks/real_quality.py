@@ -92,9 +92,9 @@ records, C = 10 (one training step), 32 dev records: shapley 190 s (Alpaca dev) 
 average 3.5; a stand-in with SmolLM2's architecture and random weights on C = 50 (4 steps) took 230 s at load
 average 1 (the first step, with the dev gradients, 133 s; the others about 20 to 35 s). The perplexity
 baseline scores about 3.5 records/s. Measured on 2 idle cores with OMP_NUM_THREADS=2 (docs/results.md,
-2026-12-03): the full run (1,000 records, 3 seeds, both protocols, both dev sets: 12 shapley stages of 44-129
-s, 6 perplexity passes of 129-190 s) took 31 min, and the response-only comparison without the record-level
-baselines 17 min more. The MMLU-dev valuation peaks near 13 GB: run one process at a time on 24 GB (two
+2026-12-03): the full run (1,000 records, 3 seeds, both protocols, both dev sets: 12 shapley stages of 44-149
+s, 6 perplexity passes of 129-190 s) took 31-34 min, and the response-only comparison without the
+record-level baselines 17-19 min more (two runs). The MMLU-dev valuation peaks near 13 GB: run one process at a time on 24 GB (two
 were killed for memory). Each extra epoch or run (shapley.k) adds about 200 s per stage (and with k = 1 a
 proxy's credit carries the learning rate of its one step: linear decay gives the last batch a third of the
 first's). dev_chunk 8 because 64 dev records in one gradient pass (max_length 256) ran out of 24 GB. retrain
