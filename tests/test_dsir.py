@@ -35,12 +35,12 @@ def test_sample_stage_selects_dsir_at_the_requested_size():
     import pandas as pd
 
     from shed.config import Params
-    from shed.stages.sample import select
+    from shed.stages.sample import Inputs, select
 
     params = Params()
     params.sample.method, params.sample.subset_size = "dsir", 0.5
     pool = [{"id": f"r{i}", "instruction": t.split("\n")[0], "input": "", "output": t.split("\n")[1]}
             for i, t in enumerate(RAW)]
     dev = [{"question": t.split("\n")[0], "choices": [t.split("\n")[1]], "answer": 0} for t in TARGET]
-    chosen = select(params, pool, pd.DataFrame(), pd.DataFrame(), dev)
+    chosen = select(params, Inputs(pool, pd.DataFrame(), pd.DataFrame(), dev=dev))
     assert sorted(chosen) == ["r0", "r3"]

@@ -1,5 +1,6 @@
 """QOCS, QWCS, random and the cluster_uniform, length and perplexity baselines with exact expectations."""
 
+import dataclasses
 import math
 from collections import Counter
 
@@ -120,13 +121,15 @@ def test_cluster_uniform_is_deterministic_by_seed():
     assert sorted(cluster_uniform(big, 120, 7)) == sorted(sum(big.values(), []))
 
 
-def select_with(method: str, subset_size: float, pool: list[dict], assignments=None, losses=None) -> list[str]:
-    from shed.stages.sample import select
+def select_with(method: str, subset_size: float, pool: list[dict], assignments=None, losses=None, scores=None,
+                within: str = "nearest", ifd=None, record_scores=None) -> list[str]:
+    from shed.stages.sample import Inputs, select
 
     params = Params()
-    params.sample.method, params.sample.subset_size = method, subset_size
-    return select(params, pool, pd.DataFrame() if assignments is None else assignments, pd.DataFrame(),
-                  losses=losses)
+    params.sample.method, params.sample.subset_size, params.sample.within = method, subset_size, within
+    inputs = Inputs(pool, pd.DataFrame() if assignments is None else assignments,
+                    pd.DataFrame() if scores is None else scores, losses=losses, ifd=ifd, record_scores=record_scores)
+    return select(params, inputs)
 
 
 def test_sample_stage_cluster_uniform_sizes_a_fraction_or_a_count_of_the_pool():
@@ -202,7 +205,7 @@ def one_record_loss(model, tokenizer, record: dict, cut: int = 0) -> float:
 
 
 def test_response_losses_in_padded_batches_equal_one_record_at_a_time(tiny_lm, one_thread):
-    from shed.stages.sample import response_losses
+    from shed.losses import response_losses
 
     model, tokenizer = tiny_lm
     expected = [one_record_loss(model, tokenizer, r) for r in RECORDS]
@@ -213,7 +216,7 @@ def test_response_losses_in_padded_batches_equal_one_record_at_a_time(tiny_lm, o
 
 
 def test_response_losses_average_the_response_tokens_left_after_the_cut(tiny_lm, one_thread):
-    from shed.stages.sample import response_losses
+    from shed.losses import response_losses
 
     model, tokenizer = tiny_lm
     prompt_tokens = [len(tokenizer(render(r, "qa")[0], add_special_tokens=False)["input_ids"]) for r in RECORDS]
@@ -267,3 +270,83 @@ def test_sample_stage_writes_the_baselines_dataset_manifest_and_metrics(tmp_path
     assert (manifest["method"], manifest["size"], manifest["pool_size"], manifest["temperature"]) == (method, 3, 5, None)
     metrics = json.loads((tmp_path / "metrics/sample.json").read_text())
     assert {k: metrics[k] for k in ("method", "size", "fraction")} == {"method": method, "size": 3, "fraction": 0.6}
+
+
+# --- sample.within: cluster scores decide how many, a record signal which ---
+WITHIN_POOL = [{"id": f"r{i}", "instruction": "i", "input": "", "output": "o"} for i in range(6)]
+# cluster 0: r0 r1 r2 (nearest first), cluster 1: r3 r4 r5; cluster 1 scores higher
+WITHIN_ASSIGN = pd.DataFrame({"id": [r["id"] for r in WITHIN_POOL], "cluster": [0, 0, 0, 1, 1, 1],
+                              "distance": [0.1, 0.2, 0.3, 0.1, 0.2, 0.3]})
+WITHIN_SCORES = pd.DataFrame({"cluster": [0, 1], "score": [0.1, 0.9]})
+
+
+def test_order_within_sorts_each_cluster_by_its_key_with_nan_last_and_ties_nearest_first():
+    from shed.sampling import order_within
+
+    members = {0: ["a", "b", "c", "d"], 1: ["e"]}
+    keys = {"a": 2.0, "b": math.nan, "c": 1.0, "d": 2.0, "e": 5.0}
+    assert order_within(members, keys) == {0: ["c", "a", "d", "b"], 1: ["e"]}
+
+
+@pytest.mark.parametrize("within, kw, expected", [
+    ("nearest", {}, ["r3", "r4", "r5", "r0"]),
+    ("loss", {"losses": [0.5, 0.1, 0.9, 0.3, 0.2, 0.4]}, ["r4", "r3", "r5", "r1"]),
+    ("value", {"record_scores": {"r0": 0.0, "r1": 0.0, "r2": 0.7, "r3": 0.1, "r4": 0.3, "r5": 0.2}},
+     ["r4", "r5", "r3", "r2"]),
+    # Superfiltering's order: IFD below 1 by IFD descending, then IFD >= 1
+    ("ifd", {"ifd": [1.2, 0.5, 0.9, 1.5, 0.8, 0.6]}, ["r4", "r5", "r3", "r2"]),
+])
+def test_qocs_takes_the_clusters_by_score_and_their_members_by_the_within_signal(within, kw, expected):
+    assert select_with("qocs", 4, WITHIN_POOL, WITHIN_ASSIGN, scores=WITHIN_SCORES, within=within, **kw) == expected
+
+
+def test_qwcs_with_a_within_signal_takes_each_clusters_best_members_first():
+    losses = [0.5, 0.1, 0.9, 0.3, 0.2, 0.4]
+    chosen = select_with("qwcs", 4, WITHIN_POOL, WITHIN_ASSIGN, scores=WITHIN_SCORES, within="loss", losses=losses)
+    by_cluster = {c: [i for i in chosen if int(i[1]) // 3 == c] for c in (0, 1)}
+    for c, order in ((0, ["r1", "r0", "r2"]), (1, ["r4", "r3", "r5"])):
+        assert by_cluster[c] == order[: len(by_cluster[c])]
+
+
+def test_within_value_without_every_record_valued_is_a_clear_error():
+    from shed.fileio import ShedError
+
+    with pytest.raises(ShedError, match="shapley.players records"):
+        select_with("qocs", 2, WITHIN_POOL, WITHIN_ASSIGN, scores=WITHIN_SCORES, within="value",
+                    record_scores={"r0": 1.0})
+
+
+def test_ifd_takes_the_highest_ifd_below_one_first():
+    from shed.sampling import highest_ifd
+
+    assert highest_ifd(["a", "b", "c", "d", "e"], [0.4, 1.1, 0.9, math.nan, 0.95], 4) == ["e", "c", "a", "b"]
+    pool = [{"id": f"r{i}", "instruction": "i", "input": "", "output": "o"} for i in range(3)]
+    assert select_with("ifd", 2, pool, ifd=[0.2, 0.7, 1.0]) == ["r1", "r0"]
+
+
+def test_every_sample_method_has_a_sampler_and_says_which_signals_it_reads():
+    from shed.config import SampleConfig
+    from shed.stages.sample import SAMPLERS, needs
+
+    choices = set(dataclasses.fields(SampleConfig)[0].metadata["choices"])
+    assert set(SAMPLERS) == choices
+    cfg = SampleConfig()
+    for method, within, want in [("perplexity", "nearest", {"losses"}), ("ifd", "nearest", {"losses", "ifd"}),
+                                 ("qocs", "loss", {"losses"}), ("qwcs", "ifd", {"losses", "ifd"}),
+                                 ("qocs", "value", {"record_scores"}), ("random", "loss", set()),
+                                 ("dsir", "nearest", {"dev"}), ("qocs", "nearest", set())]:
+        cfg.method, cfg.within = method, within
+        assert needs(cfg) == want, (method, within)
+
+
+def test_ifd_is_the_conditional_over_the_unconditional_loss_and_the_unconditional_loss_drops_the_instruction(
+        tiny_lm, one_thread):
+    from shed.losses import ifd, response_losses
+
+    model, tokenizer = tiny_lm
+    conditional = response_losses(model, tokenizer, RECORDS, "qa", 0, 2)
+    alone = response_losses(model, tokenizer, RECORDS, "qa", 0, 2, unconditional=True)
+    bare = [{**r, "instruction": "", "input": ""} for r in RECORDS]
+    assert alone == pytest.approx([one_record_loss(model, tokenizer, r) for r in bare], rel=1e-5)
+    assert ifd(conditional, alone) == pytest.approx([c / u for c, u in zip(conditional, alone)])
+    assert math.isnan(ifd([math.inf], [1.0])[0]) and math.isnan(ifd([1.0], [0.0])[0])

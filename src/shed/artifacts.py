@@ -37,9 +37,11 @@ CLUSTERS_PNG = "plots/clusters.png"
 # shapley
 SHAPLEY = "data/shapley"
 SCORES = f"{SHAPLEY}/scores.csv"  # cluster, proxy_id, size, score, stderr, credits
+RECORD_SCORES = f"{SHAPLEY}/record_scores.csv"  # id, cluster, score, stderr, tokens, loss: every valued record
 SUBSETS = f"{SHAPLEY}/subsets.jsonl"  # retrain: each evaluated subset and its value; inrun: one summary per run
 JOBS_DIR = "data/shapley_jobs"
 JOBS = f"{JOBS_DIR}/jobs.jsonl"  # the persistent job store (shed.jobstore)
+FORWARD_RUNS = f"{JOBS_DIR}/forward"  # shapley.method forward: <context>/base.npy, run-NNNN.{npy,json}
 INRUN_RUNS = f"{JOBS_DIR}/inrun"  # shapley.method inrun: <context>/run-NNNN.{safetensors,json}, one per finished run
 SCORES_PLOT = "plots/shapley_scores.csv"
 SHAPLEY_PNG = "plots/shapley.png"
@@ -91,7 +93,7 @@ INPUTS = {
     "embed": [POOL],
     "cluster": [EMBED],
     "shapley": [POOL, DEV, EMBED, CLUSTERS, BASE_MODEL],
-    "sample": [POOL, DEV, CLUSTERS, SCORES, BASE_MODEL],
+    "sample": [POOL, DEV, CLUSTERS, SCORES, RECORD_SCORES, BASE_MODEL],
     "finetune": [DATASET, BASE_MODEL],
     "evaluate": [DEV, EVAL, FINETUNED, BASE_MODEL],
 }
@@ -175,11 +177,20 @@ def read_scores() -> pd.DataFrame:
     return pd.read_csv(SCORES, dtype={"proxy_id": str})
 
 
-def write_scores(scores: pd.DataFrame, subsets: list[dict]) -> None:
+def write_scores(scores: pd.DataFrame, record_scores: pd.DataFrame, subsets: list[dict]) -> None:
+    """The shapley stage's data/shapley, whole or not at all: cluster scores, the valued records' own scores
+    (the proxies, or every pool record with shapley.players records) and the valuation's subsets or runs."""
     with atomic_path(SHAPLEY) as tmp:
         tmp.mkdir()
         write_csv(tmp / Path(SCORES).name, scores)
+        write_csv(tmp / Path(RECORD_SCORES).name, record_scores)
         write_jsonl(tmp / Path(SUBSETS).name, subsets)
+
+
+def read_record_scores() -> pd.DataFrame:
+    if not Path(RECORD_SCORES).is_file():
+        raise ShedError(f"{RECORD_SCORES}: file not found (rerun `shed shapley` or `dvc repro`)")
+    return pd.read_csv(RECORD_SCORES, dtype={"id": str})
 
 
 def read_dataset() -> list[dict]:

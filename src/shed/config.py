@@ -183,8 +183,17 @@ class ShapleyConfig:
 
     model: str = param("models/base", "hub id or local path; the embedded default is built by `shed base`")
     method: str = param("retrain", "retrain: fine-tune and score proxy subsets (the paper's); inrun: one fit on "
-                        "all proxies per run, each proxy credited its first-order drop of the dev loss at every "
-                        "step (In-Run Data Shapley; docs/engine.md)", choices=("retrain", "inrun"))
+                        "the players per run, each credited its first-order drop of the dev loss at every step "
+                        "(In-Run Data Shapley); forward: each player's loss under the base model minus its loss "
+                        "after a fit on the dev set, the same first-order quantity from two forward passes "
+                        "(CoLoR-Filter; docs/engine.md)", choices=("retrain", "inrun", "forward"))
+    players: str = param("proxies", "what is valued: proxies (one per cluster, the paper's) or records (every pool "
+                         "record, methods inrun and forward; a cluster's score aggregates its members')",
+                         choices=("proxies", "records"))
+    aggregate: str = param("mean", "players records: a cluster's score from its members' (mean, median, or "
+                           "trimmed: the mean of the middle 80%)", choices=("mean", "median", "trimmed"))
+    dev_epochs: int = param(0, "method forward: passes of the dev-set fit (the train recipe otherwise)",
+                            ge=0, zero="train.epochs")
     k: int = param(4, "permutations (paper: 10-20); method inrun: training runs, each with its own data order",
                    ge=1)
     n: int = param(1, "proxies removed per step (paper: 60); 1 credits each proxy its own marginal", ge=1)
@@ -217,6 +226,11 @@ class ShapleyConfig:
         if self.method == "inrun" and self.value != "loglik":
             yield "value", (f"method inrun credits the gradient of the dev loss, so only value loglik; "
                             f"got {self.value}")
+        if self.method == "forward" and self.value != "loglik":
+            yield "value", f"method forward compares losses, so only value loglik; got {self.value}"
+        if self.players == "records" and self.method == "retrain":
+            yield "players", ("records: one retraining game per record is out of reach; value every record with "
+                              "method inrun or forward")
         if self.dev_neighbours and self.value == "accuracy":
             yield "dev_neighbours", ("needs per-question scores, which shapley.value accuracy (lm-eval) does not "
                                      "give: use loglik or choice_logprob, or dev_neighbours 0")
@@ -235,7 +249,12 @@ class SampleConfig:
     """The curated subset drawn from the valued clusters."""
 
     method: str = param("qocs", "sampler (the baselines: docs/method.md#baselines)",
-                        choices=("qocs", "qwcs", "random", "dsir", "full", "cluster_uniform", "length", "perplexity"))
+                        choices=("qocs", "qwcs", "random", "dsir", "full", "cluster_uniform", "length", "perplexity",
+                                 "ifd"))
+    within: str = param("nearest", "qocs, qwcs: which members a cluster gives first: nearest the centroid (the "
+                        "paper's; qwcs draws at random), value (highest record score: shapley.players records), "
+                        "loss (lowest loss under shapley.model), ifd (Superfiltering's order)",
+                        choices=("nearest", "value", "loss", "ifd"))
     subset_size: float = param(0.1, "a fraction of the pool (<= 1) or a record count (> 1)", gt=0)
     temperature: float = param(0.01, "QWCS: p(cluster) ∝ exp(score / T)", gt=0)
     seed: int = param(0, "sampling seed", ge=0)

@@ -45,16 +45,18 @@ def qwcs_probabilities(scores: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def qwcs(scores: dict[int, float], members: dict[int, list[str]], size: int, temperature: float,
-         seed: int) -> list[str]:
+         seed: int, ordered: bool = False) -> list[str]:
     """Quality-weighted cluster sampling: draw a cluster with p ∝ exp(score / T) among clusters
-    with members left, take one of its members uniformly at random, until `size` records.
+    with members left, take one of its members uniformly at random (`ordered`: the next of its
+    members in the given order instead), until `size` records.
 
     Draws are made in vectorised runs: between two exhaustions the cluster distribution is
     fixed, so a run of i.i.d. draws is accepted up to the draw that empties a cluster.
     """
     rng = np.random.default_rng([seed, 2])
     clusters = sorted(scores)
-    order = {c: [members[c][i] for i in rng.permutation(len(members[c]))] for c in clusters}
+    order = {c: list(members[c]) if ordered else [members[c][i] for i in rng.permutation(len(members[c]))]
+             for c in clusters}
     remaining = np.array([len(members[c]) for c in clusters])
     used = np.zeros(len(clusters), dtype=int)
     score_arr = np.array([scores[c] for c in clusters], dtype=float)
@@ -75,6 +77,21 @@ def qwcs(scores: dict[int, float], members: dict[int, list[str]], size: int, tem
             taken.append(order[clusters[c]][used[c]])
             used[c] += 1
     return taken
+
+
+def order_within(members: dict[int, list[str]], key_of: dict[str, float]) -> dict[int, list[str]]:
+    """Each cluster's members by `key_of` ascending (a NaN key last), ties in their given order
+    (nearest the centroid first): the record-level signal that picks which members a cluster gives."""
+    def key(pair: tuple[int, str]) -> tuple:
+        k = key_of[pair[1]]
+        return (math.isnan(k), 0.0 if math.isnan(k) else k, pair[0])
+    return {c: [rid for _, rid in sorted(enumerate(ids), key=key)] for c, ids in members.items()}
+
+
+def ifd_keys(values: list[float]) -> list[float]:
+    """Sort keys (ascending = preferred) for IFD, as Superfiltering ranks it: records whose response the
+    instruction helps predict (IFD < 1) by IFD descending, then the rest (IFD >= 1 or NaN)."""
+    return [-v if v < 1 else float("nan") for v in values]
 
 
 def random_sample(ids: list[str], size: int, seed: int) -> list[str]:
@@ -126,3 +143,8 @@ def lowest_loss(ids: list[str], losses: list[float], size: int) -> list[str]:
     """Lowest base-model loss first (a perplexity filter): ids by `losses` (each record's mean
     per-token negative log-likelihood of its response) ascending, ties by id ascending, NaN last."""
     return _ranked(ids, losses, size)
+
+
+def highest_ifd(ids: list[str], values: list[float], size: int) -> list[str]:
+    """Superfiltering / Cherry-LLM: the highest IFD below 1 first (`ifd_keys`), ties by id ascending."""
+    return _ranked(ids, ifd_keys(values), size)

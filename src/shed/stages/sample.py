@@ -1,12 +1,17 @@
 """sample: clusters and their Shapley scores -> the curated dataset, data/curated/dataset.jsonl.
 
     shed sample                        # params.yaml: sample.*
-    # sample.method: qocs | qwcs | random | dsir | full | cluster_uniform | length | perplexity
+    # sample.method: qocs | qwcs | random | dsir | full | cluster_uniform | length | perplexity | ifd
     # sample.subset_size: 0.1 (fraction) or 5000 (records)
+    # sample.within: nearest | value | loss | ifd   (which members a cluster gives: qocs, qwcs)
 
 Baselines: dsir resamples the pool toward the dev questions' n-gram distribution (shed.dsir);
 cluster_uniform weights every cluster equally; length takes the longest responses; perplexity takes
-the responses of lowest loss under shapley.model, prompted with train.template (shed.sampling).
+the responses of lowest loss under shapley.model, prompted with train.template; ifd the highest
+instruction-following difficulty below 1 (Superfiltering) under the same model (shed.sampling).
+With qocs and qwcs the cluster scores decide how many records each cluster gives and sample.within
+which: nearest the centroid (the paper's QOCS; QWCS draws uniformly), the highest record value
+(data/shapley/record_scores.csv, shapley.players records), the lowest loss, or IFD's order.
 
 Outputs (data/curated/): dataset.jsonl (records `{id, instruction, input, output}`, in selection
 order) and manifest.json (method, size, seed, sha256 of the dataset, per-cluster counts).
@@ -14,7 +19,10 @@ order) and manifest.json (method, size, seed, sha256 of the dataset, per-cluster
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -34,100 +42,176 @@ def cluster_members(assignments: pd.DataFrame) -> dict[int, list[str]]:
     return {c: id_of[r].tolist() for c, r in rows.items()}
 
 
-def select(params: Params, pool: list[dict], assignments: pd.DataFrame, scores: pd.DataFrame,
-           dev: list[dict] | None = None, losses: list[float] | None = None) -> list[str]:
-    """Record ids chosen by sample.method (pure: no I/O); dsir needs the dev questions, perplexity
-    each pool record's loss (`record_losses`, in pool order)."""
-    cfg = params.sample
-    size = sampling.resolve_size(cfg.subset_size, len(pool))
-    ids = [r["id"] for r in pool]
-    if cfg.method == "full":
-        return ids
-    if cfg.method == "random":
-        return sampling.random_sample(ids, size, cfg.seed)
-    if cfg.method == "dsir":
-        weights = dsir.log_importance_weights([record_text(r) for r in pool],
-                                              [record_text(question_as_record(q)) for q in dev or []])
-        return sampling.dsir_sample(ids, weights, size, cfg.seed)
-    if cfg.method == "length":
-        return sampling.longest_output(ids, [len(r["output"]) for r in pool], size)
-    if cfg.method == "perplexity":
-        if losses is None or len(losses) != len(pool):
-            raise ValueError("sample.method perplexity: select() needs one loss per pool record")
-        return sampling.lowest_loss(ids, losses, size)
-    members = cluster_members(assignments)
-    if cfg.method == "cluster_uniform":
-        return sampling.cluster_uniform(members, size, cfg.seed)
-    cluster_scores = {int(c): float(s) for c, s in zip(scores["cluster"], scores["score"])}
-    if set(cluster_scores) != set(members):
-        raise ShedError(f"{artifacts.SCORES}: scores cover {len(cluster_scores)} clusters but the clustering has "
+@dataclass
+class Inputs:
+    """What the samplers read besides the config: the pool, its clusters and scores, and per-record signals
+    (each in pool order, computed only when the chosen method or sample.within reads it)."""
+
+    pool: list[dict]
+    assignments: pd.DataFrame
+    scores: pd.DataFrame
+    dev: list[dict] | None = None  # dsir's target
+    losses: list[float] | None = None  # perplexity, within loss: the response's loss under shapley.model
+    ifd: list[float] | None = None  # ifd, within ifd: `scoring.ifd`
+    record_scores: dict[str, float] | None = None  # within value: data/shapley/record_scores.csv
+
+    @property
+    def ids(self) -> list[str]:
+        return [r["id"] for r in self.pool]
+
+
+SIGNAL_NAMES = {"losses": "loss", "ifd": "IFD"}
+
+
+def _signal(inputs: Inputs, name: str) -> list[float]:
+    values = getattr(inputs, name)
+    if values is None or len(values) != len(inputs.pool):
+        raise ValueError(f"sample: the samplers need one {SIGNAL_NAMES[name]} per pool record")
+    return values
+
+
+def within_keys(within: str, inputs: Inputs) -> dict[str, float] | None:
+    """Sort keys (ascending = taken first) of sample.within's record signal; None for nearest."""
+    if within == "nearest":
+        return None
+    if within == "value":
+        missing = [i for i in inputs.ids if i not in (inputs.record_scores or {})]
+        if missing:
+            raise ShedError(f"{artifacts.RECORD_SCORES}: record {missing[0]} has no score: sample.within value needs "
+                            "every record valued (shapley.players records)")
+        return {i: -inputs.record_scores[i] for i in inputs.ids}
+    if within == "loss":
+        return dict(zip(inputs.ids, _signal(inputs, "losses")))
+    return dict(zip(inputs.ids, sampling.ifd_keys(_signal(inputs, "ifd"))))
+
+
+def _scored_clusters(cfg, inputs: Inputs) -> tuple[dict[int, float], dict[int, list[str]]]:
+    members = cluster_members(inputs.assignments)
+    scores = {int(c): float(s) for c, s in zip(inputs.scores["cluster"], inputs.scores["score"])}
+    if set(scores) != set(members):
+        raise ShedError(f"{artifacts.SCORES}: scores cover {len(scores)} clusters but the clustering has "
                         f"{len(members)} (rerun shapley)")
-    if cfg.method == "qocs":
-        return sampling.qocs(cluster_scores, members, size)
-    return sampling.qwcs(cluster_scores, members, size, cfg.temperature, cfg.seed)
+    keys = within_keys(cfg.within, inputs)
+    return scores, members if keys is None else sampling.order_within(members, keys)
 
 
-def response_losses(model, tokenizer, records: list[dict], template: str, max_length: int, batch_size: int,
-                    progress=None) -> list[float]:
-    """Each record's mean per-token negative log-likelihood of its response (the labelled tokens of
-    `training.encode_record`) given its prompt, under `model`, in record order; inf for a record cut to
-    no response token. `progress`: a tqdm-like bar, updated by the records of each batch."""
-    from shed.scoring import token_logliks
-    from shed.training import encode_record
-
-    rows = []
-    for record in records:
-        ids, labels = encode_record(record, tokenizer, template, max_length)
-        prompt = sum(label == -100 for label in labels)
-        rows.append((ids[:prompt], ids[prompt:]))
-    # Longest first: similar lengths share a batch (less padding), and a batch too big for memory fails at once.
-    order = sorted(range(len(rows)), key=lambda i: -sum(map(len, rows[i])))
-    scored = token_logliks(model, tokenizer, [rows[i] for i in order], batch_size, progress)
-    losses = [float("inf")] * len(rows)
-    for i, (total, count) in zip(order, scored):
-        if count:
-            losses[i] = -total / count
-    return losses
+def _dsir(cfg, inputs: Inputs, size: int) -> list[str]:
+    weights = dsir.log_importance_weights([record_text(r) for r in inputs.pool],
+                                          [record_text(question_as_record(q)) for q in inputs.dev or []])
+    return sampling.dsir_sample(inputs.ids, weights, size, cfg.seed)
 
 
-def record_losses(params: Params, pool: list[dict]) -> list[float]:
-    """`response_losses` of the pool under shapley.model (on shapley.device, in shapley.dtype), with the
+def _qocs(cfg, inputs: Inputs, size: int) -> list[str]:
+    return sampling.qocs(*_scored_clusters(cfg, inputs), size)
+
+
+def _qwcs(cfg, inputs: Inputs, size: int) -> list[str]:
+    scores, members = _scored_clusters(cfg, inputs)
+    return sampling.qwcs(scores, members, size, cfg.temperature, cfg.seed, ordered=cfg.within != "nearest")
+
+
+# sample.method -> sampler(cfg, inputs, size) -> record ids in selection order; each choice of the config has one.
+SAMPLERS = {
+    "qocs": _qocs,
+    "qwcs": _qwcs,
+    "random": lambda cfg, inputs, size: sampling.random_sample(inputs.ids, size, cfg.seed),
+    "dsir": _dsir,
+    "full": lambda cfg, inputs, size: inputs.ids,
+    "cluster_uniform": lambda cfg, inputs, size: sampling.cluster_uniform(cluster_members(inputs.assignments), size,
+                                                                          cfg.seed),
+    "length": lambda cfg, inputs, size: sampling.longest_output(inputs.ids, [len(r["output"]) for r in inputs.pool],
+                                                                size),
+    "perplexity": lambda cfg, inputs, size: sampling.lowest_loss(inputs.ids, _signal(inputs, "losses"), size),
+    "ifd": lambda cfg, inputs, size: sampling.highest_ifd(inputs.ids, _signal(inputs, "ifd"), size),
+}
+
+
+def select(params: Params, inputs: Inputs) -> list[str]:
+    """Record ids chosen by sample.method (pure: no I/O)."""
+    cfg = params.sample
+    return SAMPLERS[cfg.method](cfg, inputs, sampling.resolve_size(cfg.subset_size, len(inputs.pool)))
+
+
+def needs(cfg) -> set[str]:
+    """The per-record signals sample.method and sample.within read: losses, ifd, record_scores, dev."""
+    out = set()
+    if cfg.method in ("perplexity", "ifd") or (cfg.method in ("qocs", "qwcs") and cfg.within in ("loss", "ifd")):
+        out.add("losses")
+    if "ifd" in (cfg.method, cfg.within if cfg.method in ("qocs", "qwcs") else None):
+        out.add("ifd")
+    if cfg.method in ("qocs", "qwcs") and cfg.within == "value":
+        out.add("record_scores")
+    if cfg.method == "dsir":
+        out.add("dev")
+    return out
+
+
+# Losses already computed in this process, by everything that decides them (benchmarks run sample many times).
+_LOSSES: dict[str, list[float]] = {}
+
+
+def record_losses(params: Params, pool: list[dict], unconditional: bool = False) -> list[float]:
+    """`scoring.response_losses` of the pool under shapley.model (on shapley.device, in shapley.dtype), with the
     recipe's template and max_length, train.micro_batch records per forward pass (what fits a training
-    step fits here, with no gradients)."""
+    step fits here, with no gradients); `unconditional`: each response without its instruction (IFD)."""
     from tqdm import tqdm
 
     from shed.models import load_causal_lm, max_positions
+    from shed.losses import response_losses
 
-    model, tokenizer = load_causal_lm(params.shapley.model, params.shapley.device, params.shapley.dtype)
+    cfg = params.shapley
+    key = hashlib.sha256(json.dumps([cfg.model, cfg.device, cfg.dtype, params.train.template, params.train.max_length,
+                                     params.train.micro_batch, unconditional,
+                                     [[r["id"], r["instruction"], r["input"], r["output"]] for r in pool]]).encode()
+                         ).hexdigest()
+    if key in _LOSSES:
+        return _LOSSES[key]
+    model, tokenizer = load_causal_lm(cfg.model, cfg.device, cfg.dtype)
     max_length = params.train.max_length or max_positions(model) or 0
-    with tqdm(total=len(pool), desc="perplexity", unit="record") as bar:
+    label = "response alone" if unconditional else "perplexity"
+    with tqdm(total=len(pool), desc=label, unit="record") as bar:
         losses = response_losses(model, tokenizer, pool, params.train.template, max_length, params.train.micro_batch,
-                                 progress=bar)
+                                 progress=bar, unconditional=unconditional)
     cut = sum(loss == float("inf") for loss in losses)
     if cut:
-        log.warning("perplexity: %d records keep no response token within %d tokens (train.max_length); they rank "
-                    "last", cut, max_length)
+        log.warning("%s: %d records keep no response token within %d tokens (train.max_length); they rank "
+                    "last", label, cut, max_length)
+    _LOSSES[key] = losses
     return losses
+
+
+def read_inputs(params: Params) -> Inputs:
+    """The pool, clusters, scores and whatever per-record signal sample.method and sample.within read."""
+    want = needs(params.sample)
+    assignments, _ = artifacts.read_clusters()
+    inputs = Inputs(artifacts.read_pool(), assignments, artifacts.read_scores())
+    inputs.dev = artifacts.read_dev() if "dev" in want else None
+    inputs.losses = record_losses(params, inputs.pool) if "losses" in want else None
+    if "ifd" in want:
+        from shed.losses import ifd
+
+        inputs.ifd = ifd(inputs.losses, record_losses(params, inputs.pool, unconditional=True))
+    if "record_scores" in want:
+        table = artifacts.read_record_scores()
+        inputs.record_scores = dict(zip(table["id"].astype(str), table["score"].astype(float)))
+    return inputs
 
 
 def main(params: Params) -> None:
     cfg = params.sample
-    pool = artifacts.read_pool()
-    assignments, _ = artifacts.read_clusters()
-    scores = artifacts.read_scores()
-    dev = artifacts.read_dev() if cfg.method == "dsir" else None
-    losses = record_losses(params, pool) if cfg.method == "perplexity" else None
-    chosen = select(params, pool, assignments, scores, dev, losses)
+    inputs = read_inputs(params)
+    pool, assignments = inputs.pool, inputs.assignments
+    chosen = select(params, inputs)
     by_id = {r["id"]: r for r in pool}
     dataset = [by_id[i] for i in chosen]
     cluster_of = dict(zip(assignments["id"], assignments["cluster"].astype(int)))
     counts = pd.Series([cluster_of[i] for i in chosen]).value_counts().sort_index()
     digest = artifacts.write_curated(dataset, {
-        "method": cfg.method, "size": len(dataset), "pool_size": len(pool), "fraction": len(dataset) / len(pool),
+        "method": cfg.method, "within": cfg.within if cfg.method in ("qocs", "qwcs") else None, "size": len(dataset), "pool_size": len(pool), "fraction": len(dataset) / len(pool),
         "temperature": cfg.temperature if cfg.method == "qwcs" else None, "seed": cfg.seed,
         "clusters": {str(k): int(v) for k, v in counts.items()},
     })
-    artifacts.write_metrics("sample", {"method": cfg.method, "size": len(dataset),
+    artifacts.write_metrics("sample", {"method": cfg.method, "within": cfg.within, "size": len(dataset),
                                        "fraction": round(len(dataset) / len(pool), 6),
                                        "clusters_used": int(len(counts))})
     log.info("%s: %d of %d records from %d clusters -> %s (sha256 %s)", cfg.method, len(dataset), len(pool),

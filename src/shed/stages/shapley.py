@@ -63,7 +63,7 @@ from shed.fileio import ShedError, atomic_path, write_csv, write_json
 from shed.jobstore import NOT_JOB_CODE, JobStore, job_context, subset_key
 from shed.records import question_as_record, record_text
 from shed.scoring import dev_kind
-from shed.shapley import ESTIMATORS, local_values, schedule
+from shed.shapley import ESTIMATORS, ShapleyResult, local_values, schedule
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +351,120 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
         "seconds_credits": round(sum(s.credit_seconds for s in done), 1),
         "seconds_per_step": round(wall / steps_run, 4) if steps_run else None,
     }
-    return result, lines, metrics
+    return result, lines, metrics, None
+
+
+# --- method forward: two forward passes per player around a fit on the dev set ----------------------
+
+FORWARD_CODE = ["shed.forward", "shed.training", "shed.models", "shed.scoring"]
+
+
+def forward_context(params: Params, dev_ids: list[str], player_ids: list[str], device: str) -> str:
+    """Everything a forward run's losses depend on besides its index."""
+    cfg = params.shapley
+    code = codedeps.fingerprint(FORWARD_CODE, exclude=NOT_JOB_CODE)
+    blob = json.dumps({"job": job_context(cfg.model, params.train, cfg.value, dev_ids, code=code), "method": "forward",
+                       "players": hashlib.sha256(",".join(player_ids).encode()).hexdigest(), "device": device.split(":")[0],
+                       "dtype": cfg.dtype, "dev_epochs": cfg.dev_epochs, "seeds": "train.seed + run"}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ForwardStore:
+    """A forward valuation's finished parts, each written atomically the moment it exists: base.npy (the
+    players' base losses) and run-NNNN.npy + run-NNNN.json (a dev fit's losses; the JSON, written last,
+    holds its summary and the array's sha256). A killed stage redoes only the parts not there."""
+
+    def __init__(self, root: str | Path, context: str):
+        self.dir = Path(root) / context
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _save(self, name: str, array: np.ndarray, meta: dict) -> None:
+        with atomic_path(self.dir / f"{name}.npy") as tmp:
+            np.save(tmp, array, allow_pickle=False)
+        digest = hashlib.sha256((self.dir / f"{name}.npy").read_bytes()).hexdigest()
+        write_json(self.dir / f"{name}.json", {**meta, "sha256": digest})
+
+    def _load(self, name: str, n: int) -> tuple[np.ndarray, dict] | None:
+        array_path, meta_path = self.dir / f"{name}.npy", self.dir / f"{name}.json"
+        if not (array_path.is_file() and meta_path.is_file()):
+            return None
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if hashlib.sha256(array_path.read_bytes()).hexdigest() != meta["sha256"]:
+                raise ValueError("its array does not match its sha256")
+            array = np.load(array_path, allow_pickle=False)
+            if array.shape != (n,):
+                raise ValueError(f"{array.shape[0]} players, expected {n}")
+        except (ValueError, KeyError, OSError) as exc:
+            log.warning("%s: not reused (%s); done again", meta_path, exc)
+            return None
+        return array, meta
+
+    def save_base(self, base: np.ndarray) -> None:
+        self._save("base", base, {})
+
+    def load_base(self, n: int) -> np.ndarray | None:
+        found = self._load("base", n)
+        return None if found is None else found[0]
+
+    def save_run(self, run) -> None:
+        self._save(f"run-{run.run:04d}", run.losses, {k: v for k, v in vars(run).items() if k != "losses"})
+
+    def load_run(self, run: int, n: int):
+        from shed.forward import ForwardRun
+
+        found = self._load(f"run-{run:04d}", n)
+        if found is None:
+            return None
+        array, meta = found
+        return ForwardRun(**{k: v for k, v in meta.items() if k != "sha256"}, losses=array)
+
+
+def value_forward(params: Params, dev: list[dict], players: list[int], player_records: dict[int, dict],
+                  near: np.ndarray | None):
+    """(result, subsets.jsonl lines, metrics, base losses) of the forward method."""
+    import dataclasses
+
+    from shed import forward
+    from shed.models import load_causal_lm, resolve_device
+    from shed.training import LoraTrainer
+
+    cfg = params.shapley
+    if near is not None:
+        log.info("method forward values against the whole dev set: shapley.dev_neighbours is not used")
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype)
+    recipe = dataclasses.replace(params.train, epochs=cfg.dev_epochs or params.train.epochs)
+    trainer = LoraTrainer(model, tokenizer, recipe)
+    records = [player_records[p] for p in players]
+    dev_records = forward.dev_as_records(dev)
+    setup = time.perf_counter() - t0
+    store = ForwardStore(artifacts.FORWARD_RUNS, forward_context(params, [q["id"] for q in dev],
+                                                                 [r["id"] for r in records], device))
+    base = store.load_base(len(records))
+    done = {r: found for r in range(cfg.k) if (found := store.load_run(r, len(records))) is not None}
+    todo = (base is None) + cfg.k - len(done)
+    log.info("forward valuation: %d players, %d dev records fitted for %d epochs, k=%d runs (%d of %d passes "
+             "stored) -> %s", len(records), len(dev_records), recipe.epochs, cfg.k, cfg.k + 1 - todo, cfg.k + 1,
+             store.dir)
+    t1 = time.perf_counter()
+    with tqdm(total=todo * len(records), desc="forward losses", unit="record", disable=not todo) as bar:
+        base, runs = forward.value_forward(trainer, records, dev_records, range(cfg.k), params.train.micro_batch,
+                                           base=base, done=done, progress=bar, on_base=store.save_base,
+                                           on_run=store.save_run)
+    wall = time.perf_counter() - t1
+    mean, stderr = forward.scores(base, runs)
+    diffs = np.stack([base - r.losses for r in runs])
+    result = ShapleyResult(values=dict(zip(players, mean.tolist())), stderr=dict(zip(players, stderr.tolist())),
+                           credits={p: diffs[:, i].tolist() for i, p in enumerate(players)},
+                           estimates=[dict(zip(players, diffs[: r + 1].mean(0).tolist())) for r in range(len(runs))])
+    lines = [{"run": r.run, "seed": r.seed, "dev_loss_before": r.dev_before, "dev_loss_after": r.dev_after,
+              "train_loss": r.train_loss} for r in runs]
+    metrics = {"runs": cfg.k, "passes_run": todo, "dev_epochs": recipe.epochs, "device": device, "dtype": cfg.dtype,
+               "v_empty": -runs[0].dev_before, "v_full": float(np.mean([-r.dev_after for r in runs])),
+               "seconds_setup": round(setup, 2), "seconds_train": round(wall, 1)}
+    return result, lines, metrics, base
 
 
 # --- method retrain ---------------------------------------------------------------------------------
@@ -400,45 +513,98 @@ def value_retrain(params: Params, dev: list[dict], players: list[int], proxy_rec
         "seconds_overhead": round((stats["job"] - stats["train"] - stats["score"] + stats["record"]) / run, 4),
         "jobs_per_minute": round(60 * stats["jobs_run"] / stats["wall"], 1) if stats["jobs_run"] else None,
     }
-    return result, lines, metrics
+    return result, lines, metrics, None
+
+
+def aggregate(values: np.ndarray, how: str) -> tuple[float, float]:
+    """(a cluster's score, its stderr) from its members' scores (NaN ignored): mean, median or the 10%-each-side
+    trimmed mean, with the members' spread over sqrt(count) as the stderr."""
+    from scipy.stats import trim_mean
+
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    centre = {"mean": np.mean, "median": np.median, "trimmed": lambda v: trim_mean(v, 0.1)}[how](values)
+    spread = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return float(centre), spread
+
+
+def length_correlation(scores: np.ndarray, tokens: np.ndarray) -> float | None:
+    """Spearman's rank correlation of the valued records' scores with their response tokens (None if undefined):
+    near 0 when a score is not a proxy for length."""
+    from scipy.stats import spearmanr
+
+    keep = np.isfinite(scores)
+    if keep.sum() < 3 or np.ptp(scores[keep]) == 0 or np.ptp(tokens[keep]) == 0:
+        return None
+    return round(float(spearmanr(scores[keep], tokens[keep]).statistic), 4)
+
+
+METHODS = {"retrain": value_retrain, "inrun": value_inrun, "forward": value_forward}
 
 
 def main(params: Params) -> None:
+    from shed.models import load_tokenizer
+    from shed.training import encode_record
+
     cfg = params.shapley
     start = time.perf_counter()
     dev = artifacts.read_dev()
     problem = cfg.dev_problem(dev_kind(dev))
     if problem:
         raise ShedError(f"params.yaml: shapley.value: {problem}")
-    pool = {r["id"]: r for r in artifacts.read_pool()}
-    _, proxies = artifacts.read_clusters()
+    pool_records = artifacts.read_pool()
+    pool = {r["id"]: r for r in pool_records}
+    assignments, proxies = artifacts.read_clusters()
     missing = [p for p in proxies["proxy_id"] if p not in pool]
     if missing:
         raise ShedError(f"{artifacts.POOL}: proxy record {missing[0]} is not in the pool "
                         "(rerun prepare, embed, cluster)")
-    players = [int(c) for c in proxies["cluster"]]
+    clusters = [int(c) for c in proxies["cluster"]]
     proxy_records = {int(c): pool[p] for c, p in zip(proxies["cluster"], proxies["proxy_id"])}
+    cluster_of = dict(zip(assignments["id"].astype(str), assignments["cluster"].astype(int)))
+    if cfg.players == "records":  # player i: the pool's record i
+        players, player_records = list(range(len(pool_records))), dict(enumerate(pool_records))
+    else:
+        players, player_records = clusters, proxy_records
     if cfg.method == "retrain" and cfg.n > len(players):
         raise ShedError(f"params.yaml: shapley.n: {cfg.n} is larger than the {len(players)} proxies")
     if cfg.dev_neighbours > len(dev):
         raise ShedError(f"params.yaml: shapley.dev_neighbours: {cfg.dev_neighbours} is more than the {len(dev)} "
                         f"questions in {artifacts.DEV}")
     # Before any fine-tune: a missing embedding or embedding model stops the run now, not after the jobs.
-    near = nearest_questions(params, dev, [proxy_records[c]["id"] for c in players]) if cfg.dev_neighbours else None
+    near = nearest_questions(params, dev, [player_records[p]["id"] for p in players]) \
+        if cfg.dev_neighbours and cfg.method != "forward" else None
 
-    value = value_inrun if cfg.method == "inrun" else value_retrain
-    result, lines, method_metrics = value(params, dev, players, proxy_records, near)
+    result, lines, method_metrics, losses = METHODS[cfg.method](params, dev, players, player_records, near)
 
+    tokenizer = load_tokenizer(cfg.model)
+    valued = [player_records[p] for p in players]
+    tokens = np.array([sum(label != -100 for label in encode_record(r, tokenizer, params.train.template,
+                                                                   params.train.max_length)[1][1:]) for r in valued])
+    values = np.array([result.values[p] for p in players], dtype=float)
+    records = pd.DataFrame({
+        "id": [r["id"] for r in valued], "cluster": [cluster_of[r["id"]] for r in valued], "score": values,
+        "stderr": [result.stderr[p] for p in players], "tokens": tokens,
+        "loss": losses if losses is not None else np.full(len(valued), np.nan)})
     sizes = dict(zip(proxies["cluster"].astype(int), proxies["size"].astype(int)))
+    if cfg.players == "records":
+        by_cluster = {c: aggregate(group["score"].to_numpy(), cfg.aggregate) for c, group in records.groupby("cluster")}
+        cluster_score = {c: by_cluster[c][0] for c in clusters}
+        cluster_stderr = {c: by_cluster[c][1] for c in clusters}
+        counts = records.groupby("cluster").size().to_dict()
+    else:
+        cluster_score, cluster_stderr = result.values, result.stderr
+        counts = {c: len(result.credits[c]) for c in clusters}
     scores = pd.DataFrame({
-        "cluster": players,
-        "proxy_id": [proxy_records[c]["id"] for c in players],
-        "size": [sizes[c] for c in players],
-        "score": [result.values[c] for c in players],
-        "stderr": [result.stderr[c] for c in players],
-        "credits": [len(result.credits[c]) for c in players],
+        "cluster": clusters,
+        "proxy_id": [proxy_records[c]["id"] for c in clusters],
+        "size": [sizes[c] for c in clusters],
+        "score": [cluster_score[c] for c in clusters],
+        "stderr": [cluster_stderr[c] for c in clusters],
+        "credits": [counts[c] for c in clusters],
     })
-    artifacts.write_scores(scores, lines)
+    artifacts.write_scores(scores, records, lines)
     write_csv(artifacts.SCORES_PLOT, scores.sort_values(["score", "cluster"], ascending=[False, True])
               .assign(rank=range(len(scores)))[["rank", "cluster", "size", "score", "stderr"]])
     rank_corr = spearman_between_iterations(result.estimates)
@@ -447,11 +613,13 @@ def main(params: Params) -> None:
     plots.convergence_png(artifacts.CONVERGENCE_PNG, rank_corr)
     seconds = round(time.perf_counter() - start, 1)
     artifacts.write_metrics("shapley", {
-        "method": cfg.method, **method_metrics,
+        "method": cfg.method, "players": cfg.players, "records_valued": len(players), **method_metrics,
         "value": cfg.value, "dev_neighbours": cfg.dev_neighbours, "score_mean": float(scores["score"].mean()),
-        "stderr_mean": float(np.nanmean(scores["stderr"])) if cfg.k > 1 else None,
+        "stderr_mean": float(np.nanmean(scores["stderr"])) if cfg.k > 1 or cfg.players == "records" else None,
         "rank_stability": rank_corr[-1] if rank_corr else None,
+        # Spearman(score, response tokens) of the valued records: a score that only measured length would be near +-1.
+        "length_spearman": length_correlation(values, tokens.astype(float)),
         "seconds": seconds,
     }, headline={"shapley_s": seconds}, device=cfg.device)
-    log.info("%s: v(P)=%.4f v(∅)=%.4f; scores -> %s, pictures -> %s", cfg.method, method_metrics["v_full"],
-             method_metrics["v_empty"], artifacts.SCORES, artifacts.SHAPLEY_PNG)
+    log.info("%s: v(P)=%.4f v(∅)=%.4f; scores -> %s, %s, pictures -> %s", cfg.method, method_metrics["v_full"],
+             method_metrics["v_empty"], artifacts.SCORES, artifacts.RECORD_SCORES, artifacts.SHAPLEY_PNG)

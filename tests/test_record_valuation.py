@@ -1,0 +1,170 @@
+"""Every record valued: the forward (CoLoR-Filter) estimator against a hand computation, cluster aggregation,
+and the shapley stage with shapley.players records (record_scores.csv, resume, the length correlation)."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from helpers import run_stage, tiny_float64_trainer
+from helpers import shapley_metrics as metrics
+
+from shed import forward
+from shed.config import LoraConfig, TrainConfig
+from shed.losses import response_losses
+
+RECORDS = [
+    {"id": f"r{i}", "instruction": f"Name a {kind}.", "input": "", "output": answer}
+    for i, (kind, answer) in enumerate([("colour", "red"), ("animal", "dog cat"), ("number", "three"),
+                                        ("fruit", "plum"), ("colour", "blue green")])
+]
+DEV = [{"id": "q0", "question": "Name a colour.", "choices": ["red", "dog"], "answer": 0},
+       {"id": "q1", "instruction": "Name a colour.", "input": "", "output": "blue green"}]
+TRAIN = TrainConfig(template="qa", batch_size=2, epochs=3, lr=0.05, max_length=64,
+                    lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    questions = [{"question": "Name a colour.", "choices": ["red", "dog"]}]
+    return tiny_float64_trainer(RECORDS, questions, TRAIN)
+
+
+def test_dev_items_become_the_records_that_teach_their_answers():
+    assert forward.dev_as_records(DEV) == [
+        {"id": "q0", "instruction": "Name a colour.", "input": "", "output": "red"}, DEV[1]]
+
+
+def test_a_records_score_is_its_base_loss_minus_its_loss_after_the_dev_fit(trainer):
+    dev = forward.dev_as_records(DEV)
+    base, runs = forward.value_forward(trainer, RECORDS, dev, [0, 1], batch_size=2)
+    # The base: the adapter at its init (B = 0) is the base model, so the plain loss of a fresh reset.
+    trainer.reset(123)
+    assert base == pytest.approx(response_losses(trainer.model, trainer.tokenizer, RECORDS, "qa", 64, 5), rel=1e-9)
+    # Each run: a fit on the dev set from seed train.seed + run, then the loss again.
+    for run in runs:
+        trainer.fit(dev, seed=run.seed)
+        assert run.seed == TRAIN.seed + run.run
+        assert run.losses == pytest.approx(response_losses(trainer.model, trainer.tokenizer, RECORDS, "qa", 64, 1),
+                                           rel=1e-9)
+        assert run.dev_after < run.dev_before  # the fit learnt the dev set
+    score, stderr = forward.scores(base, runs)
+    diffs = np.stack([base - r.losses for r in runs])
+    assert score == pytest.approx(diffs.mean(0)) and stderr == pytest.approx(diffs.std(0, ddof=1) / np.sqrt(2))
+    # The records the dev set teaches gain most: "red" and "blue green" under "Name a colour."
+    assert set(np.argsort(-score)[:2]) == {0, 4}
+
+
+def test_stored_parts_are_taken_as_given_and_only_the_rest_computed(trainer):
+    dev = forward.dev_as_records(DEV)
+    base, runs = forward.value_forward(trainer, RECORDS, dev, [0, 1], batch_size=2)
+    seen = []
+    again_base, again = forward.value_forward(trainer, RECORDS, dev, [0, 1], batch_size=2, base=base,
+                                              done={0: runs[0]}, on_base=seen.append, on_run=seen.append)
+    assert again_base is base and again[0] is runs[0] and len(seen) == 1 and seen[0].run == 1
+    assert again[1].losses == pytest.approx(runs[1].losses, rel=1e-9)  # a run depends on its index alone
+
+
+def test_one_run_has_no_stderr_and_a_record_cut_to_nothing_scores_nan():
+    run = forward.ForwardRun(0, 0, np.array([1.0, np.inf]), 2.0, 1.0, 1.0, 0.0)
+    score, stderr = forward.scores(np.array([1.5, np.inf]), [run])
+    assert score[0] == pytest.approx(0.5) and np.isnan(score[1]) and np.isnan(stderr).all()
+
+
+def test_cluster_aggregates_and_their_stderr():
+    from shed.stages.shapley import aggregate, length_correlation
+
+    values = np.array([1.0, 2.0, 3.0, 4.0, 100.0, np.nan])
+    assert aggregate(values, "mean")[0] == pytest.approx(22.0)
+    assert aggregate(values, "median")[0] == pytest.approx(3.0)
+    assert aggregate(np.arange(10.0), "trimmed")[0] == pytest.approx(4.5)
+    assert aggregate(np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 90.0]), "trimmed")[0] == 0.0
+    assert aggregate(values, "mean")[1] == pytest.approx(np.std([1, 2, 3, 4, 100], ddof=1) / np.sqrt(5))
+    assert all(np.isnan(aggregate(np.array([np.nan]), "mean")))
+    assert length_correlation(np.array([1.0, 2.0, 3.0, 4.0]), np.array([10.0, 20.0, 30.0, 40.0])) == 1.0
+    assert length_correlation(np.array([1.0, 1.0, 1.0]), np.array([1.0, 2.0, 3.0])) is None
+
+
+# --- the stage as a user runs it ---
+
+def set_params(ws, epochs: int = 1, **shapley) -> None:
+    path = ws / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["shapley"].update(shapley)
+    params["train"]["epochs"] = epochs
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def ws(shapley_inputs, tmp_path):
+    out = tmp_path / "ws"
+    shutil.copytree(shapley_inputs, out)
+    return out
+
+
+@pytest.mark.slow
+def test_forward_over_every_record_writes_record_scores_and_aggregated_cluster_scores(ws, tmp_path):
+    set_params(ws, method="forward", players="records", k=2, aggregate="median")
+    run_stage(ws, "shapley")
+    pool = [json.loads(line) for line in (ws / "data/prepared/pool.jsonl").read_text().splitlines()]
+    assignments = pd.read_csv(ws / "data/clusters/assignments.csv", dtype={"id": str})
+    records = pd.read_csv(ws / "data/shapley/record_scores.csv", dtype={"id": str})
+    assert list(records.columns) == ["id", "cluster", "score", "stderr", "tokens", "loss"]
+    assert records["id"].tolist() == [r["id"] for r in pool]  # one row per pool record, in pool order
+    assert records["cluster"].tolist() == assignments.set_index("id").loc[records["id"], "cluster"].tolist()
+    assert records["score"].notna().all() and records["stderr"].notna().all() and (records["tokens"] > 0).all()
+    scores = pd.read_csv(ws / "data/shapley/scores.csv")
+    medians = records.groupby("cluster")["score"].median()
+    assert scores.set_index("cluster")["score"].to_dict() == pytest.approx(medians.to_dict())
+    assert scores.set_index("cluster")["credits"].to_dict() == records.groupby("cluster").size().to_dict()
+    m = metrics(ws)
+    assert (m["method"], m["players"], m["records_valued"], m["passes_run"]) == ("forward", "records", len(pool), 3)
+    assert -1 <= m["length_spearman"] <= 1 and m["v_full"] > m["v_empty"]  # the dev fit learnt the dev set
+    first = {p: (ws / "data/shapley" / p).read_bytes() for p in ("scores.csv", "record_scores.csv")}
+    # Rerun: every pass is stored, nothing is recomputed, the same bytes.
+    run_stage(ws, "shapley")
+    assert metrics(ws)["passes_run"] == 0
+    assert {p: (ws / "data/shapley" / p).read_bytes() for p in first} == first
+    # A lost run file is recomputed alone, to the same bytes.
+    next((ws / "data/shapley_jobs/forward").glob("*/run-0001.json")).unlink()
+    run_stage(ws, "shapley")
+    assert metrics(ws)["passes_run"] == 1
+    assert {p: (ws / "data/shapley" / p).read_bytes() for p in first} == first
+
+
+@pytest.mark.slow
+def test_inrun_over_every_record_and_sampling_by_record_value(ws):
+    set_params(ws, method="inrun", players="records", k=1)
+    run_stage(ws, "shapley")
+    pool = (ws / "data/prepared/pool.jsonl").read_text().splitlines()
+    records = pd.read_csv(ws / "data/shapley/record_scores.csv", dtype={"id": str})
+    assert len(records) == len(pool) and records["score"].notna().all() and records["loss"].isna().all()
+    assert metrics(ws)["players"] == "records" and metrics(ws)["steps"] > 0
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["sample"].update(method="qocs", within="value", subset_size=20)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_stage(ws, "sample")
+    chosen = [json.loads(line)["id"] for line in (ws / "data/curated/dataset.jsonl").read_text().splitlines()]
+    assert len(chosen) == 20
+    # The first cluster taken gives its members by record value, highest first.
+    score = dict(zip(records["id"], records["score"]))
+    cluster = dict(zip(records["id"], records["cluster"]))
+    first = [i for i in chosen if cluster[i] == cluster[chosen[0]]]
+    assert [score[i] for i in first] == sorted((score[i] for i in first), reverse=True)
+
+
+def test_retrain_over_every_record_is_refused_in_one_line(tmp_path):
+    from shed.config import load_params
+    from shed.fileio import ShedError
+
+    from helpers import ROOT
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["shapley"]["players"] = "records"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ShedError, match="shapley.players.*method inrun or forward"):
+        load_params(tmp_path / "params.yaml")
