@@ -168,3 +168,50 @@ def test_retrain_over_every_record_is_refused_in_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ShedError, match="shapley.players.*method inrun or forward"):
         load_params(tmp_path / "params.yaml")
+
+
+# --- in-run credits free of length, batch position and step size ---
+
+def one_step_credits(trainer, normalize: str) -> tuple[np.ndarray, float]:
+    """(credits per record x dev question, the step's lr) of a one-step run over all RECORDS (batch 5, one epoch)."""
+    from shed import inrun
+    from shed.training import pad_rows
+
+    dev = pad_rows(inrun.dev_rows(trainer.tokenizer, [DEV[0]]), trainer.tokenizer.pad_token_id)
+    credits = inrun.InRunCredits(list(range(len(RECORDS))), 1, 1)
+    inrun.value_runs(trainer, RECORDS, list(range(len(RECORDS))), dev, credits, [0], normalize=normalize)
+    return credits.totals[0].copy(), dev
+
+
+@pytest.fixture(scope="module")
+def one_step_trainer():
+    import dataclasses
+
+    questions = [{"question": "Name a colour.", "choices": ["red", "dog"]}]
+    return tiny_float64_trainer(RECORDS, questions, dataclasses.replace(TRAIN, batch_size=5, epochs=1, lr=0.05,
+                                                                         max_grad_norm=1e-3))
+
+
+def test_tokens_and_cosine_credits_divide_out_length_batch_share_and_the_steps_scale(one_step_trainer):
+    from shed import inrun
+    from shed.training import pad_rows
+
+    trainer = one_step_trainer
+    raw, dev = one_step_credits(trainer, "none")
+    tokens, _ = one_step_credits(trainer, "tokens")
+    cosine, _ = one_step_credits(trainer, "cosine")
+    # The per-token gradients and the dev gradient at θ_0 (the run's one step is taken there).
+    trainer.reset(trainer.cfg.seed)
+    batch = pad_rows([trainer.encode(r) for r in RECORDS], trainer.tokenizer.pad_token_id)
+    own = inrun.per_example_grads(trainer.model, batch, "example").flat().double()
+    question = inrun.per_example_grads(trainer.model, dev, "example").flat().double()[0]
+    dots = (own @ question).numpy()
+    lr0 = trainer.cfg.lr  # one step, a warmup of one step: the step takes the peak lr
+    assert tokens[:, 0] == pytest.approx(dots, rel=1e-6)
+    norms = own.norm(dim=1).numpy() * float(question.norm())
+    assert cosine[:, 0] == pytest.approx(dots / norms, rel=1e-6)
+    assert np.all(np.abs(cosine) <= 1 + 1e-9)
+    # The raw credit carries the clip factor and each record's share of the step's tokens: tokens removes both.
+    share = inrun.response_tokens(batch) / inrun.response_tokens(batch).sum()
+    coefficient = raw[:, 0] / (dots * share * lr0)
+    assert np.allclose(coefficient, coefficient[0], rtol=1e-6) and coefficient[0] < 1  # the step was clipped

@@ -213,6 +213,10 @@ class ShapleyConfig:
     direction: str = param("sgd", "method inrun: the update direction credited: sgd (lr x clip x gradient, "
                            "In-Run Data Shapley's) or adam (each gradient through Adam's preconditioner, LESS-style)",
                            choices=("sgd", "adam"))
+    normalize: str = param("none", "method inrun: none (lr x clip x <gradient, dev gradient>: In-Run Data Shapley's "
+                           "first-order term), tokens (lr/peak lr x <per-token gradient, dev gradient>: no factor of "
+                           "a record's length or batch), cosine (lr/peak lr x their cosine, LESS)",
+                           choices=("none", "tokens", "cosine"))
     dev_chunk: int = param(0, "method inrun: dev questions per gradient pass (bounds memory on a large dev set)",
                            ge=0, zero="all at once")
     dev_every: int = param(1, "method inrun: steps between refreshes of the dev questions' gradients; 1: every "

@@ -562,9 +562,13 @@ class CreditCallback:
     def __init__(self, model, dev_batch: Batch, credits: InRunCredits, run: int,
                  step_players: list[list[list[Player]]], max_grad_norm: float, *,
                  step_rows: list[list[list[list[int]]]] | None = None, dev_chunk: int = 0,
-                 adam: tuple[float, float] | None = None, dev_every: int = 1):
+                 adam: tuple[float, float] | None = None, dev_every: int = 1, normalize: str = "none",
+                 peak_lr: float = 1.0):
         if dev_every < 1:
             raise ValueError(f"dev_every must be at least 1, not {dev_every}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {normalize!r}")
+        self.normalize, self.peak_lr = normalize, peak_lr
         self.model, self.dev_batch, self.credits, self.run = model, dev_batch, credits, run
         self.step_players, self.step_rows = step_players, step_rows
         self.max_grad_norm, self.dev_chunk = max_grad_norm, dev_chunk
@@ -625,7 +629,7 @@ class CreditCallback:
         rows = _scaled({name: torch.cat([share * t.grads[name] for t, share in zip(trains, shares)])
                         for name in grad}, preconditioner)
         dev_losses = None
-        if self.dev_every == 1:
+        if self.dev_every == 1 and self.normalize != "cosine":
             dots, dev_losses = contract_dev(self.model, rows, self.dev_batch, self.dev_chunk)
         else:
             if step % self.dev_every == 0:
@@ -638,13 +642,29 @@ class CreditCallback:
         if self.dev_before is None and dev_losses is not None:
             self.dev_before = dev_losses
         players = [p for who in self.step_players[step] for p in who]
-        step_credits_ = dots.cpu().numpy() * (lr * coefficient)
+        if self.normalize == "none":
+            step_credits_ = dots.cpu().numpy() * (lr * coefficient)
+        else:
+            step_credits_ = self._normalized(dots, rows, batches, total) * (lr / self.peak_lr)
         self.credits.add(self.run, players, step_credits_)
         self.first_order += step_credits_.sum(0)
         self.expected_loss = loss
         self.seconds += time.perf_counter() - start
         # A step without label tokens is left to the trainer, which treats it its own way.
         return (loss, grad) if sum(tokens) else None
+
+    def _normalized(self, dots: torch.Tensor, rows: Grads, batches: list[Batch], total: int) -> np.ndarray:
+        """dots[i, q] = ⟨rows_i, g_q⟩ with rows_i = (tokens_i / the step's tokens) ∇ℓ̄_i (ℓ̄_i: example i's mean
+        per-token loss): "tokens" gives ⟨∇ℓ̄_i, g_q⟩, "cosine" ⟨∇ℓ̄_i, g_q⟩ / (‖∇ℓ̄_i‖ ‖g_q‖): no factor of a
+        record's length, of its micro-batch's or step's size, nor of the step's clipping."""
+        share = np.concatenate([response_tokens(b) for b in batches]).astype(np.float64) / total
+        out = dots.cpu().numpy() / np.where(share > 0, share, np.inf)[:, None]
+        if self.normalize == "cosine":
+            row_norm = torch.sqrt(sum(g.flatten(1).double().pow(2).sum(1) for g in rows.values())).cpu().numpy()
+            dev_norm = torch.sqrt(sum(g.flatten(1).double().pow(2).sum(1) for g in self.held.values())).cpu().numpy()
+            out = out * np.where(row_norm > 0, share / np.where(row_norm > 0, row_norm, 1), 0)[:, None]
+            out = out / np.where(dev_norm > 0, dev_norm, np.inf)[None, :]
+        return out
 
     def after_step(self, step: int, loss: float, lr: float) -> None:
         # The trainer's step loss must be the one the credits were normalised to: a mismatch (another
@@ -697,6 +717,9 @@ def run_seed(train_seed: int, run: int) -> int:
 
 
 DIRECTIONS = ("sgd", "adam")
+# How a step's credit is scaled: none (η_t c_t ⟨∇ℓ_i, ∇ℓ_q⟩, In-Run Data Shapley's first-order term), tokens
+# (η_t/η ⟨∇ℓ̄_i, ∇ℓ_q⟩ with ℓ̄_i the per-token mean loss), cosine (η_t/η cos(∇ℓ̄_i, ∇ℓ_q), LESS).
+NORMALIZATIONS = ("none", "tokens", "cosine")
 
 
 def adam_settings(trainer) -> tuple[float, float]:
@@ -709,13 +732,15 @@ def adam_settings(trainer) -> tuple[float, float]:
 
 
 def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batch: Batch, credits: InRunCredits,
-               runs: Sequence[int], *, direction: str = "sgd", dev_chunk: int = 0, dev_every: int = 1, progress=None,
+               runs: Sequence[int], *, direction: str = "sgd", dev_chunk: int = 0, dev_every: int = 1,
+               normalize: str = "none", progress=None,
                on_run: Callable[[RunSummary], None] | None = None,
                checkpoints: Callable[[int], object] | None = None) -> list[RunSummary]:
     """In-run valuation: for each run r in `runs`, one `trainer.fit` on all `records` (the proxies;
     records[i] is players[i]'s) with seed `run_seed(trainer.cfg.seed, r)`, credited step by step into
     `credits` run r (cleared first). direction: "sgd" (the plain gradient, default) or "adam" (Adam's
-    preconditioned one); dev_every: steps between refreshes of the dev gradients; see `CreditCallback`.
+    preconditioned one); dev_every: steps between refreshes of the dev gradients; normalize: none, tokens or
+    cosine (`NORMALIZATIONS`); see `CreditCallback`.
     `checkpoints(r)`, if given, is run r's mid-run checkpoint (`training.Checkpoint`): a run it holds a
     state of resumes there. `on_run(summary)` is called after each completed run (the stage saves the
     run there). `progress`: a tqdm-like bar, updated once per step. No file I/O."""
@@ -732,7 +757,8 @@ def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batc
         step_rows = [[[trainer.encode(records[i])[0] for i in micro] for micro in step] for step in schedule]
         credits.clear_run(run)
         callback = CreditCallback(trainer.model, dev_batch, credits, run, step_players, trainer.cfg.max_grad_norm,
-                                  step_rows=step_rows, dev_chunk=dev_chunk, adam=adam, dev_every=dev_every)
+                                  step_rows=step_rows, dev_chunk=dev_chunk, adam=adam, dev_every=dev_every,
+                                  normalize=normalize, peak_lr=trainer.cfg.lr)
         if progress is not None and hasattr(progress, "set_postfix"):
             progress.set_postfix(run=run)
         fit = trainer.fit(records, seed=seed, progress=progress, callback=callback,

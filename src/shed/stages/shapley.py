@@ -150,7 +150,8 @@ def inrun_context(params: Params, dev_ids: list[str], players: list[int], proxy_
     blob = json.dumps({"job": job_context(cfg.model, params.train, cfg.value, dev_ids, code=code), "method": "inrun",
                        "players": [[c, p] for c, p in zip(players, proxy_ids)], "device": device.split(":")[0],
                        "dtype": cfg.dtype, "dev_chunk": cfg.dev_chunk, "seeds": "train.seed + run",
-                       "direction": cfg.direction, "dev_every": cfg.dev_every}, sort_keys=True)
+                       "direction": cfg.direction, "dev_every": cfg.dev_every,
+                       **({"normalize": cfg.normalize} if cfg.normalize != "none" else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -295,7 +296,8 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
     records = [proxy_records[c] for c in players]
     dev_batch = pad_rows(inrun.dev_rows(tokenizer, dev, params.train.template), tokenizer.pad_token_id, trainer.device)
     weights = inrun.token_weights(dev_batch)
-    problem = inrun.held_dev_problem(trainer.model, len(dev), cfg.dev_every)
+    # cosine needs each dev gradient's norm, so it holds them (refreshed every dev_every steps)
+    problem = inrun.held_dev_problem(trainer.model, len(dev), max(cfg.dev_every, 2 * (cfg.normalize == "cosine")))
     if problem:  # before any run: not an out-of-memory kill at the first refresh
         raise ShedError(f"params.yaml: shapley.dev_every: {problem}")
     setup = time.perf_counter() - t0
@@ -323,7 +325,8 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
     t1 = time.perf_counter()
     with tqdm(total=len(todo) * steps, desc="in-run credits", unit="step", disable=not todo) as bar:
         done = inrun.value_runs(trainer, records, players, dev_batch, credits, todo, direction=cfg.direction,
-                                dev_chunk=cfg.dev_chunk, dev_every=cfg.dev_every, progress=bar, on_run=finished,
+                                dev_chunk=cfg.dev_chunk, dev_every=cfg.dev_every, normalize=cfg.normalize,
+                                progress=bar, on_run=finished,
                                 checkpoints=lambda run: RunCheckpoint(store, run, cfg.checkpoint_seconds))
     wall = time.perf_counter() - t1
 
@@ -344,7 +347,8 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
         "runs": cfg.k, "runs_reused": cfg.k - len(todo), "runs_run": len(todo), "steps": steps,
         "steps_run": steps_run,
         "resumed": [{"run": s.run, "from_step": s.resumed_from} for s in done if s.resumed_from],
-        "direction": cfg.direction, "dev_every": cfg.dev_every, "device": device, "dtype": cfg.dtype,
+        "direction": cfg.direction, "dev_every": cfg.dev_every, "normalize": cfg.normalize, "device": device,
+        "dtype": cfg.dtype,
         "v_empty": lines[0]["v_before"], "v_full": float(np.mean([s["v_after"] for s in lines])),
         "first_order": float(np.mean([s["first_order"] for s in lines])),
         "seconds_setup": round(setup, 2), "seconds_train": round(wall, 1),
