@@ -350,3 +350,24 @@ def test_ifd_is_the_conditional_over_the_unconditional_loss_and_the_unconditiona
     assert alone == pytest.approx([one_record_loss(model, tokenizer, r) for r in bare], rel=1e-5)
     assert ifd(conditional, alone) == pytest.approx([c / u for c, u in zip(conditional, alone)])
     assert math.isnan(ifd([math.inf], [1.0])[0]) and math.isnan(ifd([1.0], [0.0])[0])
+
+
+def test_sample_stage_reads_the_forward_valuations_base_losses_instead_of_scoring_again(tmp_path, monkeypatch, tiny_lm,
+                                                                                        one_thread):
+    import json
+
+    from shed.stages import sample
+
+    model, tokenizer = tiny_lm
+    write_sample_inputs(tmp_path, model, tokenizer)
+    stored = [0.9, 0.1, 0.5, 0.3, 0.7]  # not the model's losses: the selection shows which were read
+    (tmp_path / "data/shapley/record_scores.csv").write_text(
+        "id,cluster,score,stderr,tokens,loss\n" + "".join(f"{r['id']},{i % 2},0,,3,{loss}\n"
+                                                          for i, (r, loss) in enumerate(zip(RECORDS, stored))))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sample, "record_losses", lambda *a, **k: pytest.fail("scored the pool again"))
+    params = Params()
+    params.sample.method, params.sample.subset_size = "perplexity", 3
+    sample.main(params)
+    chosen = [json.loads(line)["id"] for line in (tmp_path / "data/curated/dataset.jsonl").read_text().splitlines()]
+    assert chosen == ["r1", "r3", "r2"]

@@ -23,7 +23,9 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from shed import artifacts, dsir, sampling
@@ -186,13 +188,22 @@ def read_inputs(params: Params) -> Inputs:
     assignments, _ = artifacts.read_clusters()
     inputs = Inputs(artifacts.read_pool(), assignments, artifacts.read_scores())
     inputs.dev = artifacts.read_dev() if "dev" in want else None
-    inputs.losses = record_losses(params, inputs.pool) if "losses" in want else None
+    table = artifacts.read_record_scores() if "record_scores" in want or (
+        "losses" in want and Path(artifacts.RECORD_SCORES).is_file()) else None
+    if "losses" in want:
+        # The forward valuation's base losses are this very signal (same model, template and cut): reuse them.
+        known = {} if table is None else dict(zip(table["id"].astype(str), table["loss"].astype(float)))
+        if all(r["id"] in known and np.isfinite(known[r["id"]]) for r in inputs.pool):
+            log.info("losses of the %d pool records from %s (the forward valuation's base losses)", len(inputs.pool),
+                     artifacts.RECORD_SCORES)
+            inputs.losses = [known[r["id"]] for r in inputs.pool]
+        else:
+            inputs.losses = record_losses(params, inputs.pool)
     if "ifd" in want:
         from shed.losses import ifd
 
         inputs.ifd = ifd(inputs.losses, record_losses(params, inputs.pool, unconditional=True))
     if "record_scores" in want:
-        table = artifacts.read_record_scores()
         inputs.record_scores = dict(zip(table["id"].astype(str), table["score"].astype(float)))
     return inputs
 

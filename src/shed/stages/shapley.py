@@ -363,33 +363,42 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
 FORWARD_CODE = ["shed.forward", "shed.training", "shed.models", "shed.scoring"]
 
 
-def forward_context(params: Params, dev_ids: list[str], player_ids: list[str], device: str) -> str:
-    """Everything a forward run's losses depend on besides its index."""
+def forward_context(params: Params, dev_ids: list[str] | None, player_ids: list[str], device: str) -> str:
+    """Everything a forward run's losses depend on besides its index; with `dev_ids` None, what the base
+    losses depend on (no dev set: every dev set shares them)."""
     cfg = params.shapley
     code = codedeps.fingerprint(FORWARD_CODE, exclude=NOT_JOB_CODE)
-    blob = json.dumps({"job": job_context(cfg.model, params.train, cfg.value, dev_ids, code=code), "method": "forward",
+    blob = json.dumps({"job": job_context(cfg.model, params.train, cfg.value, dev_ids or [], code=code),
+                       "method": "forward" if dev_ids is not None else "forward-base",
                        "players": hashlib.sha256(",".join(player_ids).encode()).hexdigest(), "device": device.split(":")[0],
-                       "dtype": cfg.dtype, "dev_epochs": cfg.dev_epochs, "seeds": "train.seed + run"}, sort_keys=True)
+                       "dtype": cfg.dtype, "dev_epochs": cfg.dev_epochs if dev_ids is not None else None,
+                       "seeds": "train.seed + run"}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class ForwardStore:
-    """A forward valuation's finished parts, each written atomically the moment it exists: base.npy (the
-    players' base losses) and run-NNNN.npy + run-NNNN.json (a dev fit's losses; the JSON, written last,
-    holds its summary and the array's sha256). A killed stage redoes only the parts not there."""
+    """A forward valuation's finished parts, each written atomically the moment it exists: <base context>/
+    base.npy (the players' base losses, shared by every dev set) and <context>/run-NNNN.npy (a dev fit's
+    losses), each with a JSON written last that holds its summary and the array's sha256. A killed stage
+    redoes only the parts not there."""
 
-    def __init__(self, root: str | Path, context: str):
-        self.dir = Path(root) / context
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: str | Path, base_context: str, context: str):
+        self.base_dir, self.dir = Path(root) / base_context, Path(root) / context
+        for folder in (self.base_dir, self.dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def _where(self, name: str) -> Path:
+        return self.base_dir if name == "base" else self.dir
 
     def _save(self, name: str, array: np.ndarray, meta: dict) -> None:
-        with atomic_path(self.dir / f"{name}.npy") as tmp:
+        folder = self._where(name)
+        with atomic_path(folder / f"{name}.npy") as tmp:
             np.save(tmp, array, allow_pickle=False)
-        digest = hashlib.sha256((self.dir / f"{name}.npy").read_bytes()).hexdigest()
-        write_json(self.dir / f"{name}.json", {**meta, "sha256": digest})
+        digest = hashlib.sha256((folder / f"{name}.npy").read_bytes()).hexdigest()
+        write_json(folder / f"{name}.json", {**meta, "sha256": digest})
 
     def _load(self, name: str, n: int) -> tuple[np.ndarray, dict] | None:
-        array_path, meta_path = self.dir / f"{name}.npy", self.dir / f"{name}.json"
+        array_path, meta_path = self._where(name) / f"{name}.npy", self._where(name) / f"{name}.json"
         if not (array_path.is_file() and meta_path.is_file()):
             return None
         try:
@@ -444,8 +453,9 @@ def value_forward(params: Params, dev: list[dict], players: list[int], player_re
     records = [player_records[p] for p in players]
     dev_records = forward.dev_as_records(dev)
     setup = time.perf_counter() - t0
-    store = ForwardStore(artifacts.FORWARD_RUNS, forward_context(params, [q["id"] for q in dev],
-                                                                 [r["id"] for r in records], device))
+    player_ids = [r["id"] for r in records]
+    store = ForwardStore(artifacts.FORWARD_RUNS, forward_context(params, None, player_ids, device),
+                         forward_context(params, [q["id"] for q in dev], player_ids, device))
     base = store.load_base(len(records))
     done = {r: found for r in range(cfg.k) if (found := store.load_run(r, len(records))) is not None}
     todo = (base is None) + cfg.k - len(done)
