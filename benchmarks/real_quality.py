@@ -5,52 +5,14 @@
     python benchmarks/real_quality.py --finetune --limit 200                       # + the paper's Table 2 (a GPU)
     python benchmarks/real_quality.py --from-json FILE --markdown docs/results/real_quality.md
 
-The pool (`plant`, pure and deterministic by seed). From <shared>/data/instruction_pools/alpaca_5000.json,
-records with a blank instruction or output are dropped and only the first record of each prompt
-(instruction, input) is kept, so no two records share a prompt. A seeded permutation (seed, 1) then gives
-the held-out dev records (the first --dev-size, kept in plain Alpaca form, never in the pool) and the pool's
-base records (the next --pool-size). Each pool record belongs to one of five sources, in equal shares (a
-seeded permutation, record k of it to source k mod 5). A source is a packaging style, as real pools mix
-collections of different origin; each style rewrites both the prompt and the response, and every style
-choice is drawn per record from several variants (no single token marks a source):
-
-- plain: Alpaca as it is.
-- assistant (chat-model distillations, ShareGPT-like): a greeting before the instruction ("Hi! ", "Hey, quick
-  question. ", ...), sometimes a thanks after it; the response opens with "Sure! Here you go:", "Certainly!
-  Here is my answer:", ..., its sentences become a numbered list (a one-sentence answer is set in **bold**),
-  and it closes with "I hope this helps! Let me know if you have any other questions.", ...
-- exam (worksheets and mark schemes): the instruction as "Question 12 (5 marks). ...", "Exercise 3: ...
-  Show your work.", ..., the input moved into the instruction ("Input: ...", "Given: ...") and the input
-  field left empty; the response as "Model answer (5 marks): ...", "Mark scheme, question 12: ...", ..., each
-  sentence followed by "[1 mark]", sometimes a marking note or "Total: 5 marks." after it.
-- forum (scraped community Q&A): "Posted by u/<user> in r/<board> · 3 years ago", "[<board> forum] Thread
-  #<n>: ", ... before the lower-cased instruction, "thanks in advance" or the like after it; the response
-  lower-cased, after "Reply from <user> · <n> points", "Top answer (<n> upvotes):", ..., one "<p>...</p>" per
-  sentence with HTML entities (&#39; &quot; &amp;) left in, and page chrome after it ("Share · Report ·
-  Save", "Was this answer helpful? Yes / No", ...).
-- wiki (wiki-markup reference pages): "== <instruction> ==", "'''Topic:''' ...", "{{Request}} ..." for the
-  instruction; the response under "=== Answer ===", "=== Summary ===" or "'''Answer'''", one "* " bullet per
-  sentence, capitalised words after the first sentence as [[links]], and a footer ("== References ==",
-  "[[Category:Reference articles]]", "{{stub}}", ...).
-
-These are the artifacts real collections carry (chat openers and closers, mark schemes, scraped HTML, wiki
-markup). An opener and a closer alone proved too weak: static MiniLM clusters Alpaca by topic, and with such
-wrappers only 0.25 to 0.69 of the corrupted records of the concentrated protocol sat in mostly corrupted
-clusters. With the styles running through the whole response, 0.67 to 0.77 do on the whole record and 0.63 to
-0.87 on the response alone (--fields output); scattered harm: 0.00 to 0.04 (C = 50, 1,000 records, seeds 1-3).
-
-The style is applied after any corruption (a source packages its bad records as it packages its good
-ones), and its random choices come from their own stream (seed, 3, record), so a record reads the same in
-both protocols when it is clean. Corruptions (--kinds; each corrupted record draws one kind uniformly among
-those that apply to its response): `mismatched` (the response of another pool record, never of a dev
-record), `truncated` (the first 15-40% of its words, cut mid-sentence), `shuffled` (its words in a random
-order) and `refusal` (a refusal or non-answer: "I'm sorry, but I can't help with that.", "N/A", "It depends
-on many factors.", ...). `truncated` and `shuffled` need at least 4 words (shuffled two different ones); a
-record whose response allows none of the chosen kinds is never picked. Protocols, with exact counts (rounded):
-
-- concentrated: --bad-sources of the four styled sources (never plain; drawn by seed) are bad: --bad-rate
-  (0.85) of each one's records are corrupted, --background-rate (0.02) of every other source's.
-- scattered: the same sources, none bad; --scattered-rate (0.2) of all records, drawn uniformly, corrupted.
+The pool (benchmarks/planting.py, whose docstring has the protocol; pure and deterministic by seed): Alpaca
+records from <shared>/data/instruction_pools/alpaca_5000.json, held-out dev records set apart, packaged as five
+sources of different origin (plain, assistant, exam, forum, wiki), with harm planted per protocol: concentrated
+(--bad-sources of the styled sources are bad: --bad-rate 0.85 of their records corrupted, --background-rate 0.02
+of every other source's) or scattered (--scattered-rate 0.2 of all records). --kinds picks the corruptions by
+name or by family: loss (mismatched, truncated, shuffled, refusal: they raise the record's loss under a base
+model; the default), fluent (generic, wrong_facts, other_question, restatement: fluent, on-format responses of
+the original's length that do not answer) or mixed (all eight).
 
 The pool is written to pool.jsonl {instruction, input, output} and what was planted to truth.jsonl {id,
 source, bad_source, corrupted, kind, alpaca_index}, outside data/: prepare never sees it, and `id` is the
@@ -76,9 +38,9 @@ Metrics, per seed, then mean ± std over seeds per protocol and dev set (and val
   valued low; each corruption kind's mean percentile rank of score, "clean" for the uncorrupted proxies).
 - harm_in_bad_clusters: the share of corrupted records inside corrupted clusters, the ceiling that any
   cluster-level score can reach; pool_harmful_share: the pool's corrupted share.
-- per method: harmful_share of its subset (against the pool's), vs_random (that share over random's; the
-  target for concentrated harm is qocs <= 1/3), selection_s (the sample stage) and valuation_s (the shapley
-  stage, which qocs and qwcs also need).
+- per method: harmful_share of its subset (against the pool's), kind_share (each planted kind's share of the
+  subset), vs_random (that share over random's; the target for concentrated harm is qocs <= 1/3), selection_s
+  (the sample stage) and valuation_s (the shapley stage, which qocs and qwcs also need).
 - with --finetune: per method (and the full pool), the finetune stage (LoRA on the subset) and the evaluate
   stage on ARC-Easy, ARC-Challenge and MMLU test from <shared>/data, --limit questions each (0 = all), and
   the base model once. ARC-Easy has no offline lm-eval task of its own here: prepare.eval is set to
@@ -115,7 +77,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import time
@@ -124,6 +85,11 @@ from pathlib import Path
 import tables  # benchmarks/, the script's own folder
 
 tables.quiet_offline_env()
+
+import harm  # noqa: E402
+from harm import (cluster_auroc, cluster_shares, harm_in_bad_clusters, harmful_share, proxy_reading,  # noqa: E402
+                  record_auroc)
+from planting import FAMILIES, KINDS, LOSS_KINDS, PROTOCOLS, dev_records, family_of, plant, resolve_kinds  # noqa: E402
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
@@ -138,9 +104,6 @@ ARC_CHALLENGE = SHARED / "arc/ARC-Challenge/ARC-Challenge-Test.jsonl"
 SMOLLM2 = ROOT / "models/smollm2"
 KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEEP") else None  # debug: keep workspaces
 
-PROTOCOLS = ("concentrated", "scattered")
-KINDS = ("mismatched", "truncated", "shuffled", "refusal")
-MIN_WORDS = 4  # truncated and shuffled need a response of at least this many words
 METHODS = ("qocs", "qwcs", "random", "cluster_uniform", "length", "perplexity", "dsir")
 SCORED = {"qocs", "qwcs"}  # read the Shapley scores: rerun per dev set and valuation
 DEV_READERS = {"dsir"}  # read the dev set
@@ -150,216 +113,7 @@ TASKS = {"shed_eval": "arc_easy", "arc_challenge_local": "arc_challenge", "mmlu_
 SMOLLM2_CPU = {"train.template": "qa", "train.max_length": 128, "train.epochs": 1, "shapley.k": 1,
                "shapley.dev_every": 4, "shapley.dev_chunk": 8}
 
-# --- the planted pool -------------------------------------------------------------------------------
-
-REFUSALS = (
-    "I'm sorry, but I can't help with that.",
-    "As an AI language model, I am unable to complete this task.",
-    "I don't know.",
-    "N/A",
-    "Sorry, I cannot answer that question.",
-    "This instruction cannot be completed with the information given.",
-    "There is no answer to this question.",
-    "It depends on many factors.",
-    "Please refer to the input above.",
-    "I am not able to provide a response to this request.",
-)
-
-
-def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
-    return options[int(rng.integers(len(options)))]
-
-
-def _sentences(text: str) -> list[str]:
-    parts = [p.strip() for line in text.split("\n") for p in re.split(r"(?<=[.!?])\s+", line)]
-    return [p for p in parts if p] or [text.strip()]
-
-
-USERS = ("throwaway_42", "techguy88", "curious_cat", "jdoe2019", "mod_anna", "quietreader", "night_owl", "sam_k")
-BOARDS = ("AskAnything", "NoStupidQuestions", "explainlikeimfive", "learnprogramming", "HomeworkHelp", "writing")
-
-
-def _plain(rng, instruction, inp, response=None):
-    return (instruction, inp) if response is None else response
-
-
-def _assistant(rng, instruction, inp, response=None):
-    if response is None:
-        return (_pick(rng, ("Hi! ", "Hello there. ", "Hey, quick question. ", "Good morning! ", "Hi, I need some help. ",
-                            "Hello assistant, "))
-                + instruction + _pick(rng, ("", " Thanks!", " Thank you in advance.", " Please help."))), inp
-    parts = _sentences(response)
-    body = "\n".join(f"{k}. {p}" for k, p in enumerate(parts, 1)) if len(parts) > 1 else f"**{parts[0]}**"
-    return (_pick(rng, ("Sure! Here you go:\n\n", "Certainly! Here is my answer:\n\n",
-                        "Of course! Here's what I came up with:\n\n", "Absolutely, happy to help. Here it is:\n\n",
-                        "Great question! Here is a clear answer:\n\n", "Sure thing, I'd be glad to help with that:\n\n"))
-            + body
-            + _pick(rng, ("\n\nI hope this helps! Let me know if you have any other questions.",
-                          "\n\nIs there anything else I can help you with today?",
-                          "\n\nFeel free to reach out if you need more details or examples.",
-                          "\n\nHappy to help further if you need anything else!",
-                          "\n\nLet me know if you would like me to explain any part of this in more detail.")))
-
-
-def _exam(rng, instruction, inp, response=None):
-    number, marks = int(rng.integers(1, 40)), int(rng.integers(2, 11))
-    if response is None:
-        text = _pick(rng, ("Question {n} ({m} marks). {i}", "Exercise {n}: {i}\nShow your work.",
-                           "Task {n} ({m} points): {i}", "Read the task below and respond.\n\nQuestion {n}. {i}",
-                           "Worksheet item {n}. {i}")).format(n=number, m=marks, i=instruction)
-        if inp:
-            text += _pick(rng, ("\n\nInput: {}", "\n\nGiven: {}", "\n\nData for question: {}")).format(inp)
-        return text, ""
-    points = " ".join(f"{p} [1 mark]" for p in _sentences(response))
-    return (_pick(rng, ("Answer: {}", "Model answer ({m} marks): {}", "Mark scheme, question {n}: {}",
-                        "Answer key, question {n}: {}")).format(points, m=marks, n=number)
-            + _pick(rng, ("", "\n\nMarking note: award full marks for a complete answer.",
-                          f"\n\nTotal: {marks} marks.", "\n\n[End of answer]")))
-
-
-def _forum(rng, instruction, inp, response=None):
-    user, board, years, points = _pick(rng, USERS), _pick(rng, BOARDS), int(rng.integers(1, 9)), int(rng.integers(1, 500))
-    if response is None:
-        return (_pick(rng, ("Posted by u/{u} in r/{b} \u00b7 {y} years ago\n\n", "[{b} forum] Thread #{p}: ",
-                            "Question from {u} ({p} points): ", "r/{b} \u00b7 posted by {u}\n\n"))
-                .format(u=user, b=board, y=years, p=points)
-                + instruction.lower()
-                + _pick(rng, ("", " thanks in advance", " any help appreciated", " cheers", " (sorry for bad english)"))), inp
-    text = response.lower().replace("&", "&amp;").replace("'", "&#39;").replace('"', "&quot;")
-    html = "\n".join(f"<p>{p}</p>" for p in _sentences(text))
-    return (_pick(rng, ("Reply from {u} \u00b7 {p} points\n\n", "Top answer ({p} upvotes):\n", "{u} replied:\n\n",
-                        "Best answer by {u}:\n")).format(u=user, p=points)
-            + html
-            + _pick(rng, ("\n\nShare \u00b7 Report \u00b7 Save", "\n\nWas this answer helpful? Yes / No",
-                          "\n\nClick here to read more answers like this.",
-                          "\n\n<br>Edit: fixed formatting. Thanks for the upvotes, everyone!",
-                          "\n\n<br>hope that helps, good luck (answered from mobile)")))
-
-
-def _wiki(rng, instruction, inp, response=None):
-    if response is None:
-        return _pick(rng, ("== {} ==", "== Article request ==\n{}", "'''Topic:''' {}", "{{{{Request}}}} {}")).format(
-            instruction), inp
-    parts = _sentences(response)
-    linked = parts[:1] + [re.sub(r"\b([A-Z][a-z]{3,})\b", r"[[\1]]", p) for p in parts[1:]]
-    return (_pick(rng, ("=== Answer ===\n", "=== Summary ===\n", "'''Answer'''\n")) + "\n".join(f"* {p}" for p in linked)
-            + _pick(rng, ("\n\n== References ==\n<references />", "\n\n[[Category:Reference articles]]",
-                          "\n\n{{stub}}", "\n\n== See also ==\n* [[Main Page]]")))
-
-
-# name -> style(rng, instruction, input) -> (instruction, input); style(rng, i, x, response) -> response
-SOURCES = {"plain": _plain, "assistant": _assistant, "exam": _exam, "forum": _forum, "wiki": _wiki}
-
-
-def alpaca_base(records: list[dict]) -> list[dict]:
-    """The usable Alpaca records, in file order: non-blank instruction and output, first of each prompt
-    (instruction, input), each with its index in the file as `alpaca_index`."""
-    out, seen = [], set()
-    for index, r in enumerate(records):
-        instruction, inp, output = r.get("instruction") or "", r.get("input") or "", r.get("output") or ""
-        if not instruction.strip() or not output.strip() or (instruction, inp) in seen:
-            continue
-        seen.add((instruction, inp))
-        out.append({"instruction": instruction, "input": inp, "output": output, "alpaca_index": index})
-    return out
-
-
-def split(records: list[dict], seed: int, pool_size: int, dev_size: int) -> tuple[list[dict], list[dict]]:
-    """(the pool's base records, the held-out dev records): disjoint, drawn by seed from `alpaca_base`."""
-    base = alpaca_base(records)
-    if pool_size + dev_size > len(base):
-        raise ValueError(f"pool {pool_size} + dev {dev_size} records asked for, only {len(base)} usable Alpaca records")
-    order = np.random.default_rng([seed, 1]).permutation(len(base))
-    return [base[i] for i in order[dev_size:dev_size + pool_size]], [base[i] for i in order[:dev_size]]
-
-
-def dev_records(records: list[dict], seed: int, pool_size: int, dev_size: int) -> list[dict]:
-    """The held-out clean dev records {instruction, input, output} (plain Alpaca, never in the pool)."""
-    return [{k: r[k] for k in ("instruction", "input", "output")} for r in split(records, seed, pool_size, dev_size)[1]]
-
-
-def applicable_kinds(response: str, kinds: tuple[str, ...]) -> list[str]:
-    """The kinds of `kinds` that can corrupt `response`: truncated and shuffled need MIN_WORDS words (shuffled
-    two different ones); mismatched and refusal apply to any response."""
-    words = response.split()
-    ok = {"mismatched": True, "refusal": True, "truncated": len(words) >= MIN_WORDS,
-          "shuffled": len(words) >= MIN_WORDS and len(set(words)) > 1}
-    return [k for k in kinds if ok[k]]
-
-
-def corrupt(rng: np.random.Generator, kind: str, response: str, donors: list[str]) -> str:
-    """`response` corrupted by `kind`; `donors` are other pool records' responses (for mismatched)."""
-    if kind == "mismatched":
-        others = [d for d in donors if d != response]
-        return others[int(rng.integers(len(others)))]
-    if kind == "truncated":
-        words = response.split()
-        cut = " ".join(words[:max(1, int(len(words) * rng.uniform(0.15, 0.4)))])
-        return cut.rstrip(".!?,;:") or cut
-    if kind == "shuffled":
-        words = response.split()
-        while True:
-            shuffled = [words[i] for i in rng.permutation(len(words))]
-            if shuffled != words:
-                return " ".join(shuffled)
-    if kind == "refusal":
-        return _pick(rng, REFUSALS)
-    raise ValueError(f"unknown corruption kind {kind!r} (known: {', '.join(KINDS)})")
-
-
-def plant(records: list[dict], protocol: str, seed: int, pool_size: int = 1000, dev_size: int = 32,
-          bad_sources: int = 1, bad_rate: float = 0.85, background_rate: float = 0.02, scattered_rate: float = 0.2,
-          kinds: tuple[str, ...] = KINDS) -> tuple[list[dict], list[dict]]:
-    """(pool records {instruction, input, output}, truth rows {id, source, bad_source, corrupted, kind,
-    alpaca_index}), in the same order; see the module docstring. Pure: a function of its arguments."""
-    from shed.data import record_id
-
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
-    if not kinds or set(kinds) - set(KINDS):
-        raise ValueError(f"kinds: a non-empty subset of {', '.join(KINDS)}, got {kinds}")
-    names = list(SOURCES)
-    if protocol == "concentrated" and not 1 <= bad_sources <= len(names) - 1:
-        raise ValueError(f"bad_sources: 1 to {len(names) - 1} (plain is never bad), got {bad_sources}")
-    base, _ = split(records, seed, pool_size, dev_size)
-    n = len(base)
-    rng = np.random.default_rng([seed, 2])
-    source = np.empty(n, dtype=int)
-    source[rng.permutation(n)] = np.arange(n) % len(names)
-    bad = set(rng.choice(np.arange(1, len(names)), size=bad_sources, replace=False).tolist()) \
-        if protocol == "concentrated" else set()
-    usable = np.array([bool(applicable_kinds(r["output"], kinds)) for r in base])
-    groups = [(np.arange(n), scattered_rate)] if protocol == "scattered" else \
-        [(np.flatnonzero(source == s), bad_rate if s in bad else background_rate) for s in range(len(names))]
-    corrupted = np.zeros(n, dtype=bool)
-    for members, rate in groups:
-        count = int(round(rate * len(members)))
-        candidates = members[usable[members]]
-        if count > len(candidates):
-            raise ValueError(f"{count} records to corrupt but only {len(candidates)} allow kinds {kinds}")
-        corrupted[rng.permutation(candidates)[:count]] = True
-    donors = [r["output"] for r in base]
-    pool, truth, seen = [], [], set()
-    for i, r in enumerate(base):
-        kind, response = "", r["output"]
-        if corrupted[i]:
-            crng = np.random.default_rng([seed, 4, i])
-            options = applicable_kinds(response, kinds)
-            kind = options[int(crng.integers(len(options)))]
-            response = corrupt(crng, kind, response, donors[:i] + donors[i + 1:])
-        style = SOURCES[names[source[i]]]
-        srng = np.random.default_rng([seed, 3, i])
-        instruction, inp = style(srng, r["instruction"], r["input"])
-        output = style(srng, r["instruction"], r["input"], response)
-        rid = record_id(instruction, inp, output)
-        if rid in seen:  # cannot happen with distinct prompts; a guard, since the truth file is keyed by id
-            raise ValueError(f"two planted records share id {rid}")
-        seen.add(rid)
-        pool.append({"instruction": instruction, "input": inp, "output": output})
-        truth.append({"id": rid, "source": names[source[i]], "bad_source": bool(source[i] in bad),
-                      "corrupted": bool(corrupted[i]), "kind": kind, "alpaca_index": r["alpaca_index"]})
-    return pool, truth
-
+# --- the MMLU dev set ------------------------------------------------------------------------------
 
 def mmlu_dev(seed: int, count: int) -> list[dict]:
     """`count` MMLU validation questions {question, choices, answer} drawn by seed, in file order, none of
@@ -373,61 +127,6 @@ def mmlu_dev(seed: int, count: int) -> list[dict]:
 
 
 # --- metrics ----------------------------------------------------------------------------------------
-
-def _auroc(labels: list[int], scores: list[float]) -> float:
-    """How well a LOW score flags label 1 (NaN if only one class)."""
-    from sklearn.metrics import roc_auc_score
-
-    if len(set(labels)) < 2:
-        return float("nan")
-    return float(roc_auc_score(labels, -np.asarray(scores, dtype=float)))
-
-
-def cluster_shares(cluster_of: dict[str, int], harmful: set[str]) -> dict[int, float]:
-    """Each cluster's share of harmful members."""
-    counts: dict[int, list[int]] = {}
-    for rid, c in cluster_of.items():
-        counts.setdefault(c, [0, 0])
-        counts[c][0] += rid in harmful
-        counts[c][1] += 1
-    return {c: bad / total for c, (bad, total) in counts.items()}
-
-
-def cluster_auroc(scores: dict[int, float], cluster_of: dict[str, int], harmful: set[str]) -> float:
-    """Clusters with more than half their members harmful are corrupted: how well a low score flags them."""
-    share = cluster_shares(cluster_of, harmful)
-    clusters = sorted(scores)
-    return _auroc([int(share[c] > 0.5) for c in clusters], [scores[c] for c in clusters])
-
-
-def record_auroc(scores: dict[int, float], cluster_of: dict[str, int], harmful: set[str]) -> float:
-    """Each record inherits its cluster's score: how well a low score flags a harmful record."""
-    ids = sorted(cluster_of)
-    return _auroc([int(i in harmful) for i in ids], [scores[cluster_of[i]] for i in ids])
-
-
-def harm_in_bad_clusters(cluster_of: dict[str, int], harmful: set[str]) -> float:
-    """Share of the harmful records inside mostly harmful clusters: the ceiling of any cluster-level score."""
-    share = cluster_shares(cluster_of, harmful)
-    inside = sum(1 for i in harmful if i in cluster_of and share[cluster_of[i]] > 0.5)
-    return inside / max(sum(1 for i in harmful if i in cluster_of), 1)
-
-
-def proxy_reading(scores: dict[str, float], kind_of: dict[str, str]) -> tuple[float, dict[str, float]]:
-    """The proxies' own scores against what was planted in them: (how well a low score flags a corrupted proxy,
-    each kind's mean percentile rank of score, "clean" for the uncorrupted; 1 = the highest scores)."""
-    ids = sorted(scores)
-    values = np.array([scores[i] for i in ids], dtype=float)
-    ranks = (np.argsort(np.argsort(values, kind="stable"), kind="stable") + 1) / len(ids)
-    kinds = [kind_of[i] or "clean" for i in ids]
-    by_kind = {k: float(np.mean([r for r, kk in zip(ranks, kinds) if kk == k])) for k in sorted(set(kinds))}
-    return _auroc([int(k != "clean") for k in kinds], values), by_kind
-
-
-def harmful_share(ids: list[str], harmful: set[str]) -> float:
-    """Share of `ids` that are harmful (NaN for none)."""
-    return sum(i in harmful for i in ids) / len(ids) if ids else float("nan")
-
 
 def stats(values: list[float]) -> dict:
     values = np.array(values, dtype=float)
@@ -543,7 +242,8 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                            "pool_harmful_share": harmful_share(list(cluster_of), harmful),
                            "corrupted_clusters": sum(s > 0.5 for s in cluster_shares(cluster_of, harmful).values()),
                            "clusters": len(score_of), "valuation_s": round(valuation_s, 1),
-                           "harmful_share": {}, "selection_s": {}, "acc": {}, "tune_s": {}, "stage_s": dict(stage_s)}
+                           "harmful_share": {}, "kind_share": {}, "selection_s": {}, "acc": {}, "tune_s": {},
+                           "stage_s": dict(stage_s)}
                     log(f"  {key} seed {seed}: shapley {valuation_s:.0f} s, cluster AUROC {row['cluster_auroc']:.3f}, "
                         f"record AUROC {row['record_auroc']:.3f}, harm in bad clusters {row['harm_in_bad_clusters']:.2f}")
                     for method in args.methods + (["full"] if args.finetune else []):
@@ -556,6 +256,7 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                             seconds = tables.run_stage("sample", raw)
                             chosen = [r["id"] for r in artifacts.read_dataset()]
                             got = {"harmful_share": harmful_share(chosen, harmful), "selection_s": round(seconds, 2)}
+                            got["kind_share"] = harm.kind_shares(chosen, kind_of)
                             if args.finetune:
                                 digest = json.loads(Path(artifacts.MANIFEST).read_text())["sha256"]
                                 got["acc"], got["tune_s"] = finetune_and_score(raw, digest, tuned, "base" not in tuned)
@@ -563,6 +264,7 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                                 selections[cache_key] = got
                         if method != "full":
                             row["harmful_share"][method] = got["harmful_share"]
+                            row["kind_share"][method] = got["kind_share"]
                             row["selection_s"][method] = got["selection_s"]
                         if args.finetune:
                             row["acc"][method], row["tune_s"][method] = got["acc"], round(got["tune_s"], 1)
@@ -593,6 +295,10 @@ def summarize(per_seed: list[dict]) -> dict:
     for block in ("harmful_share", "selection_s", "vs_random", "tune_s"):
         if first.get(block):
             out[block] = {m: stats([r[block][m] for r in per_seed]) for m in first[block]}
+    if first.get("kind_share"):  # per method and planted kind
+        out["kind_share"] = {m: {k: stats([r["kind_share"][m].get(k, float("nan")) for r in per_seed])
+                                 for k in sorted({k for r in per_seed for k in r["kind_share"][m]})}
+                             for m in first["kind_share"]}
     if first["acc"]:
         out["acc"] = {m: {t: stats([r["acc"][m][t] for r in per_seed]) for t in first["acc"][m]} for m in first["acc"]}
     out["stage_s"] = {s: stats([r["stage_s"].get(s, float("nan")) for r in per_seed])
@@ -793,7 +499,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bad-rate", type=float, default=0.85)
     parser.add_argument("--background-rate", type=float, default=0.02)
     parser.add_argument("--scattered-rate", type=float, default=0.2)
-    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--kinds", nargs="+", choices=KINDS + tuple(FAMILIES), default=list(LOSS_KINDS),
+                        help="corruption kinds or families (" + "; ".join(f"{f}: {', '.join(k)}" for f, k in
+                                                                          FAMILIES.items()) + ")")
     parser.add_argument("--finetune", action="store_true",
                         help="also fine-tune on each subset and the full pool, and evaluate (ARC-Easy, ARC-Challenge, MMLU)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate.limit: questions per task (0 = all)")
@@ -802,7 +510,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     tables.add_arguments(parser)
     parser.add_argument("--readme", metavar="PATH", help="with --from-json: also write the summary table into PATH's "
                         "real_quality block (between <!-- real_quality:begin --> and <!-- real_quality:end -->)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.kinds = list(resolve_kinds(args.kinds))
+    return args
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -846,7 +556,8 @@ def run(args: argparse.Namespace) -> dict:
                      "valuations": args.valuations, "methods": args.methods, "subset": args.subset,
                      "protocols": args.protocols, "devs": args.devs, "bad_sources": args.bad_sources,
                      "bad_rate": args.bad_rate, "background_rate": args.background_rate,
-                     "scattered_rate": args.scattered_rate, "kinds": args.kinds, "finetune": args.finetune,
+                     "scattered_rate": args.scattered_rate, "kinds": args.kinds, "family": family_of(args.kinds),
+                     "finetune": args.finetune,
                      "limit": args.limit, "params": s},
         "seconds": seconds, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
     }

@@ -1,9 +1,9 @@
-"""benchmarks/real_quality.py: the harm-planting protocol, the metrics, and one small end-to-end run."""
+"""benchmarks/real_quality.py: the MMLU dev set, the harm metrics (benchmarks/harm.py), and one small end-to-end
+run. The planted pool itself: tests/test_planting.py."""
 
 import json
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,166 +18,7 @@ needs_alpaca = pytest.mark.skipif(not rq.ALPACA.is_file(), reason=f"shared data 
 needs_mmlu = pytest.mark.skipif(not (rq.MMLU / "val").is_dir(), reason=f"shared data folder {rq.MMLU} is absent")
 
 
-@pytest.fixture(scope="module")
-def alpaca():
-    return json.loads(rq.ALPACA.read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="module")
-def concentrated(alpaca):
-    return rq.plant(alpaca, "concentrated", seed=1)
-
-
-@pytest.fixture(scope="module")
-def scattered(alpaca):
-    return rq.plant(alpaca, "scattered", seed=1)
-
-
-# --- the planting protocol ---
-
-@needs_alpaca
-def test_sources_have_equal_shares(concentrated):
-    _, truth = concentrated
-    assert len(truth) == 1000
-    assert Counter(t["source"] for t in truth) == {s: 200 for s in rq.SOURCES}
-
-
-@needs_alpaca
-def test_concentrated_plants_one_mostly_corrupted_bad_source(concentrated):
-    _, truth = concentrated
-    bad = {t["source"] for t in truth if t["bad_source"]}
-    assert len(bad) == 1 and "plain" not in bad
-    for source in rq.SOURCES:
-        corrupted = sum(t["corrupted"] for t in truth if t["source"] == source)
-        assert corrupted == (round(0.85 * 200) if source in bad else round(0.02 * 200)), source
-    assert sum(t["corrupted"] for t in truth) == 170 + 4 * 4
-
-
-@needs_alpaca
-def test_several_bad_sources_and_other_rates(alpaca):
-    _, truth = rq.plant(alpaca, "concentrated", seed=2, pool_size=500, dev_size=20, bad_sources=2, bad_rate=0.9,
-                        background_rate=0.0)
-    bad = {t["source"] for t in truth if t["bad_source"]}
-    assert len(bad) == 2 and "plain" not in bad
-    assert not any(t["corrupted"] for t in truth if t["source"] not in bad)
-    assert {s: sum(t["corrupted"] for t in truth if t["source"] == s) for s in bad} == {s: 90 for s in bad}
-
-
-@needs_alpaca
-def test_scattered_corrupts_exactly_the_rate_with_no_bad_source(scattered):
-    _, truth = scattered
-    assert sum(t["corrupted"] for t in truth) == 200
-    assert not any(t["bad_source"] for t in truth)
-    per_source = Counter(t["source"] for t in truth if t["corrupted"])
-    assert set(per_source) == set(rq.SOURCES) and max(per_source.values()) < 80  # spread, not concentrated
-
-
-@needs_alpaca
-def test_every_corruption_kind_is_planted_and_only_those_asked_for(alpaca, concentrated):
-    _, truth = concentrated
-    kinds = Counter(t["kind"] for t in truth if t["corrupted"])
-    assert set(kinds) == set(rq.KINDS) and min(kinds.values()) >= 20
-    assert all(t["kind"] == "" for t in truth if not t["corrupted"])
-    _, only = rq.plant(alpaca, "scattered", seed=1, pool_size=300, dev_size=20, kinds=("shuffled", "refusal"))
-    assert {t["kind"] for t in only if t["corrupted"]} == {"shuffled", "refusal"}
-    assert sum(t["corrupted"] for t in only) == 60
-
-
-def test_corruptions_do_what_they_say():
-    rng = np.random.default_rng(0)
-    response = "The cat sat on the mat and looked at the dog."
-    words = response.split()
-    assert rq.corrupt(rng, "mismatched", response, [response, "Paris."]) == "Paris."
-    truncated = rq.corrupt(rng, "truncated", response, [])
-    assert response.startswith(truncated) and 1 <= len(truncated.split()) < len(words)
-    shuffled = rq.corrupt(rng, "shuffled", response, [])
-    assert shuffled != response and sorted(shuffled.split()) == sorted(words)
-    assert rq.corrupt(rng, "refusal", response, []) in rq.REFUSALS
-    assert rq.applicable_kinds("No", rq.KINDS) == ["mismatched", "refusal"]
-    assert rq.applicable_kinds("ha ha ha ha", rq.KINDS) == ["mismatched", "truncated", "refusal"]
-
-
-@needs_alpaca
-def test_mismatched_responses_come_from_other_pool_records(alpaca, concentrated):
-    pool, truth = concentrated
-    base, dev = rq.split(alpaca, 1, 1000, 32)
-    base_outputs = {r["output"] for r in base}
-    dev_outputs = {r["output"] for r in dev} - base_outputs
-    plain = [(p, t) for p, t in zip(pool, truth) if t["kind"] == "mismatched" and t["source"] == "plain"]
-    assert plain
-    for record, t in plain:  # a plain record is unwrapped: its response is another pool record's, whole
-        own = alpaca[t["alpaca_index"]]["output"]
-        assert record["output"] in base_outputs and record["output"] != own and record["output"] not in dev_outputs
-
-
-@needs_alpaca
-def test_dev_records_are_held_out_and_plain(alpaca, concentrated, scattered):
-    dev = rq.dev_records(alpaca, 1, 1000, 32)
-    assert len(dev) == 32 and all(set(r) == {"instruction", "input", "output"} for r in dev)
-    base, held = rq.split(alpaca, 1, 1000, 32)
-    assert not {r["alpaca_index"] for r in base} & {r["alpaca_index"] for r in held}
-    prompts = {(r["instruction"], r["input"]) for r in dev}
-    assert not prompts & {(r["instruction"], r["input"]) for r in base}  # no dev prompt is a pool prompt
-    from shed.data import record_id
-
-    dev_ids = {record_id(r["instruction"], r["input"], r["output"]) for r in dev}
-    for _, truth in (concentrated, scattered):
-        assert not dev_ids & {t["id"] for t in truth}
-        assert not {t["alpaca_index"] for t in truth} & {r["alpaca_index"] for r in held}
-
-
-@needs_alpaca
-def test_truth_ids_are_the_ids_prepare_gives(tmp_path, concentrated):
-    from shed.stages.prepare import pool_records
-
-    pool, truth = concentrated
-    rq.write_jsonl(tmp_path / "pool.jsonl", pool)
-    prepared = list(pool_records(str(tmp_path / "pool.jsonl"), duplicates="error", empty="error"))
-    assert [r["id"] for r in prepared] == [t["id"] for t in truth]
-    assert [{k: r[k] for k in ("instruction", "input", "output")} for r in prepared] == pool
-
-
-@needs_alpaca
-def test_planting_is_deterministic_by_seed_and_differs_across_seeds(alpaca, concentrated):
-    assert rq.plant(alpaca, "concentrated", seed=1) == concentrated
-    other_pool, other_truth = rq.plant(alpaca, "concentrated", seed=2)
-    assert other_pool != concentrated[0]
-    assert {t["alpaca_index"] for t in other_truth} != {t["alpaca_index"] for t in concentrated[1]}
-    assert rq.dev_records(alpaca, 1, 1000, 32) != rq.dev_records(alpaca, 2, 1000, 32)
-
-
-@needs_alpaca
-def test_clean_records_read_the_same_in_both_protocols(concentrated, scattered):
-    (pool_c, truth_c), (pool_s, truth_s) = concentrated, scattered
-    assert [t["alpaca_index"] for t in truth_c] == [t["alpaca_index"] for t in truth_s]
-    assert [t["source"] for t in truth_c] == [t["source"] for t in truth_s]
-    both_clean = [i for i, (a, b) in enumerate(zip(truth_c, truth_s)) if not a["corrupted"] and not b["corrupted"]]
-    assert len(both_clean) > 600 and all(pool_c[i] == pool_s[i] for i in both_clean)
-
-
-@needs_alpaca
-def test_each_styled_source_varies_its_packaging(alpaca, concentrated):
-    pool, truth = concentrated
-    for source in set(rq.SOURCES) - {"plain"}:
-        records = [p for p, t in zip(pool, truth) if t["source"] == source and not t["corrupted"]]
-        assert len({r["instruction"][:12] for r in records}) >= 3, source  # several openings, not one marker
-        assert len({r["output"][-25:] for r in records}) >= 3, source
-    for record, t in zip(pool, truth):
-        if t["source"] == "plain" and not t["corrupted"]:  # plain keeps Alpaca's text
-            assert record == {k: alpaca[t["alpaca_index"]][k] for k in ("instruction", "input", "output")}
-
-
-@needs_alpaca
-def test_plant_refuses_what_it_cannot_plant(alpaca):
-    with pytest.raises(ValueError, match="protocol"):
-        rq.plant(alpaca, "sprinkled", seed=1)
-    with pytest.raises(ValueError, match="kinds"):
-        rq.plant(alpaca, "scattered", seed=1, kinds=("typos",))
-    with pytest.raises(ValueError, match="bad_sources"):
-        rq.plant(alpaca, "concentrated", seed=1, bad_sources=5)
-    with pytest.raises(ValueError, match="usable Alpaca records"):
-        rq.plant(alpaca, "scattered", seed=1, pool_size=5000)
-
+# --- the MMLU dev set ---
 
 @needs_mmlu
 def test_mmlu_dev_is_seeded_and_never_an_mmlu_test_question():
@@ -227,6 +68,45 @@ def test_proxy_reading_ranks_each_kind_and_flags_low_scored_corrupted_proxies():
     assert rank == pytest.approx({"clean": (3 / 4 + 4 / 4) / 2, "refusal": 1 / 4, "shuffled": 2 / 4})
     auroc, _ = rq.proxy_reading({"p1": -1.0, "p2": 1.0, "p3": 0.5, "p4": 0.0}, kinds)
     assert auroc == pytest.approx(0.0)
+
+
+def test_kind_shares_and_record_level_aurocs():
+    import harm
+
+    kinds = {"a": "refusal", "b": "generic", "c": "generic", "d": "", "e": "", "f": ""}
+    assert harm.kind_shares(["a", "b", "d", "e"], kinds) == {"generic": 0.25, "refusal": 0.25}  # clean not reported
+    assert harm.kind_shares(["d", "e"], kinds) == {"generic": 0.0, "refusal": 0.0}
+    assert all(np.isnan(v) for v in harm.kind_shares([], kinds).values())
+    # generic b, c score below every clean record; refusal a ties one clean record (0.5) and beats the others
+    scores = {"a": 0.5, "b": -1.0, "c": -2.0, "d": 0.5, "e": 0.2, "f": 0.1}
+    assert harm.kind_auroc(scores, kinds) == pytest.approx({"generic": 1.0, "refusal": 0.5 / 3})
+    assert harm.record_level_auroc(scores, {"b", "c"}) == 1.0
+    assert harm.record_level_auroc(scores, {"a"}) == pytest.approx(0.5 / 5)
+    assert np.isnan(harm.record_level_auroc(scores, set()))
+    assert rq.cluster_auroc is harm.cluster_auroc and rq.harmful_share is harm.harmful_share  # one implementation
+
+
+def test_summarize_reports_each_methods_kind_share_over_seeds():
+    def row(share: float) -> dict:
+        return {"cluster_auroc": 0.5, "record_auroc": 0.5, "harm_in_bad_clusters": 0.5, "pool_harmful_share": 0.2,
+                "corrupted_clusters": 1, "clusters": 5, "valuation_s": 1.0, "harmful_share": {"random": share},
+                "kind_share": {"random": {"generic": share, "refusal": 0.0}}, "selection_s": {"random": 0.1},
+                "acc": {}, "stage_s": {}}
+
+    out = rq.summarize([row(0.1), row(0.3)])
+    assert out["kind_share"]["random"]["generic"] == {"mean": 0.2, "std": 0.1, "values": [0.1, 0.3]}
+    assert out["kind_share"]["random"]["refusal"]["mean"] == 0.0
+
+
+def test_kinds_take_names_and_families():
+    assert rq.parse([]).kinds == list(rq.LOSS_KINDS)  # the default: the loss kinds, as before
+    assert rq.parse(["--kinds", "fluent"]).kinds == ["generic", "wrong_facts", "other_question", "restatement"]
+    assert rq.parse(["--kinds", "mixed"]).kinds == list(rq.KINDS)
+    assert rq.parse(["--kinds", "refusal", "generic"]).kinds == ["refusal", "generic"]
+    assert rq.family_of(rq.parse(["--kinds", "fluent"]).kinds) == "fluent"
+    assert rq.family_of(["refusal", "generic"]) == "custom"
+    with pytest.raises(SystemExit):
+        rq.parse(["--kinds", "typos"])
 
 
 def test_stats_skip_nan_and_keep_per_seed_values():
