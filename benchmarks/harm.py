@@ -13,12 +13,17 @@ import numpy as np
 
 
 def auroc(labels: list[int], scores: list[float]) -> float:
-    """How well a LOW score flags label 1 (NaN if only one class)."""
+    """How well a LOW score flags label 1 (NaN if only one class). A score of -inf or NaN (no score: a record
+    cut to no response token) ranks below every finite one, +inf above."""
     from sklearn.metrics import roc_auc_score
 
     if len(set(labels)) < 2:
         return float("nan")
-    return float(roc_auc_score(labels, -np.asarray(scores, dtype=float)))
+    values = np.asarray(scores, dtype=float)
+    finite = values[np.isfinite(values)]
+    low, high = (finite.min() - 1, finite.max() + 1) if len(finite) else (-1.0, 1.0)
+    values = np.where(np.isnan(values) | (values == -np.inf), low, np.where(values == np.inf, high, values))
+    return float(roc_auc_score(labels, -values))
 
 
 def cluster_shares(cluster_of: dict[str, int], harmful: set[str]) -> dict[int, float]:

@@ -104,14 +104,30 @@ ARC_CHALLENGE = SHARED / "arc/ARC-Challenge/ARC-Challenge-Test.jsonl"
 SMOLLM2 = ROOT / "models/smollm2"
 KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEEP") else None  # debug: keep workspaces
 
-METHODS = ("qocs", "qwcs", "random", "cluster_uniform", "length", "perplexity", "dsir")
-SCORED = {"qocs", "qwcs"}  # read the Shapley scores: rerun per dev set and valuation
+# A method is a sample.method, with "+<sample.within>" for qocs and qwcs (e.g. qocs+loss); qocs@meanloss is a
+# reference: QOCS on clusters scored by their members' mean base-model loss (no valuation), in process.
+METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+ifd", "qocs@meanloss",
+           "random", "cluster_uniform", "length", "perplexity", "ifd", "dsir")
+DEFAULT_METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs@meanloss", "random",
+                   "cluster_uniform", "length", "perplexity", "ifd", "dsir")
+# --valuations: the shapley settings of each (forward and inrun-records value every record)
+VALUATIONS = {
+    "inrun": {"shapley.method": "inrun", "shapley.players": "proxies"},
+    "retrain": {"shapley.method": "retrain", "shapley.players": "proxies"},
+    "forward": {"shapley.method": "forward", "shapley.players": "records"},
+    "inrun-records": {"shapley.method": "inrun", "shapley.players": "records", "shapley.normalize": "cosine"},
+}
+
+
+def scored(method: str) -> bool:
+    """Does the method read the valuation (rerun per dev set and valuation)?"""
+    return method.startswith(("qocs", "qwcs")) and "@" not in method
 DEV_READERS = {"dsir"}  # read the dev set
 TASKS = {"shed_eval": "arc_easy", "arc_challenge_local": "arc_challenge", "mmlu_local": "mmlu"}
 # --model smollm2 on a CPU: one in-run fit over the proxies per valuation, 128 tokens, dev gradients once per 4
 # steps and 8 dev items per gradient pass (64 at once ran out of 24 GB); see "Cost" in the docstring.
 SMOLLM2_CPU = {"train.template": "qa", "train.max_length": 128, "train.epochs": 1, "shapley.k": 1,
-               "shapley.dev_every": 4, "shapley.dev_chunk": 8}
+               "shapley.dev_every": 4, "shapley.dev_chunk": 8, "shapley.dev_epochs": 4}
 
 # --- the MMLU dev set ------------------------------------------------------------------------------
 
@@ -138,6 +154,41 @@ def stats(values: list[float]) -> dict:
 
 def _round(x: float):
     return round(float(x), 4) if np.isfinite(x) else None  # JSON has no NaN
+
+
+def record_reading(table, cluster_of: dict[str, int], harmful: set[str], kind_of: dict[str, str],
+                   score_of: dict[int, float]) -> dict:
+    """What the valued records' own scores say (data/shapley/record_scores.csv): with every record valued,
+    record_auroc is the AUROC of each record's own score, else of its cluster's score (inherited); per kind
+    against the clean records; and the reference signals on the same records: response tokens (a low count
+    flags harm) and, where the valuation measured it, the base-model loss (a high loss flags harm)."""
+    ids = table["id"].astype(str).tolist()
+    every = set(ids) == set(cluster_of)
+    own = dict(zip(ids, table["score"].astype(float))) if every else {i: score_of[c] for i, c in cluster_of.items()}
+    out = {"record_auroc": harm.record_level_auroc(own, harmful),
+           "record_auroc_inherited": record_auroc(score_of, cluster_of, harmful),
+           "record_auroc_by_kind": harm.kind_auroc(own, kind_of), "records_valued": len(ids)}
+    if every:
+        tokens = dict(zip(ids, table["tokens"].astype(float)))
+        out["reference_auroc"] = {"length": harm.record_level_auroc(tokens, harmful)}
+        loss = table["loss"].astype(float)
+        if loss.notna().all():
+            out["reference_auroc"]["perplexity"] = harm.record_level_auroc(dict(zip(ids, -loss)), harmful)
+            out["reference_by_kind"] = {"perplexity": harm.kind_auroc(dict(zip(ids, -loss)), kind_of)}
+    return out
+
+
+def qocs_by_mean_loss(table, assignments, subset: float) -> list[str]:
+    """The reference row qocs@meanloss: QOCS over clusters scored by minus their members' mean base-model loss
+    (record_scores.csv's loss column), members nearest the centroid first."""
+    from shed.sampling import qocs, resolve_size
+
+    loss = dict(zip(table["id"].astype(str), table["loss"].astype(float)))
+    frame = assignments.assign(loss=[loss[str(i)] for i in assignments["id"]])
+    scores = {int(c): -float(g["loss"].mean()) for c, g in frame.groupby("cluster")}
+    members = {int(c): g.sort_values("distance", kind="stable")["id"].astype(str).tolist()
+               for c, g in frame.groupby("cluster")}
+    return qocs(scores, members, resolve_size(subset, len(frame)))
 
 
 # --- running the pipeline ---------------------------------------------------------------------------
@@ -228,15 +279,19 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                 assignments, _ = artifacts.read_clusters()
                 cluster_of = dict(zip(assignments["id"].astype(str), assignments["cluster"].astype(int)))
                 for valuation in args.valuations:
-                    key = f"{protocol}/{dev}" + (f"/{valuation}" if len(args.valuations) > 1 else "")
-                    tables.set_dotted(raw, "shapley.method", valuation)
+                    key = f"{protocol}/{dev}" + (f"/{args.family}" if args.family != "loss" else "") \
+                        + (f"/{valuation}" if len(args.valuations) > 1 else "")
+                    for name, value in VALUATIONS[valuation].items():
+                        tables.set_dotted(raw, name, value)
                     valuation_s = tables.run_stage("shapley", raw)
                     scores = artifacts.read_scores()
                     score_of = {int(c): float(s) for c, s in zip(scores["cluster"], scores["score"])}
                     proxy_auroc, proxy_rank = proxy_reading(
                         {str(i): float(v) for i, v in zip(scores["proxy_id"], scores["score"])}, kind_of)
-                    row = {"cluster_auroc": cluster_auroc(score_of, cluster_of, harmful),
-                           "record_auroc": record_auroc(score_of, cluster_of, harmful),
+                    records = record_reading(artifacts.read_record_scores(), cluster_of, harmful, kind_of, score_of)
+                    shapley_metrics = json.loads(Path(artifacts.metrics("shapley")).read_text())
+                    records["length_spearman"] = shapley_metrics.get("length_spearman")
+                    row = {"cluster_auroc": cluster_auroc(score_of, cluster_of, harmful), **records,
                            "harm_in_bad_clusters": harm_in_bad_clusters(cluster_of, harmful),
                            "proxy_auroc": proxy_auroc, "proxy_rank": proxy_rank,
                            "pool_harmful_share": harmful_share(list(cluster_of), harmful),
@@ -247,11 +302,20 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                     log(f"  {key} seed {seed}: shapley {valuation_s:.0f} s, cluster AUROC {row['cluster_auroc']:.3f}, "
                         f"record AUROC {row['record_auroc']:.3f}, harm in bad clusters {row['harm_in_bad_clusters']:.2f}")
                     for method in args.methods + (["full"] if args.finetune else []):
-                        cache_key = None if method in SCORED else (method, dev) if method in DEV_READERS else (method,)
+                        cache_key = None if scored(method) else (method, dev) if method in DEV_READERS else (method,)
                         if cache_key in selections:
                             got = selections[cache_key]
+                        elif method == "qocs@meanloss":
+                            start = time.perf_counter()
+                            chosen = qocs_by_mean_loss(artifacts.read_record_scores(), assignments, args.subset)
+                            got = {"harmful_share": harmful_share(chosen, harmful),
+                                   "selection_s": round(time.perf_counter() - start, 2),
+                                   "kind_share": harm.kind_shares(chosen, kind_of)}
+                            selections[cache_key] = got
                         else:
-                            tables.set_dotted(raw, "sample.method", method)
+                            name, _, within = method.partition("+")
+                            tables.set_dotted(raw, "sample.method", name)
+                            tables.set_dotted(raw, "sample.within", within or "nearest")
                             tables.set_dotted(raw, "sample.subset_size", 1.0 if method == "full" else args.subset)
                             seconds = tables.run_stage("sample", raw)
                             chosen = [r["id"] for r in artifacts.read_dataset()]
@@ -287,7 +351,17 @@ def summarize(per_seed: list[dict]) -> dict:
     first = per_seed[0]
     out = {k: stats([r[k] for r in per_seed]) for k in
            ("cluster_auroc", "record_auroc", "harm_in_bad_clusters", "pool_harmful_share", "corrupted_clusters",
-            "clusters", "valuation_s")}
+            "clusters", "valuation_s") if k in first}
+    for k in ("record_auroc_inherited", "length_spearman"):
+        if k in first:
+            out[k] = stats([r[k] if r[k] is not None else float("nan") for r in per_seed])
+    for block in ("record_auroc_by_kind", "reference_auroc"):
+        if first.get(block):
+            out[block] = {m: stats([r[block].get(m, float("nan")) for r in per_seed])
+                          for m in sorted({m for r in per_seed for m in r[block]})}
+    if first.get("reference_by_kind"):
+        out["reference_by_kind"] = {ref: {k: stats([r["reference_by_kind"][ref].get(k, float("nan")) for r in per_seed])
+                                          for k in first["reference_by_kind"][ref]} for ref in first["reference_by_kind"]}
     if "proxy_auroc" in first:
         out["proxy_auroc"] = stats([r["proxy_auroc"] for r in per_seed])
         kinds = sorted({k for r in per_seed for k in r["proxy_rank"]})
@@ -383,6 +457,21 @@ def markdown(result: dict, source: str | None) -> str:
         lines.append(f"| {key} | {_pm(r['cluster_auroc'])} | {_pm(r['record_auroc'])} | {_pm(r['harm_in_bad_clusters'])} "
                      f"| {_pm(r['corrupted_clusters'], 1)} of {_pm(r['clusters'], 0)} | {_pm(r['pool_harmful_share'])} "
                      f"| {_pm(r['valuation_s'], 0)} |")
+    own = {k: r for k, r in result["results"].items() if r.get("reference_auroc")}
+    if own:
+        kinds = sorted({kind for r in own.values() for kind in r.get("record_auroc_by_kind", {})})
+        lines += ["", "Every record valued: AUROC of each record's own score for a planted record (overall, then per "
+                  "kind against the clean records), beside the reference signals on the same records (response "
+                  "tokens; base-model loss, perplexity) and Spearman(score, response tokens):", "",
+                  "| protocol / dev set | record AUROC | length | perplexity | Spearman(score, tokens) | "
+                  + " | ".join(kinds) + " |", "|---|---|---|---|---|" + "---|" * len(kinds)]
+        for key, r in own.items():
+            ref = r["reference_auroc"]
+            by_kind = r.get("record_auroc_by_kind", {})
+            plex = r.get("reference_by_kind", {}).get("perplexity", {})
+            lines.append(f"| {key} | {_pm(r['record_auroc'], 2)} | {_pm(ref.get('length'), 2)} | "
+                         f"{_pm(ref.get('perplexity'), 2)} | {_pm(r.get('length_spearman'), 2)} | "
+                         + " | ".join(f"{_pm(by_kind.get(k), 2)} (ppl {_pm(plex.get(k), 2)})" for k in kinds) + " |")
     read = {k: r for k, r in result["results"].items() if "proxy_auroc" in r}
     if read:
         kinds = sorted({kind for r in read.values() for kind in r["proxy_rank"]}, key=lambda k: (k != "clean", k))
@@ -448,16 +537,29 @@ def markdown(result: dict, source: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUMMARY_METHODS = ("qocs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "perplexity", "ifd", "length",
+                   "cluster_uniform", "dsir", "random")
+
+
+def worst_case(result: dict, method: str) -> float | None:
+    """A method's worst harmful share over random's, over every result row (protocol, dev set, kind family)."""
+    ratios = [r["vs_random"][method]["mean"] for r in result["results"].values()
+              if method in r.get("vs_random", {}) and r["vs_random"][method]["mean"] is not None]
+    return max(ratios) if ratios else None
+
+
 def summary(result: dict) -> str:
-    """The README's table: per protocol and dev set, how well the scores flag harm and each method's harmful share."""
-    s = result["settings"]
-    methods = [m for m in s["methods"] if any(m in r["harmful_share"] for r in result["results"].values())]
-    lines = ["| protocol / dev set | cluster AUROC | harm in bad clusters | pool | "
-             + " | ".join(methods) + " |", "|---|---|---|---|" + "---|" * len(methods)]
+    """The README's table: per protocol, dev set and kind family, the record AUROC of the valuation and each
+    method's harmful share; the last row, each method's worst share over random's across the rows."""
+    present = {m for r in result["results"].values() for m in r["harmful_share"]}
+    methods = [m for m in SUMMARY_METHODS if m in present]
+    lines = ["| protocol / dev set / harm | record AUROC | pool | " + " | ".join(methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
     for key, r in result["results"].items():
-        lines.append(f"| {key} | {_pm(r['cluster_auroc'], 2)} | {_pm(r['harm_in_bad_clusters'], 2)} | "
-                     f"{_v(r['pool_harmful_share']['mean'], 2)} | "
+        lines.append(f"| {key} | {_pm(r['record_auroc'], 2)} | {_v(r['pool_harmful_share']['mean'], 2)} | "
                      + " | ".join(_pm(r["harmful_share"].get(m), 2) for m in methods) + " |")
+    lines.append("| **worst share / random's** | | | " + " | ".join(f"**{_v(worst_case(result, m), 2)}**" for m in methods)
+                 + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -492,8 +594,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="static:all-MiniLM-L6-v2 (fast) or all-MiniLM-L6-v2 with torch")
     parser.add_argument("--fields", choices=("record", "output"), default="record",
                         help="embed.fields: the whole record (instruction, input, output) or the response alone")
-    parser.add_argument("--valuations", nargs="+", choices=("inrun", "retrain"), default=["inrun"])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--valuations", nargs="+", choices=tuple(VALUATIONS), default=["forward"],
+                        help="; ".join(f"{v}: " + ", ".join(f"{k} {x}" for k, x in d.items()) for v, d in VALUATIONS.items()))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
+                        help="sample methods; qocs+W / qwcs+W: sample.within W; qocs@meanloss: QOCS on clusters "
+                             "scored by their members' mean base-model loss (needs a valuation that measured it: forward)")
     parser.add_argument("--subset", type=float, default=0.1, help="sample.subset_size")
     parser.add_argument("--bad-sources", type=int, default=1)
     parser.add_argument("--bad-rate", type=float, default=0.85)
@@ -512,6 +617,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "real_quality block (between <!-- real_quality:begin --> and <!-- real_quality:end -->)")
     args = parser.parse_args(argv)
     args.kinds = list(resolve_kinds(args.kinds))
+    args.family = family_of(args.kinds)
     return args
 
 
@@ -551,16 +657,28 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "real_quality", "seeds": args.seeds, "results": results,
         "targets": {key: targets(r, key.split("/")[0]) for key, r in results.items()},
-        "settings": {"model": args.model, "model_dir": model_dir, "pool_size": args.pool_size, "dev_size": args.dev_size,
+        "settings": repository_relative({"model": args.model, "model_dir": model_dir, "pool_size": args.pool_size, "dev_size": args.dev_size,
                      "clusters": s["cluster.C"], "embed_model": s["embed.model"], "embed_fields": s["embed.fields"],
                      "valuations": args.valuations, "methods": args.methods, "subset": args.subset,
                      "protocols": args.protocols, "devs": args.devs, "bad_sources": args.bad_sources,
                      "bad_rate": args.bad_rate, "background_rate": args.background_rate,
                      "scattered_rate": args.scattered_rate, "kinds": args.kinds, "family": family_of(args.kinds),
                      "finetune": args.finetune,
-                     "limit": args.limit, "params": s},
+                     "limit": args.limit, "params": s}),
         "seconds": seconds, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def repository_relative(value):
+    """`value` with every absolute path under the repository's parent folder written relative to the repository
+    (saved settings name ../shared/data/..., models/smollm2, not the machine they ran on)."""
+    if isinstance(value, dict):
+        return {k: repository_relative(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [repository_relative(v) for v in value]
+    if isinstance(value, str) and value.startswith(str(ROOT.parent) + os.sep):
+        return os.path.relpath(value, ROOT)
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -138,9 +138,13 @@ def test_end_to_end_tiny_run_prints_one_json_line_with_every_figure(tmp_path, ti
     for key, r in line["results"].items():
         for name in ("cluster_auroc", "record_auroc", "harm_in_bad_clusters", "pool_harmful_share", "valuation_s"):
             assert set(r[name]) == {"mean", "std", "values"} and len(r[name]["values"]) == 1, (key, name)
-        assert set(r["harmful_share"]) == set(rq.METHODS) == set(r["selection_s"]) == set(r["vs_random"])
+        assert set(r["harmful_share"]) == set(rq.DEFAULT_METHODS) == set(r["selection_s"]) == set(r["vs_random"])
         assert r["vs_random"]["random"]["mean"] in (1.0, None)
-        assert set(r["acc"]) == set(rq.METHODS) | {"full", "base"}
+        assert set(r["acc"]) == set(rq.DEFAULT_METHODS) | {"full", "base"}
+        # every record valued (the default valuation, forward): its own AUROC, per kind, and the references
+        assert set(r["reference_auroc"]) == {"length", "perplexity"} and "record_auroc_inherited" in r
+        assert set(r["record_auroc_by_kind"]) <= set(rq.LOSS_KINDS) and r["record_auroc_by_kind"]
+        assert -1 <= r["length_spearman"]["mean"] <= 1
         assert all(set(by_task) == {"arc_easy", "arc_challenge", "mmlu"} for by_task in r["acc"].values())
         assert r["clusters"]["mean"] == 6
     share = line["results"]["concentrated/alpaca"]["pool_harmful_share"]["mean"]
@@ -148,6 +152,8 @@ def test_end_to_end_tiny_run_prints_one_json_line_with_every_figure(tmp_path, ti
     assert set(line["targets"]["concentrated/alpaca"]) == {"cluster_auroc>=0.9", "qocs_share<=random/3"}
     assert line["targets"]["scattered/alpaca"] == {}
     assert line["settings"]["embed_fields"] == ["instruction", "input", "output"] and line["seeds"] == [1]
+    # saved settings name the shared data relative to the repository, not this machine's folders
+    assert line["settings"]["params"]["evaluate.mmlu_dir"] == "../shared/data/mmlu"
     text = (tmp_path / "t.md").read_text()
     assert "cluster AUROC" in text and "arc_easy" in text
     saved = tmp_path / "line.json"
@@ -212,8 +218,10 @@ def test_merge_marks_runs_on_other_fields_and_sums_their_time():
     assert "| length | 0.100 ± 0.000 (1.00) | 0.200 ± 0.000 (1.00) | n/a | n/a |" in text  # absent where not run
     assert text.count("rows marked /output: on output") == 1
     table = rq.summary(merged).splitlines()
-    assert table[0].endswith("| qocs | random | length |") and len(table) == 2 + 4
-    assert table[-2].startswith("| concentrated/alpaca/output | 0.50 ± 0.00 | 0.60 ± 0.00 | 0.20 | 0.30 ± 0.00")
+    assert table[0].endswith("| record AUROC | pool | qocs | length | random |") and len(table) == 2 + 4 + 1
+    assert table[-3].startswith("| concentrated/alpaca/output | 0.50 ± 0.00 | 0.20 | 0.30 ± 0.00 | n/a | 0.30 ± 0.00")
+    # the last row: each method's worst share over random's across the rows
+    assert table[-1] == "| **worst share / random's** | | | **1.00** | **1.00** | **1.00** |"
     other_seeds = _saved_run(record, ["qocs"], "scattered", 0.2)
     other_seeds["seeds"] = [1]
     with pytest.raises(SystemExit, match="different seeds"):

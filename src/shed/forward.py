@@ -78,12 +78,18 @@ def fit_and_score(trainer, records: Sequence[dict], dev_records: list[dict], run
     return ForwardRun(run, seed, losses, before, after, float(fit["loss"]), time.perf_counter() - start)
 
 
-def scores(base: np.ndarray, runs: Sequence[ForwardRun]) -> tuple[np.ndarray, np.ndarray]:
-    """(score, stderr) per player: the mean over runs of base − tuned loss, and its standard error (NaN for
-    one run). A record cut to no response token (infinite loss) scores NaN."""
-    with np.errstate(invalid="ignore"):  # inf - inf: a record cut to no response token
+def differences(base: np.ndarray, runs: Sequence[ForwardRun]) -> np.ndarray:
+    """(runs x players) base − tuned loss; NaN for a record cut to no response token (infinite losses)."""
+    with np.errstate(invalid="ignore"):  # inf - inf
         diffs = np.stack([base - r.losses for r in runs])
     diffs[~np.isfinite(diffs)] = np.nan
+    return diffs
+
+
+def scores(base: np.ndarray, runs: Sequence[ForwardRun]) -> tuple[np.ndarray, np.ndarray]:
+    """(score, stderr) per player: the mean over runs of base − tuned loss (`differences`), and its standard
+    error (NaN for one run)."""
+    diffs = differences(base, runs)
     mean = diffs.mean(0)
     stderr = diffs.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.full(len(base), np.nan)
     return mean, stderr

@@ -193,7 +193,7 @@ def read_inputs(params: Params) -> Inputs:
     if "losses" in want:
         # The forward valuation's base losses are this very signal (same model, template and cut): reuse them.
         known = {} if table is None else dict(zip(table["id"].astype(str), table["loss"].astype(float)))
-        if all(r["id"] in known and np.isfinite(known[r["id"]]) for r in inputs.pool):
+        if all(r["id"] in known and not np.isnan(known[r["id"]]) for r in inputs.pool):  # inf: cut, still a loss
             log.info("losses of the %d pool records from %s (the forward valuation's base losses)", len(inputs.pool),
                      artifacts.RECORD_SCORES)
             inputs.losses = [known[r["id"]] for r in inputs.pool]

@@ -469,7 +469,7 @@ def value_forward(params: Params, dev: list[dict], players: list[int], player_re
                                            on_run=store.save_run)
     wall = time.perf_counter() - t1
     mean, stderr = forward.scores(base, runs)
-    diffs = np.stack([base - r.losses for r in runs])
+    diffs = forward.differences(base, runs)
     result = ShapleyResult(values=dict(zip(players, mean.tolist())), stderr=dict(zip(players, stderr.tolist())),
                            credits={p: diffs[:, i].tolist() for i, p in enumerate(players)},
                            estimates=[dict(zip(players, diffs[: r + 1].mean(0).tolist())) for r in range(len(runs))])
