@@ -39,39 +39,66 @@ def test_dev_items_become_the_records_that_teach_their_answers():
         {"id": "q0", "instruction": "Name a colour.", "input": "", "output": "red"}, DEV[1]]
 
 
+class Book:
+    """forward.LossBook in memory."""
+
+    def __init__(self):
+        self.known, self.fits, self.added = {}, {}, []
+
+    def losses(self, key):
+        return self.known.setdefault(key, {})
+
+    def add_losses(self, key, ids, losses):
+        self.added.append((key, list(ids)))
+        self.losses(key).update(zip(ids, losses))
+
+    def fit(self, run):
+        return self.fits.get(run)
+
+    def add_fit(self, summary, adapter):
+        self.fits[summary.run] = (summary, adapter)
+
+
 def test_a_records_score_is_its_base_loss_minus_its_loss_after_the_dev_fit(trainer):
     dev = forward.dev_as_records(DEV)
-    base, runs = forward.value_forward(trainer, RECORDS, dev, [0, 1], batch_size=2)
+    base, tuned, runs = forward.value_forward(trainer, RECORDS, dev, [0, 1], Book(), batch_size=2)
     # The base: the adapter at its init (B = 0) is the base model, so the plain loss of a fresh reset.
     trainer.reset(123)
     assert base == pytest.approx(response_losses(trainer.model, trainer.tokenizer, RECORDS, "qa", 64, 5), rel=1e-9)
     # Each run: a fit on the dev set from seed train.seed + run, then the loss again.
-    for run in runs:
+    for run, losses in zip(runs, tuned):
         trainer.fit(dev, seed=run.seed)
         assert run.seed == TRAIN.seed + run.run
-        assert run.losses == pytest.approx(response_losses(trainer.model, trainer.tokenizer, RECORDS, "qa", 64, 1),
-                                           rel=1e-9)
+        assert losses == pytest.approx(response_losses(trainer.model, trainer.tokenizer, RECORDS, "qa", 64, 1),
+                                       rel=1e-9)
         assert run.dev_after < run.dev_before  # the fit learnt the dev set
-    score, stderr = forward.scores(base, runs)
-    diffs = np.stack([base - r.losses for r in runs])
+    score, stderr = forward.scores(base, tuned)
+    diffs = base[None, :] - tuned
     assert score == pytest.approx(diffs.mean(0)) and stderr == pytest.approx(diffs.std(0, ddof=1) / np.sqrt(2))
     # The records the dev set teaches gain most: "red" and "blue green" under "Name a colour."
     assert set(np.argsort(-score)[:2]) == {0, 4}
 
 
-def test_stored_parts_are_taken_as_given_and_only_the_rest_computed(trainer):
+def test_a_record_scored_before_is_not_scored_again_and_a_kept_fit_is_not_refitted(trainer, monkeypatch):
     dev = forward.dev_as_records(DEV)
-    base, runs = forward.value_forward(trainer, RECORDS, dev, [0, 1], batch_size=2)
-    seen = []
-    again_base, again = forward.value_forward(trainer, RECORDS, dev, [0, 1], batch_size=2, base=base,
-                                              done={0: runs[0]}, on_base=seen.append, on_run=seen.append)
-    assert again_base is base and again[0] is runs[0] and len(seen) == 1 and seen[0].run == 1
-    assert again[1].losses == pytest.approx(runs[1].losses, rel=1e-9)  # a run depends on its index alone
+    book = Book()
+    base, tuned, _ = forward.value_forward(trainer, RECORDS[:3], dev, [0, 1], book, batch_size=2, chunk=2)
+    assert [len(ids) for _, ids in book.added] == [2, 1, 2, 1, 2, 1]  # chunks of 2: a killed pass keeps them
+    # A grown pool: only the two new records are scored, under each key, and no fit is redone.
+    monkeypatch.setattr(trainer, "fit", lambda *a, **k: pytest.fail("refitted a kept run"))
+    book.added.clear()
+    assert forward.needed(RECORDS, book, [0, 1]) == 2 * 3
+    grown_base, grown_tuned, _ = forward.value_forward(trainer, RECORDS, dev, [0, 1], book, batch_size=2)
+    assert book.added == [(key, ["r3", "r4"]) for key in ("base", "run-0000", "run-0001")]
+    assert grown_base[:3] == pytest.approx(base) and grown_tuned[:, :3] == pytest.approx(tuned)
+    # ... and equal what a fresh book gives for every record (the kept adapter is the fitted one).
+    monkeypatch.undo()
+    fresh_base, fresh_tuned, _ = forward.value_forward(trainer, RECORDS, dev, [0, 1], Book(), batch_size=2)
+    assert grown_base == pytest.approx(fresh_base, rel=1e-9) and grown_tuned == pytest.approx(fresh_tuned, rel=1e-9)
 
 
 def test_one_run_has_no_stderr_and_a_record_cut_to_nothing_scores_nan():
-    run = forward.ForwardRun(0, 0, np.array([1.0, np.inf]), 2.0, 1.0, 1.0, 0.0)
-    score, stderr = forward.scores(np.array([1.5, np.inf]), [run])
+    score, stderr = forward.scores(np.array([1.5, np.inf]), np.array([[1.0, np.inf]]))
     assert score[0] == pytest.approx(0.5) and np.isnan(score[1]) and np.isnan(stderr).all()
 
 
@@ -122,18 +149,24 @@ def test_forward_over_every_record_writes_record_scores_and_aggregated_cluster_s
     assert scores.set_index("cluster")["score"].to_dict() == pytest.approx(medians.to_dict())
     assert scores.set_index("cluster")["credits"].to_dict() == records.groupby("cluster").size().to_dict()
     m = metrics(ws)
-    assert (m["method"], m["players"], m["records_valued"], m["passes_run"]) == ("forward", "records", len(pool), 3)
+    assert (m["method"], m["players"], m["records_valued"]) == ("forward", "records", len(pool))
+    assert m["losses_computed"] == 3 * len(pool)  # the base and two runs
     assert -1 <= m["length_spearman"] <= 1 and m["v_full"] > m["v_empty"]  # the dev fit learnt the dev set
     first = {p: (ws / "data/shapley" / p).read_bytes() for p in ("scores.csv", "record_scores.csv")}
-    # Rerun: every pass is stored, nothing is recomputed, the same bytes.
+    # Rerun: every loss is kept, nothing is recomputed, the same bytes.
     run_stage(ws, "shapley")
-    assert metrics(ws)["passes_run"] == 0
+    assert metrics(ws)["losses_computed"] == 0
     assert {p: (ws / "data/shapley" / p).read_bytes() for p in first} == first
-    # A lost run file is recomputed alone, to the same bytes.
-    next((ws / "data/shapley_jobs/forward").glob("*/run-0001.json")).unlink()
+    # A lost chunk of run 1's losses is recomputed alone, from the kept adapter, to the same bytes.
+    next((ws / "data/shapley_jobs/forward").glob("*/run-0001.chunk-000000.json")).unlink()
     run_stage(ws, "shapley")
-    assert metrics(ws)["passes_run"] == 1
+    assert metrics(ws)["losses_computed"] == len(pool)
     assert {p: (ws / "data/shapley" / p).read_bytes() for p in first} == first
+    # Another dev set shares the base losses: only its runs are computed.
+    dev_path = ws / "data/prepared/dev.jsonl"
+    dev_path.write_text("".join(dev_path.read_text().splitlines(keepends=True)[:-1]))
+    run_stage(ws, "shapley")
+    assert metrics(ws)["losses_computed"] == 2 * len(pool)
 
 
 @pytest.mark.slow

@@ -9,31 +9,59 @@ keep a record's length out of it; no learning rate, clip or batch position enter
 towards the dev set made z more likely (z is like the dev set); negative: less.
 
 Runs r = 0..k-1 fit the dev set from seed train.seed + r (adapter init and data order); a record's
-score is the mean over runs, its stderr their spread. Pure: no file I/O (the shapley stage stores runs).
+score is the mean over runs, its stderr their spread.
+
+Losses are kept per record id (a content hash) in a `LossBook` the caller provides (the shapley stage
+stores it on disk): a record scored before under the same model state is never scored again (a grown
+pool, another pool sharing records, a killed pass resumed chunk by chunk), and a run's fitted adapter is
+kept, so scoring new records needs no refit. Pure: no file I/O here.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+import torch
 
 from shed.losses import response_losses
+
+BASE = "base"  # the book's key of the base model's losses; run r's is `run_key(r)`
+
+
+def run_key(run: int) -> str:
+    return f"run-{run:04d}"
 
 
 @dataclass
 class ForwardRun:
-    """One dev-set fit: its seed, the players' losses after it and what it did to the dev set."""
+    """One dev-set fit: its seed and what it did to the dev set."""
 
     run: int
     seed: int
-    losses: np.ndarray  # ℓ(z; θ_dev) per player
     dev_before: float  # mean per-token dev loss (the dev records' responses) before and after the fit
     dev_after: float
     train_loss: float
-    seconds: float
+    seconds: float  # the fit, with the dev losses around it
+
+
+class LossBook(Protocol):
+    """Where `value_forward` finds and leaves what it computed (the stage's `ForwardStore`)."""
+
+    def losses(self, key: str) -> dict[str, float]:
+        """The losses known under `key` (BASE or a run's), by record id."""
+
+    def add_losses(self, key: str, ids: list[str], losses: list[float]) -> None:
+        """Keep these (more records' losses under `key`)."""
+
+    def fit(self, run: int) -> tuple[ForwardRun, dict[str, torch.Tensor]] | None:
+        """Run `run`'s summary and fitted adapter, if kept."""
+
+    def add_fit(self, summary: ForwardRun, adapter: dict[str, torch.Tensor]) -> None:
+        """Keep run `summary.run`'s summary and fitted adapter."""
 
 
 def dev_as_records(dev: list[dict]) -> list[dict]:
@@ -43,72 +71,92 @@ def dev_as_records(dev: list[dict]) -> list[dict]:
                                           "output": q["choices"][q["answer"]]} for q in dev]
 
 
-def _mean_loss(losses: list[float], tokens: np.ndarray) -> float:
-    values = np.array(losses, dtype=float)
-    keep = np.isfinite(values)
-    return float((values[keep] * tokens[keep]).sum() / max(tokens[keep].sum(), 1))
-
-
 def response_tokens(trainer, records: Sequence[dict]) -> np.ndarray:
     """Each record's labelled response tokens under the recipe (what its per-token loss averages over)."""
     return np.array([sum(label != -100 for label in trainer.encode(r)[1][1:]) for r in records], dtype=float)
 
 
-def base_losses(trainer, records: Sequence[dict], batch_size: int, progress=None) -> np.ndarray:
-    """ℓ(z; θ₀) per record: the adapter reset (LoRA B = 0, so the model is the base model)."""
-    trainer.reset(trainer.cfg.seed)
-    return np.array(response_losses(trainer.model, trainer.tokenizer, list(records), trainer.cfg.template,
-                                    trainer.max_length, batch_size, progress), dtype=float)
+def _losses(trainer, records: Sequence[dict], batch_size: int, progress=None) -> list[float]:
+    return response_losses(trainer.model, trainer.tokenizer, list(records), trainer.cfg.template, trainer.max_length,
+                           batch_size, progress)
 
 
-def fit_and_score(trainer, records: Sequence[dict], dev_records: list[dict], run: int, batch_size: int,
-                  progress=None) -> ForwardRun:
-    """Run `run`: fit the dev set from seed train.seed + run, then ℓ(z; θ_dev) per record."""
-    start = time.perf_counter()
-    seed = trainer.cfg.seed + run
-    dev_tokens = response_tokens(trainer, dev_records)
-    trainer.reset(seed)
-    before = _mean_loss(response_losses(trainer.model, trainer.tokenizer, dev_records, trainer.cfg.template,
-                                        trainer.max_length, batch_size), dev_tokens)
-    fit = trainer.fit(dev_records, seed=seed)
-    after = _mean_loss(response_losses(trainer.model, trainer.tokenizer, dev_records, trainer.cfg.template,
-                                       trainer.max_length, batch_size), dev_tokens)
-    losses = np.array(response_losses(trainer.model, trainer.tokenizer, list(records), trainer.cfg.template,
-                                      trainer.max_length, batch_size, progress), dtype=float)
-    return ForwardRun(run, seed, losses, before, after, float(fit["loss"]), time.perf_counter() - start)
+def _mean_loss(trainer, records: list[dict], batch_size: int) -> float:
+    values, tokens = np.array(_losses(trainer, records, batch_size)), response_tokens(trainer, records)
+    keep = np.isfinite(values)
+    return float((values[keep] * tokens[keep]).sum() / max(tokens[keep].sum(), 1))
 
 
-def differences(base: np.ndarray, runs: Sequence[ForwardRun]) -> np.ndarray:
+def adapter_state(trainer) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) weights, detached copies on the CPU."""
+    return {name: p.detach().cpu().clone() for name, p in trainer.trainable()}
+
+
+def load_adapter(trainer, state: dict[str, torch.Tensor]) -> None:
+    named = dict(trainer.trainable())
+    if set(named) != set(state):
+        raise ValueError("a kept adapter of other LoRA modules than the trainer's")
+    with torch.no_grad():
+        for name, p in named.items():
+            p.copy_(state[name].to(p.device, p.dtype))
+
+
+def _fill(trainer, key: str, records: Sequence[dict], book: LossBook, batch_size: int, chunk: int,
+          progress=None) -> np.ndarray:
+    """The records' losses under `key` at the model's current parameters: the book's, the missing ones scored
+    `chunk` records at a time and added to the book after each chunk."""
+    known = book.losses(key)
+    missing = [r for r in records if r["id"] not in known]
+    for start in range(0, len(missing), chunk):
+        part = missing[start:start + chunk]
+        book.add_losses(key, [r["id"] for r in part], _losses(trainer, part, batch_size, progress))
+    known = book.losses(key)
+    return np.array([known[r["id"]] for r in records], dtype=float)
+
+
+def needed(records: Sequence[dict], book: LossBook, runs: Sequence[int]) -> int:
+    """Records to score (base, then each run) before `value_forward` is done: its progress total."""
+    ids = [r["id"] for r in records]
+    return sum(sum(i not in book.losses(key) for i in ids) for key in [BASE] + [run_key(r) for r in runs])
+
+
+def value_forward(trainer, records: Sequence[dict], dev_records: list[dict], runs: Sequence[int], book: LossBook,
+                  batch_size: int, chunk: int = 2048, progress=None) -> tuple[np.ndarray, np.ndarray, list[ForwardRun]]:
+    """(base losses, tuned losses runs x records, each run's summary), by `book` where it knows them."""
+    trainer.reset(trainer.cfg.seed)  # LoRA B = 0: the base model
+    base = _fill(trainer, BASE, records, book, batch_size, chunk, progress)
+    tuned, summaries = [], []
+    for run in runs:
+        kept = book.fit(run)
+        if kept is None:
+            start = time.perf_counter()
+            seed = trainer.cfg.seed + run
+            trainer.reset(seed)
+            before = _mean_loss(trainer, dev_records, batch_size)
+            fit = trainer.fit(dev_records, seed=seed)
+            summary = ForwardRun(run, seed, before, _mean_loss(trainer, dev_records, batch_size), float(fit["loss"]),
+                                 time.perf_counter() - start)
+            book.add_fit(summary, adapter_state(trainer))
+        else:
+            summary, state = kept
+            load_adapter(trainer, state)
+        tuned.append(_fill(trainer, run_key(run), records, book, batch_size, chunk, progress))
+        summaries.append(summary)
+    return base, np.stack(tuned), summaries
+
+
+def differences(base: np.ndarray, tuned: np.ndarray) -> np.ndarray:
     """(runs x players) base − tuned loss; NaN for a record cut to no response token (infinite losses)."""
     with np.errstate(invalid="ignore"):  # inf - inf
-        diffs = np.stack([base - r.losses for r in runs])
+        diffs = base[None, :] - tuned
     diffs[~np.isfinite(diffs)] = np.nan
     return diffs
 
 
-def scores(base: np.ndarray, runs: Sequence[ForwardRun]) -> tuple[np.ndarray, np.ndarray]:
+def scores(base: np.ndarray, tuned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(score, stderr) per player: the mean over runs of base − tuned loss (`differences`), and its standard
     error (NaN for one run)."""
-    diffs = differences(base, runs)
+    diffs = differences(base, tuned)
     mean = diffs.mean(0)
-    stderr = diffs.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.full(len(base), np.nan)
+    stderr = diffs.std(0, ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else np.full(len(base), np.nan)
     return mean, stderr
-
-
-def value_forward(trainer, records: Sequence[dict], dev_records: list[dict], runs: Sequence[int], batch_size: int,
-                  base: np.ndarray | None = None, done: dict[int, ForwardRun] | None = None, progress=None,
-                  on_base: Callable[[np.ndarray], None] | None = None,
-                  on_run: Callable[[ForwardRun], None] | None = None) -> tuple[np.ndarray, list[ForwardRun]]:
-    """(base losses, every run in `runs`): `base` and the runs in `done` are taken as given (a resumed
-    stage), the rest computed, each handed to `on_base` / `on_run` as soon as it exists."""
-    done = dict(done or {})
-    if base is None:
-        base = base_losses(trainer, records, batch_size, progress)
-        if on_base is not None:
-            on_base(base)
-    for run in runs:
-        if run not in done:
-            done[run] = fit_and_score(trainer, records, dev_records, run, batch_size, progress)
-            if on_run is not None:
-                on_run(done[run])
-    return base, [done[r] for r in runs]

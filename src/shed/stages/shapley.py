@@ -59,7 +59,7 @@ from shed import artifacts, codedeps, curves, plots
 from shed.config import Params
 from shed.embedding import embed_texts
 from shed.executors import JobSpec, run_jobs
-from shed.fileio import ShedError, atomic_path, write_csv, write_json
+from shed.fileio import ShedError, atomic_path, write_csv, write_json, write_text
 from shed.jobstore import NOT_JOB_CODE, JobStore, job_context, subset_key
 from shed.records import question_as_record, record_text
 from shed.scoring import dev_kind
@@ -363,74 +363,98 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
 FORWARD_CODE = ["shed.forward", "shed.training", "shed.models", "shed.scoring"]
 
 
-def forward_context(params: Params, dev_ids: list[str] | None, player_ids: list[str], device: str) -> str:
-    """Everything a forward run's losses depend on besides its index; with `dev_ids` None, what the base
-    losses depend on (no dev set: every dev set shares them)."""
+def forward_context(params: Params, dev_ids: list[str] | None, device: str) -> str:
+    """Everything a record's loss under a forward run depends on besides the record (its id is a content
+    hash) and the run's index; with `dev_ids` None, under the base model (no dev set: every dev set shares it)."""
     cfg = params.shapley
     code = codedeps.fingerprint(FORWARD_CODE, exclude=NOT_JOB_CODE)
     blob = json.dumps({"job": job_context(cfg.model, params.train, cfg.value, dev_ids or [], code=code),
-                       "method": "forward" if dev_ids is not None else "forward-base",
-                       "players": hashlib.sha256(",".join(player_ids).encode()).hexdigest(), "device": device.split(":")[0],
+                       "method": "forward" if dev_ids is not None else "forward-base", "device": device.split(":")[0],
                        "dtype": cfg.dtype, "dev_epochs": cfg.dev_epochs if dev_ids is not None else None,
                        "seeds": "train.seed + run"}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class ForwardStore:
-    """A forward valuation's finished parts, each written atomically the moment it exists: <base context>/
-    base.npy (the players' base losses, shared by every dev set) and <context>/run-NNNN.npy (a dev fit's
-    losses), each with a JSON written last that holds its summary and the array's sha256. A killed stage
-    redoes only the parts not there."""
+    """`forward.LossBook` on disk: per key (the base model's, in <base context>/, shared by every dev set; each
+    run's, in <context>/), the losses of every record scored so far, appended in chunks as
+    <key>.chunk-NNNNNN.ids.txt + .npy, each pair named by a JSON written last with both files' sha256; each run's
+    fitted adapter as <run>.adapter.safetensors with its summary JSON. A killed stage keeps every chunk
+    written; a chunk or adapter that does not match its JSON is dropped with a warning and done again."""
 
     def __init__(self, root: str | Path, base_context: str, context: str):
         self.base_dir, self.dir = Path(root) / base_context, Path(root) / context
         for folder in (self.base_dir, self.dir):
             folder.mkdir(parents=True, exist_ok=True)
+            for stale in folder.glob(".*"):  # an atomic write cut short by a kill
+                shutil.rmtree(stale, ignore_errors=True)
+        self._cache: dict[str, dict[str, float]] = {}
 
-    def _where(self, name: str) -> Path:
-        return self.base_dir if name == "base" else self.dir
+    def _folder(self, key: str) -> Path:
+        from shed.forward import BASE
 
-    def _save(self, name: str, array: np.ndarray, meta: dict) -> None:
-        folder = self._where(name)
+        return self.base_dir if key == BASE else self.dir
+
+    def losses(self, key: str) -> dict[str, float]:
+        if key not in self._cache:
+            known: dict[str, float] = {}
+            for meta_path in sorted(self._folder(key).glob(f"{key}.chunk-*.json")):
+                try:
+                    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                    ids_bytes = (meta_path.parent / meta["ids"]).read_bytes()
+                    array_bytes = (meta_path.parent / meta["losses"]).read_bytes()
+                    if [hashlib.sha256(b).hexdigest() for b in (ids_bytes, array_bytes)] != meta["sha256"]:
+                        raise ValueError("its files do not match their sha256")
+                    ids = ids_bytes.decode().split()
+                    values = np.load(meta_path.parent / meta["losses"], allow_pickle=False)
+                    if len(ids) != len(values):
+                        raise ValueError(f"{len(ids)} ids but {len(values)} losses")
+                except (ValueError, KeyError, OSError) as exc:
+                    log.warning("%s: not reused (%s); its records are scored again", meta_path, exc)
+                    continue
+                known.update(zip(ids, values.tolist()))
+            self._cache[key] = known
+        return self._cache[key]
+
+    def add_losses(self, key: str, ids: list[str], losses: list[float]) -> None:
+        folder = self._folder(key)
+        taken = [int(p.name.split(".chunk-")[1].split(".")[0]) for p in folder.glob(f"{key}.chunk-*.json")]
+        name = f"{key}.chunk-{max(taken, default=-1) + 1:06d}"
+        write_text(folder / f"{name}.ids.txt", "".join(f"{i}\n" for i in ids))
         with atomic_path(folder / f"{name}.npy") as tmp:
-            np.save(tmp, array, allow_pickle=False)
-        digest = hashlib.sha256((folder / f"{name}.npy").read_bytes()).hexdigest()
-        write_json(folder / f"{name}.json", {**meta, "sha256": digest})
+            np.save(tmp, np.asarray(losses, dtype=np.float64), allow_pickle=False)
+        digests = [hashlib.sha256((folder / f"{name}{ext}").read_bytes()).hexdigest() for ext in (".ids.txt", ".npy")]
+        write_json(folder / f"{name}.json", {"ids": f"{name}.ids.txt", "losses": f"{name}.npy", "sha256": digests})
+        self.losses(key).update(zip(ids, losses))
 
-    def _load(self, name: str, n: int) -> tuple[np.ndarray, dict] | None:
-        array_path, meta_path = self._where(name) / f"{name}.npy", self._where(name) / f"{name}.json"
-        if not (array_path.is_file() and meta_path.is_file()):
+    def fit(self, run: int):
+        from safetensors.torch import load
+
+        from shed.forward import ForwardRun, run_key
+
+        meta_path, tensors_path = self.dir / f"{run_key(run)}.fit.json", self.dir / f"{run_key(run)}.adapter.safetensors"
+        if not (meta_path.is_file() and tensors_path.is_file()):
             return None
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            if hashlib.sha256(array_path.read_bytes()).hexdigest() != meta["sha256"]:
-                raise ValueError("its array does not match its sha256")
-            array = np.load(array_path, allow_pickle=False)
-            if array.shape != (n,):
-                raise ValueError(f"{array.shape[0]} players, expected {n}")
-        except (ValueError, KeyError, OSError) as exc:
-            log.warning("%s: not reused (%s); done again", meta_path, exc)
+            data = tensors_path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta.pop("sha256"):
+                raise ValueError("its adapter does not match its sha256")
+            return ForwardRun(**meta), load(data)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            log.warning("%s: not reused (%s); the dev set is fitted again", meta_path, exc)
             return None
-        return array, meta
 
-    def save_base(self, base: np.ndarray) -> None:
-        self._save("base", base, {})
+    def add_fit(self, summary, adapter) -> None:
+        from safetensors.torch import save_file
 
-    def load_base(self, n: int) -> np.ndarray | None:
-        found = self._load("base", n)
-        return None if found is None else found[0]
+        from shed.forward import run_key
 
-    def save_run(self, run) -> None:
-        self._save(f"run-{run.run:04d}", run.losses, {k: v for k, v in vars(run).items() if k != "losses"})
-
-    def load_run(self, run: int, n: int):
-        from shed.forward import ForwardRun
-
-        found = self._load(f"run-{run:04d}", n)
-        if found is None:
-            return None
-        array, meta = found
-        return ForwardRun(**{k: v for k, v in meta.items() if k != "sha256"}, losses=array)
+        tensors_path = self.dir / f"{run_key(summary.run)}.adapter.safetensors"
+        with atomic_path(tensors_path) as tmp:
+            save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp))
+        write_json(self.dir / f"{run_key(summary.run)}.fit.json",
+                   {**vars(summary), "sha256": hashlib.sha256(tensors_path.read_bytes()).hexdigest()})
 
 
 def value_forward(params: Params, dev: list[dict], players: list[int], player_records: dict[int, dict],
@@ -453,30 +477,29 @@ def value_forward(params: Params, dev: list[dict], players: list[int], player_re
     records = [player_records[p] for p in players]
     dev_records = forward.dev_as_records(dev)
     setup = time.perf_counter() - t0
-    player_ids = [r["id"] for r in records]
-    store = ForwardStore(artifacts.FORWARD_RUNS, forward_context(params, None, player_ids, device),
-                         forward_context(params, [q["id"] for q in dev], player_ids, device))
-    base = store.load_base(len(records))
-    done = {r: found for r in range(cfg.k) if (found := store.load_run(r, len(records))) is not None}
-    todo = (base is None) + cfg.k - len(done)
-    log.info("forward valuation: %d players, %d dev records fitted for %d epochs, k=%d runs (%d of %d passes "
-             "stored) -> %s", len(records), len(dev_records), recipe.epochs, cfg.k, cfg.k + 1 - todo, cfg.k + 1,
-             store.dir)
+    store = ForwardStore(artifacts.FORWARD_RUNS, forward_context(params, None, device),
+                         forward_context(params, [q["id"] for q in dev], device))
+    runs = range(cfg.k)
+    todo = forward.needed(records, store, runs)
+    log.info("forward valuation: %d players, %d dev records fitted for %d epochs, k=%d runs; %d of %d losses to "
+             "compute (the rest kept in %s)", len(records), len(dev_records), recipe.epochs, cfg.k, todo,
+             len(records) * (cfg.k + 1), store.dir.parent)
     t1 = time.perf_counter()
-    with tqdm(total=todo * len(records), desc="forward losses", unit="record", disable=not todo) as bar:
-        base, runs = forward.value_forward(trainer, records, dev_records, range(cfg.k), params.train.micro_batch,
-                                           base=base, done=done, progress=bar, on_base=store.save_base,
-                                           on_run=store.save_run)
+    with tqdm(total=todo, desc="forward losses", unit="record", disable=not todo) as bar:
+        base, tuned, summaries = forward.value_forward(trainer, records, dev_records, runs, store,
+                                                       params.train.micro_batch, progress=bar)
     wall = time.perf_counter() - t1
-    mean, stderr = forward.scores(base, runs)
-    diffs = forward.differences(base, runs)
+    mean, stderr = forward.scores(base, tuned)
+    diffs = forward.differences(base, tuned)
     result = ShapleyResult(values=dict(zip(players, mean.tolist())), stderr=dict(zip(players, stderr.tolist())),
                            credits={p: diffs[:, i].tolist() for i, p in enumerate(players)},
-                           estimates=[dict(zip(players, diffs[: r + 1].mean(0).tolist())) for r in range(len(runs))])
+                           estimates=[dict(zip(players, np.nanmean(diffs[: r + 1], 0).tolist()))
+                                      for r in range(len(diffs))] if cfg.k > 1 else [])
     lines = [{"run": r.run, "seed": r.seed, "dev_loss_before": r.dev_before, "dev_loss_after": r.dev_after,
-              "train_loss": r.train_loss} for r in runs]
-    metrics = {"runs": cfg.k, "passes_run": todo, "dev_epochs": recipe.epochs, "device": device, "dtype": cfg.dtype,
-               "v_empty": -runs[0].dev_before, "v_full": float(np.mean([-r.dev_after for r in runs])),
+              "train_loss": r.train_loss} for r in summaries]
+    metrics = {"runs": cfg.k, "losses_computed": todo, "dev_epochs": recipe.epochs, "device": device,
+               "dtype": cfg.dtype, "v_empty": -summaries[0].dev_before,
+               "v_full": float(np.mean([-r.dev_after for r in summaries])),
                "seconds_setup": round(setup, 2), "seconds_train": round(wall, 1)}
     return result, lines, metrics, base
 
