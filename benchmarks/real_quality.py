@@ -262,6 +262,10 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
         ws.mkdir(parents=True, exist_ok=True)
         os.chdir(ws)
         try:
+            # The forward valuation keeps losses per record id and model state: workspaces of one seed share its
+            # base model's losses and dev-set fits, and score only the records their pools do not share.
+            (ws / artifacts.FORWARD_RUNS).parent.mkdir(parents=True, exist_ok=True)
+            (ws / artifacts.FORWARD_RUNS).symlink_to(args.cache, target_is_directory=True)
             write_jsonl(ws / "pool.jsonl", pool)
             write_jsonl(ws / "truth.jsonl", truth)
             clustered = False
@@ -615,6 +619,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     tables.add_arguments(parser)
     parser.add_argument("--readme", metavar="PATH", help="with --from-json: also write the summary table into PATH's "
                         "real_quality block (between <!-- real_quality:begin --> and <!-- real_quality:end -->)")
+    parser.add_argument("--cache", metavar="DIR", help="the forward valuation's loss store, shared by every workspace "
+                        "(default: a temporary folder of this run); a saved one makes a rerun score nothing again")
     args = parser.parse_args(argv)
     args.kinds = list(resolve_kinds(args.kinds))
     args.family = family_of(args.kinds)
@@ -623,6 +629,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
+    if args.cache is None:
+        args.cache = tempfile.mkdtemp(prefix="shed-real-quality-losses-")
+    args.cache = str(Path(args.cache).resolve())
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
     args.devs = ["alpaca", "mmlu"] if args.dev == "both" else [args.dev]
     for path in [ALPACA] + ([MMLU] if "mmlu" in args.devs else []) + ([ARC_EASY, ARC_CHALLENGE] if args.finetune else []):
         if not path.exists():

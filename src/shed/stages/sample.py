@@ -19,7 +19,6 @@ order) and manifest.json (method, size, seed, sha256 of the dataset, per-cluster
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -148,38 +147,38 @@ def needs(cfg) -> set[str]:
     return out
 
 
-# Losses already computed in this process, by everything that decides them (benchmarks run sample many times).
-_LOSSES: dict[str, list[float]] = {}
+# Losses already computed in this process, per record id (a content hash), by everything else that decides them:
+# benchmarks run sample many times over pools that share most records.
+_LOSSES: dict[str, dict[str, float]] = {}
 
 
 def record_losses(params: Params, pool: list[dict], unconditional: bool = False) -> list[float]:
-    """`scoring.response_losses` of the pool under shapley.model (on shapley.device, in shapley.dtype), with the
+    """`losses.response_losses` of the pool under shapley.model (on shapley.device, in shapley.dtype), with the
     recipe's template and max_length, train.micro_batch records per forward pass (what fits a training
     step fits here, with no gradients); `unconditional`: each response without its instruction (IFD)."""
     from tqdm import tqdm
 
-    from shed.models import load_causal_lm, max_positions
     from shed.losses import response_losses
+    from shed.models import load_causal_lm, max_positions
 
     cfg = params.shapley
-    key = hashlib.sha256(json.dumps([cfg.model, cfg.device, cfg.dtype, params.train.template, params.train.max_length,
-                                     params.train.micro_batch, unconditional,
-                                     [[r["id"], r["instruction"], r["input"], r["output"]] for r in pool]]).encode()
-                         ).hexdigest()
-    if key in _LOSSES:
-        return _LOSSES[key]
-    model, tokenizer = load_causal_lm(cfg.model, cfg.device, cfg.dtype)
-    max_length = params.train.max_length or max_positions(model) or 0
-    label = "response alone" if unconditional else "perplexity"
-    with tqdm(total=len(pool), desc=label, unit="record") as bar:
-        losses = response_losses(model, tokenizer, pool, params.train.template, max_length, params.train.micro_batch,
-                                 progress=bar, unconditional=unconditional)
-    cut = sum(loss == float("inf") for loss in losses)
-    if cut:
-        log.warning("%s: %d records keep no response token within %d tokens (train.max_length); they rank "
-                    "last", label, cut, max_length)
-    _LOSSES[key] = losses
-    return losses
+    key = json.dumps([cfg.model, cfg.device, cfg.dtype, params.train.template, params.train.max_length,
+                      params.train.micro_batch, unconditional])
+    known = _LOSSES.setdefault(key, {})
+    missing = [r for r in pool if r["id"] not in known]
+    if missing:
+        model, tokenizer = load_causal_lm(cfg.model, cfg.device, cfg.dtype)
+        max_length = params.train.max_length or max_positions(model) or 0
+        label = "response alone" if unconditional else "perplexity"
+        with tqdm(total=len(missing), desc=label, unit="record") as bar:
+            losses = response_losses(model, tokenizer, missing, params.train.template, max_length,
+                                     params.train.micro_batch, progress=bar, unconditional=unconditional)
+        cut = sum(loss == float("inf") for loss in losses)
+        if cut:
+            log.warning("%s: %d records keep no response token within %d tokens (train.max_length); they rank "
+                        "last", label, cut, max_length)
+        known.update((r["id"], loss) for r, loss in zip(missing, losses))
+    return [known[r["id"]] for r in pool]
 
 
 def read_inputs(params: Params) -> Inputs:
