@@ -106,9 +106,11 @@ KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEE
 
 # A method is a sample.method, with "+<sample.within>" for qocs and qwcs (e.g. qocs+loss); qocs@meanloss is a
 # reference: QOCS on clusters scored by their members' mean base-model loss (no valuation), in process.
-METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+ifd", "qocs@meanloss",
+METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
+           "qocs+ifd", "qocs@meanloss",
            "random", "cluster_uniform", "length", "perplexity", "ifd", "dsir")
-DEFAULT_METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs@meanloss", "random",
+DEFAULT_METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
+                   "qocs@meanloss", "random",
                    "cluster_uniform", "length", "perplexity", "ifd", "dsir")
 # --valuations: the shapley settings of each (forward and inrun-records value every record)
 VALUATIONS = {
@@ -541,7 +543,8 @@ def markdown(result: dict, source: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-SUMMARY_METHODS = ("qocs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "perplexity", "ifd", "length",
+SUMMARY_METHODS = ("qocs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qwcs+blend", "perplexity", "ifd",
+                   "length",
                    "cluster_uniform", "dsir", "random")
 
 

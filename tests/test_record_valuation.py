@@ -177,6 +177,7 @@ def test_inrun_over_every_record_and_sampling_by_record_value(ws):
     records = pd.read_csv(ws / "data/shapley/record_scores.csv", dtype={"id": str})
     assert len(records) == len(pool) and records["score"].notna().all() and records["loss"].isna().all()
     assert metrics(ws)["players"] == "records" and metrics(ws)["steps"] > 0
+    assert metrics(ws)["efficiency"] is not None  # raw credits: their sum against the measured dev change
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["sample"].update(method="qocs", within="value", subset_size=20)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

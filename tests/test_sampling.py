@@ -334,6 +334,7 @@ def test_every_sample_method_has_a_sampler_and_says_which_signals_it_reads():
     for method, within, want in [("perplexity", "nearest", {"losses"}), ("ifd", "nearest", {"losses", "ifd"}),
                                  ("qocs", "loss", {"losses"}), ("qwcs", "ifd", {"losses", "ifd"}),
                                  ("qocs", "value", {"record_scores"}), ("random", "loss", set()),
+                                 ("qwcs", "blend", {"record_scores", "losses"}),
                                  ("dsir", "nearest", {"dev"}), ("qocs", "nearest", set())]:
         cfg.method, cfg.within = method, within
         assert needs(cfg) == want, (method, within)
@@ -371,3 +372,20 @@ def test_sample_stage_reads_the_forward_valuations_base_losses_instead_of_scorin
     sample.main(params)
     chosen = [json.loads(line)["id"] for line in (tmp_path / "data/curated/dataset.jsonl").read_text().splitlines()]
     assert chosen == ["r1", "r3", "r2"]
+
+
+def test_blend_keys_average_the_percentile_ranks_with_ties_sharing_and_nan_last():
+    from shed.sampling import blend_keys
+
+    assert blend_keys([3.0, 1.0, 2.0]) == pytest.approx([1.0, 0.0, 0.5])
+    assert blend_keys([3.0, 1.0, 2.0], [0.0, 2.0, 1.0]) == pytest.approx([0.5, 0.5, 0.5])
+    assert blend_keys([1.0, 1.0, math.nan]) == pytest.approx([0.25, 0.25, 1.0])
+
+
+def test_qocs_with_blend_orders_members_by_value_and_loss_together():
+    # cluster 1 (r3 r4 r5): value ranks r4 > r5 > r3, loss ranks r3 < r4 < r5 -> blend: r4 first, then r3 and r5 tie
+    scores = {"r0": 0.0, "r1": 0.0, "r2": 0.7, "r3": 0.1, "r4": 0.3, "r5": 0.2}
+    losses = [0.5, 0.1, 0.9, 0.3, 0.35, 0.4]
+    chosen = select_with("qocs", 3, WITHIN_POOL, WITHIN_ASSIGN, scores=WITHIN_SCORES, within="blend",
+                         record_scores=scores, losses=losses)
+    assert chosen[0] == "r4" and set(chosen) == {"r3", "r4", "r5"}

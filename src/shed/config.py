@@ -257,8 +257,9 @@ class SampleConfig:
                                  "ifd"))
     within: str = param("nearest", "qocs, qwcs: which members a cluster gives first: nearest the centroid (the "
                         "paper's; qwcs draws at random), value (highest record score: shapley.players records), "
-                        "loss (lowest loss under shapley.model), ifd (Superfiltering's order)",
-                        choices=("nearest", "value", "loss", "ifd"))
+                        "loss (lowest loss under shapley.model), ifd (Superfiltering's order), blend (the mean of "
+                        "a record's percentile ranks by value and by loss: like the dev set, and fluent)",
+                        choices=("nearest", "value", "loss", "ifd", "blend"))
     subset_size: float = param(0.1, "a fraction of the pool (<= 1) or a record count (> 1)", gt=0)
     temperature: float = param(0.01, "QWCS: p(cluster) ∝ exp(score / T)", gt=0)
     seed: int = param(0, "sampling seed", ge=0)

@@ -94,6 +94,21 @@ def ifd_keys(values: list[float]) -> list[float]:
     return [-v if v < 1 else float("nan") for v in values]
 
 
+def blend_keys(*keys: list[float]) -> list[float]:
+    """Sort keys (ascending = preferred) that weigh several record signals alike: the mean of each record's
+    percentile ranks under each key (ties share their mean rank; a NaN key ranks last)."""
+    ranks = []
+    for key in keys:
+        values = np.array([np.inf if math.isnan(k) else k for k in key], dtype=float)
+        order = np.argsort(values, kind="stable")
+        rank = np.empty(len(values))
+        rank[order] = np.arange(len(values), dtype=float)
+        for v in np.unique(values):  # ties: their mean rank
+            rank[values == v] = rank[values == v].mean()
+        ranks.append(rank / max(len(values) - 1, 1))
+    return np.mean(ranks, axis=0).tolist()
+
+
 def random_sample(ids: list[str], size: int, seed: int) -> list[str]:
     rng = np.random.default_rng([seed, 3])
     return [ids[i] for i in rng.choice(len(ids), size=size, replace=False)]

@@ -83,6 +83,9 @@ def within_keys(within: str, inputs: Inputs) -> dict[str, float] | None:
         return {i: -inputs.record_scores[i] for i in inputs.ids}
     if within == "loss":
         return dict(zip(inputs.ids, _signal(inputs, "losses")))
+    if within == "blend":
+        value = within_keys("value", inputs)
+        return dict(zip(inputs.ids, sampling.blend_keys([value[i] for i in inputs.ids], _signal(inputs, "losses"))))
     return dict(zip(inputs.ids, sampling.ifd_keys(_signal(inputs, "ifd"))))
 
 
@@ -140,8 +143,10 @@ def needs(cfg) -> set[str]:
         out.add("losses")
     if "ifd" in (cfg.method, cfg.within if cfg.method in ("qocs", "qwcs") else None):
         out.add("ifd")
-    if cfg.method in ("qocs", "qwcs") and cfg.within == "value":
+    if cfg.method in ("qocs", "qwcs") and cfg.within in ("value", "blend"):
         out.add("record_scores")
+    if cfg.method in ("qocs", "qwcs") and cfg.within == "blend":
+        out.add("losses")
     if cfg.method == "dsir":
         out.add("dev")
     return out

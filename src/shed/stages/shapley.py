@@ -351,6 +351,11 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
         "dtype": cfg.dtype,
         "v_empty": lines[0]["v_before"], "v_full": float(np.mean([s["v_after"] for s in lines])),
         "first_order": float(np.mean([s["first_order"] for s in lines])),
+        # Efficiency: the credits' sum over the measured change of the dev value (1: they account for all of it;
+        # only the raw first-order credits, normalize none, are meant to add up).
+        "efficiency": round(float(np.mean([s["first_order"] for s in lines])
+                                  / np.mean([s["v_after"] - s["v_before"] for s in lines])), 4)
+        if cfg.normalize == "none" and np.mean([s["v_after"] - s["v_before"] for s in lines]) else None,
         "seconds_setup": round(setup, 2), "seconds_train": round(wall, 1),
         "seconds_credits": round(sum(s.credit_seconds for s in done), 1),
         "seconds_per_step": round(wall / steps_run, 4) if steps_run else None,
