@@ -42,7 +42,6 @@ sys.path.insert(0, str(ROOT / "src"))
 # The base model is built once (base.seed fixed) and shared by all seeds; everything else varies.
 SEEDED = ["prepare.embedded.seed", "cluster.seed", "shapley.seed", "sample.seed", "train.seed"]
 SHARED = ["prepare", "embed", "cluster", "shapley"]
-SCORED = {"qocs", "qwcs"}  # samplers that read the Shapley scores: rerun per valuation
 KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEEP") else None  # debug: keep workspaces
 
 
@@ -68,7 +67,7 @@ def harm_in_bad_clusters(assignments: pd.DataFrame, truth: list[dict]) -> float:
 
 def finetune_and_score(raw: dict, method: str, size: float, with_base: bool) -> tuple[dict, float]:
     """sample -> finetune -> evaluate in the current workspace; (metrics/eval.json, seconds)."""
-    tables.set_dotted(raw, "sample.method", method)
+    tables.set_method(raw, method)
     tables.set_dotted(raw, "sample.subset_size", size)
     tables.set_dotted(raw, "evaluate.include_base", with_base)
     seconds = sum(tables.run_stage(stage, raw) for stage in ["sample", "finetune", "evaluate"])
@@ -98,15 +97,16 @@ def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], 
         truth = read_jsonl(artifacts.TRUTH)
         out["harm_in_bad_clusters"] = harm_in_bad_clusters(assignments, truth)
         for valuation in valuations:
-            tables.set_dotted(raw, "shapley.method", valuation)
+            for name, value in tables.VALUATIONS[valuation].items():
+                tables.set_dotted(raw, name, value)
             seconds = tables.run_stage("shapley", raw)
             value = auroc(pd.read_csv("data/shapley/scores.csv"), assignments, truth)
             out["valuations"][valuation] = {"auroc": value, "shapley_s": seconds}
             out["seconds"]["shapley" if len(valuations) == 1 else f"shapley/{valuation}"] = seconds
             print(f"  seed {seed} shapley ({valuation}): AUROC {value:.3f} ({seconds:.0f} s)", flush=True)
-            runs = [(valuation, m, s) for m in methods if m in SCORED for s in sizes]
+            runs = [(valuation, m, s) for m in methods if tables.scored(m) for s in sizes]
             if valuation == valuations[-1]:  # the rest read no scores
-                runs += [(None, m, s) for m in methods if m not in SCORED for s in sizes] + [(None, "full", 1.0)]
+                runs += [(None, m, s) for m in methods if not tables.scored(m) for s in sizes] + [(None, "full", 1.0)]
             for v, method, size in runs:
                 metrics, t = finetune_and_score(raw, method, size, with_base="base" not in out["acc"])
                 task = next(iter(metrics["finetuned"]))
@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--methods", nargs="+", default=["qocs", "qwcs", "random"])
-    parser.add_argument("--valuations", nargs="+", choices=("retrain", "inrun"),
+    parser.add_argument("--valuations", nargs="+", choices=tuple(tables.VALUATIONS),
                         help="shapley.method(s) measured side by side on each seed (default: the params' own)")
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")

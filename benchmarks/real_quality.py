@@ -112,18 +112,7 @@ METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss",
 DEFAULT_METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
                    "qocs@meanloss", "random",
                    "cluster_uniform", "length", "perplexity", "ifd", "dsir")
-# --valuations: the shapley settings of each (forward and inrun-records value every record)
-VALUATIONS = {
-    "inrun": {"shapley.method": "inrun", "shapley.players": "proxies"},
-    "retrain": {"shapley.method": "retrain", "shapley.players": "proxies"},
-    "forward": {"shapley.method": "forward", "shapley.players": "records"},
-    "inrun-records": {"shapley.method": "inrun", "shapley.players": "records", "shapley.normalize": "cosine"},
-}
-
-
-def scored(method: str) -> bool:
-    """Does the method read the valuation (rerun per dev set and valuation)?"""
-    return method.startswith(("qocs", "qwcs")) and "@" not in method
+VALUATIONS, scored = tables.VALUATIONS, tables.scored
 DEV_READERS = {"dsir"}  # read the dev set
 TASKS = {"shed_eval": "arc_easy", "arc_challenge_local": "arc_challenge", "mmlu_local": "mmlu"}
 # --model smollm2 on a CPU: one in-run fit over the proxies per valuation, 128 tokens, dev gradients once per 4
@@ -319,9 +308,7 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                                    "kind_share": harm.kind_shares(chosen, kind_of)}
                             selections[cache_key] = got
                         else:
-                            name, _, within = method.partition("+")
-                            tables.set_dotted(raw, "sample.method", name)
-                            tables.set_dotted(raw, "sample.within", within or "nearest")
+                            tables.set_method(raw, method)
                             tables.set_dotted(raw, "sample.subset_size", 1.0 if method == "full" else args.subset)
                             seconds = tables.run_stage("sample", raw)
                             chosen = [r["id"] for r in artifacts.read_dataset()]

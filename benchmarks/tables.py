@@ -104,3 +104,25 @@ def run_stage(name: str, raw: dict) -> float:
     importlib.import_module(f"shed.stages.{name}").main(load_params("params.yaml"))
     return time.perf_counter() - start
 
+
+# The valuations the benchmarks run by name (--valuations): each one's shapley settings; forward and
+# inrun-records value every record (docs/engine.md).
+VALUATIONS = {
+    "inrun": {"shapley.method": "inrun", "shapley.players": "proxies"},
+    "retrain": {"shapley.method": "retrain", "shapley.players": "proxies"},
+    "forward": {"shapley.method": "forward", "shapley.players": "records"},
+    "inrun-records": {"shapley.method": "inrun", "shapley.players": "records", "shapley.normalize": "cosine"},
+}
+
+
+def set_method(raw: dict, method: str) -> None:
+    """A benchmark's method name in params: sample.method, and "+W" for sample.within W (e.g. qocs+loss)."""
+    name, _, within = method.partition("+")
+    set_dotted(raw, "sample.method", name)
+    set_dotted(raw, "sample.within", within or "nearest")
+
+
+def scored(method: str) -> bool:
+    """Does the method read the valuation (so runs again for each valuation and dev set)?"""
+    return method.startswith(("qocs", "qwcs")) and "@" not in method
+
