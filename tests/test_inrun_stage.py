@@ -333,7 +333,7 @@ def test_holding_the_dev_gradients_past_the_bound_is_refused_in_one_line(trainer
 
 
 def test_the_run_stores_mid_run_state_is_used_only_whole_and_in_its_own_context(tmp_path, caplog):
-    from shed.stages.shapley import RunStore
+    from shed.runstore import RunStore
 
     state = {"tensors": {"adapter/w": torch.arange(6.0).reshape(2, 3), "rng/cpu": torch.get_rng_state()},
              "meta": {"step": 3, "seed": 1}}

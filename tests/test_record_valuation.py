@@ -192,10 +192,10 @@ def test_inrun_over_every_record_and_sampling_by_record_value(ws):
 
 
 def test_retrain_over_every_record_is_refused_in_one_line(tmp_path):
+    from helpers import ROOT
+
     from shed.config import load_params
     from shed.fileio import ShedError
-
-    from helpers import ROOT
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["shapley"]["players"] = "records"
