@@ -384,9 +384,41 @@ def targets(summary: dict, protocol: str) -> dict:
     return out
 
 
+def _join(a, b):
+    """Two seeds' figures of one key as one: every {mean, std, values} joined (values appended, mean and std
+    recomputed), recursively."""
+    if isinstance(a, dict) and set(a) == {"mean", "std", "values"}:
+        return stats([np.nan if v is None else v for v in a["values"] + b["values"]])
+    if isinstance(a, dict):
+        return {k: _join(a[k], b[k]) if k in b else a[k] for k in a}
+    return a
+
+
+def merge_seeds(runs: list[dict]) -> dict:
+    """Saved runs of the same settings over disjoint seeds (e.g. one run per seed) as one run over all of them."""
+    out = json.loads(json.dumps(runs[0]))
+    for r in runs[1:]:
+        if set(r["seeds"]) & set(out["seeds"]):
+            raise SystemExit(f"cannot join runs sharing seeds: {out['seeds']} and {r['seeds']}")
+        if set(r["results"]) != set(out["results"]):
+            raise SystemExit(f"cannot join runs of other results: {sorted(out['results'])} and {sorted(r['results'])}")
+        out["results"] = {k: _join(v, r["results"][k]) for k, v in out["results"].items()}
+        out["seeds"] = out["seeds"] + r["seeds"]
+        out["seconds"] = {k: v for k, v in {**out["seconds"], **r["seconds"]}.items() if k != "total"} | {
+            "total": round(out["seconds"]["total"] + r["seconds"]["total"], 1)}
+    for key, r in out["results"].items():
+        out["targets"][key] = targets(r, key.split("/")[0])
+    return out
+
+
 def merge(runs: list[dict]) -> dict:
-    """Several saved runs of one seed list as one result. Runs that embed other fields than the first have
-    their keys (and wall seconds) marked with the fields, e.g. "concentrated/alpaca/output"."""
+    """Several saved runs as one result: runs of the same keys over other seeds are joined first
+    (`merge_seeds`); then runs of one seed list are put side by side. Runs that embed other fields than the
+    first have their keys (and wall seconds) marked with the fields, e.g. "concentrated/alpaca/output"."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(json.dumps(sorted(r["results"]) + r["settings"]["embed_fields"]), []).append(r)
+    runs = [merge_seeds(group) if len(group) > 1 else group[0] for group in groups.values()]
     first = runs[0]
     for r in runs[1:]:
         if r["seeds"] != first["seeds"]:

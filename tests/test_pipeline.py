@@ -70,3 +70,22 @@ def test_shapley_n_change_reuses_the_job_store_and_skips_upstream(workspace):
     # Exactly the subsets the n=4 run already evaluated (v(∅), v(P), any other in common) are reused.
     assert metrics["jobs_reused"] == len(after & before) >= 2
     assert metrics["jobs_run"] == len(after - before) == stored_jobs() - jobs_before
+
+
+@pytest.mark.slow
+def test_every_record_valued_and_the_hybrid_samplers_run_as_experiments(workspace):
+    ws, _ = workspace
+    pool = (ws / "data/prepared/pool.jsonl").read_text().splitlines()
+    for settings in (["shapley.method=inrun", "shapley.players=records"],
+                     ["shapley.method=forward", "shapley.players=records", "sample.within=loss"]):
+        out = sh(ws, DVC, "exp", "run", *[arg for s in settings for arg in ("-S", s)])
+        assert ran_stages(out) == ["shapley", "sample", "finetune", "evaluate"], settings
+        records = (ws / "data/shapley/record_scores.csv").read_text().splitlines()
+        assert records[0] == "id,cluster,score,stderr,tokens,loss" and len(records) == 1 + len(pool)
+        assert json.loads((ws / "metrics/shapley.json").read_text())["players"] == "records"
+    # A sampler change on top reruns only sample onward; ifd scores the pool under the value model.
+    out = sh(ws, DVC, "exp", "run", "-S", "shapley.method=forward", "-S", "shapley.players=records",
+             "-S", "sample.method=ifd")
+    assert ran_stages(out) == ["sample", "finetune", "evaluate"]
+    manifest = json.loads((ws / "data/curated/manifest.json").read_text())
+    assert manifest["method"] == "ifd" and manifest["size"] == 20

@@ -239,3 +239,19 @@ def test_readme_block_is_replaced_between_its_markers_only(tmp_path):
     with pytest.raises(SystemExit, match="needs one"):
         tables.write_block(doc, "real_quality", "x\n")
     assert doc.read_text() == "no markers\n"
+
+
+def test_runs_of_single_seeds_are_joined_into_one_over_all_seeds():
+    record = ["instruction", "input", "output"]
+    one, two = _saved_run(record, ["qocs", "random"], "concentrated", 0.1), _saved_run(record, ["qocs", "random"],
+                                                                                        "concentrated", 0.3)
+    one["seeds"], two["seeds"] = [1], [2]
+    other = _saved_run(record, ["qocs", "random"], "scattered", 0.2)
+    other["seeds"] = [1, 2]
+    merged = rq.merge([one, other, two])
+    assert merged["seeds"] == [1, 2] and list(merged["results"]) == ["concentrated/alpaca", "scattered/alpaca"]
+    share = merged["results"]["concentrated/alpaca"]["harmful_share"]["qocs"]
+    assert share["values"] == [0.1, 0.3] and share["mean"] == pytest.approx(0.2) and share["std"] == pytest.approx(0.1)
+    assert merged["results"]["concentrated/alpaca"]["clusters"]["values"] == [50.0, 50.0]
+    with pytest.raises(SystemExit, match="sharing seeds"):
+        rq.merge_seeds([one, one])
