@@ -39,6 +39,14 @@ def shapley_inputs(tmp_path_factory):
     return ws
 
 
+@pytest.fixture
+def ws(shapley_inputs, tmp_path):
+    """A copy of the shapley stage's inputs to run the stage in."""
+    out = tmp_path / "ws"
+    shutil.copytree(shapley_inputs, out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tensors this small train ~7x faster on one thread than on two busy cores (hand-offs cost more than math)."""

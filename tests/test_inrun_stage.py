@@ -403,13 +403,6 @@ def mid_run_checkpoints(ws: Path) -> list[dict]:
     return out
 
 
-@pytest.fixture
-def ws(shapley_inputs, tmp_path):
-    out = tmp_path / "ws"
-    shutil.copytree(shapley_inputs, out)
-    return out
-
-
 @pytest.mark.slow
 def test_the_inrun_stage_writes_the_retrain_stages_outputs_and_is_deterministic(ws, tmp_path):
     set_params(ws, epochs=2, k=3)

@@ -2,7 +2,6 @@
 and the shapley stage with shapley.players records (record_scores.csv, resume, the length correlation)."""
 
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -124,13 +123,6 @@ def set_params(ws, epochs: int = 1, **shapley) -> None:
     params["shapley"].update(shapley)
     params["train"]["epochs"] = epochs
     path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-@pytest.fixture
-def ws(shapley_inputs, tmp_path):
-    out = tmp_path / "ws"
-    shutil.copytree(shapley_inputs, out)
-    return out
 
 
 @pytest.mark.slow
