@@ -144,6 +144,8 @@ def test_forward_over_every_record_writes_record_scores_and_aggregated_cluster_s
     assert (m["method"], m["players"], m["records_valued"]) == ("forward", "records", len(pool))
     assert m["losses_computed"] == 3 * len(pool)  # the base and two runs
     assert -1 <= m["length_spearman"] <= 1 and m["v_full"] > m["v_empty"]  # the dev fit learnt the dev set
+    curve = (ws / "dvclive/shapley/plots/metrics/run-1/dev_loss.tsv").read_text().splitlines()
+    assert curve[0].split("\t") == ["step", "dev_loss"] and len(curve) == 3  # before and after run 1's dev fit
     first = {p: (ws / "data/shapley" / p).read_bytes() for p in ("scores.csv", "record_scores.csv")}
     # Rerun: every loss is kept, nothing is recomputed, the same bytes.
     run_stage(ws, "shapley")

@@ -54,7 +54,8 @@ MANIFEST = f"{CURATED}/manifest.json"
 FINETUNED = "models/finetuned"
 FINETUNE_CURVE = "dvclive/finetune/plots/metrics"  # dvclive's per-step loss.tsv and lr.tsv: dvc plots
 # dvclive series of the valuation's training: retrain: value.tsv and size.tsv per job (step = the job's place in
-# the estimator's order); inrun: run-<r>/loss.tsv per step of run r
+# the estimator's order); inrun: run-<r>/loss.tsv per step of run r; forward: run-<r>/dev_loss.tsv, the dev
+# loss before (step 0) and after (step 1) run r's fit
 SHAPLEY_CURVES = "dvclive/shapley/plots/metrics"
 
 

@@ -276,6 +276,11 @@ def value_forward(params: Params, dev: list[dict], players: list[int], player_re
                                       for r in range(len(diffs))] if cfg.k > 1 else [])
     lines = [{"run": r.run, "seed": r.seed, "dev_loss_before": r.dev_before, "dev_loss_after": r.dev_after,
               "train_loss": r.train_loss} for r in summaries]
+    with curves.live_curves(artifacts.SHAPLEY_CURVES) as live:  # each run's dev loss before (0) and after (1) its fit
+        for r in summaries:
+            for step, loss in enumerate((r.dev_before, r.dev_after)):
+                live.step = step
+                live.log_metric(f"run-{r.run}/dev_loss", loss)
     metrics = {"runs": cfg.k, "losses_computed": todo, "dev_epochs": recipe.epochs, "device": device,
                "dtype": cfg.dtype, "v_empty": -summaries[0].dev_before,
                "v_full": float(np.mean([-r.dev_after for r in summaries])),
