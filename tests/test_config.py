@@ -1,4 +1,5 @@
 import dataclasses
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,11 @@ def test_describe_gives_key_value_and_help_with_the_rule(tmp_path):
     assert "0 (off) or positive" in rows["train.max_grad_norm"][1]
     assert describe("embed.model", params) == [describe("embed")[0]]
     assert [key for key, _, _ in describe("cluster")] == ["cluster.C", "cluster.algorithm", "cluster.seed"]
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "presets").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_preset_is_valid_params(preset):
+    sys.path.insert(0, str(ROOT / "presets"))
+    from apply import check
+
+    check(yaml.safe_load(preset.read_text(encoding="utf-8")), [], str(ROOT / "params.yaml"))
