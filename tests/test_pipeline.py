@@ -1,6 +1,7 @@
 """End to end: the DVC pipeline on a tiny config in a temporary git repository."""
 
 import json
+import shutil
 
 import pytest
 from helpers import DVC, choice_sums, ran_stages, sh
@@ -73,8 +74,13 @@ def test_shapley_n_change_reuses_the_job_store_and_skips_upstream(workspace):
 
 
 @pytest.mark.slow
-def test_every_record_valued_and_the_hybrid_samplers_run_as_experiments(workspace):
-    ws, _ = workspace
+def test_every_record_valued_and_the_hybrid_samplers_run_as_experiments(workspace, tmp_path):
+    # In a copy: these experiments fill the persistent job store with new contexts, which later tests of the
+    # session workspace (tests/test_stale.py) would see as a changed shapley stage.
+    ws = tmp_path / "ws"
+    shutil.copytree(workspace[0], ws, symlinks=True)
+    sh(ws, "git", "checkout", "-q", "HEAD", "--", ".")
+    sh(ws, DVC, "checkout", "-q", "--force")
     pool = (ws / "data/prepared/pool.jsonl").read_text().splitlines()
     for settings in (["shapley.method=inrun", "shapley.players=records"],
                      ["shapley.method=forward", "shapley.players=records", "sample.within=loss"]):
