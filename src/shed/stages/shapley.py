@@ -34,7 +34,14 @@ progress every shapley.checkpoint_seconds (run-NNNN.partial.*: adapter, optimize
 credits so far), so a rerun after a crash, or with a larger k, redoes only the runs not finished
 and resumes the interrupted one at its last checkpoint, ending with the same scores.csv bytes.
 
+With shapley.players records (methods inrun and forward) every pool record is valued and a cluster's
+score is shapley.aggregate of its members'. shapley.method forward (shed.forward) scores a record by its
+loss under the model minus its loss after a short fit on the dev set, losses kept per record in
+data/shapley_jobs/forward (shed.runstore) so that a killed or grown run scores only what is missing
+(docs/engine.md#every-record-valued-shapleyplayers-records).
+
 Outputs: data/shapley/scores.csv `cluster, proxy_id, size, score, stderr, credits`,
+data/shapley/record_scores.csv `id, cluster, score, stderr, tokens, loss` (each valued record's own score),
 data/shapley/subsets.jsonl (retrain: each evaluated subset and its value; inrun: one line per run,
 its seed, steps, dev log-likelihood before and after and the credits' first-order prediction of the
 change), metrics/shapley.json, plots/shapley_scores.csv, plots/shapley.png, plots/convergence.png, and
