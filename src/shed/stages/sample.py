@@ -3,7 +3,7 @@
     shed sample                        # params.yaml: sample.*
     # sample.method: qocs | qwcs | random | dsir | full | cluster_uniform | length | perplexity | ifd
     # sample.subset_size: 0.1 (fraction) or 5000 (records)
-    # sample.within: nearest | value | loss | ifd   (which members a cluster gives: qocs, qwcs)
+    # sample.within: nearest | value | loss | ifd | blend   (which members a cluster gives: qocs, qwcs)
 
 Baselines: dsir resamples the pool toward the dev questions' n-gram distribution (shed.dsir);
 cluster_uniform weights every cluster equally; length takes the longest responses; perplexity takes
@@ -11,7 +11,7 @@ the responses of lowest loss under shapley.model, prompted with train.template; 
 instruction-following difficulty below 1 (Superfiltering) under the same model (shed.sampling).
 With qocs and qwcs the cluster scores decide how many records each cluster gives and sample.within
 which: nearest the centroid (the paper's QOCS; QWCS draws uniformly), the highest record value
-(data/shapley/record_scores.csv, shapley.players records), the lowest loss, or IFD's order.
+(data/shapley/record_scores.csv, shapley.players records), the lowest loss, IFD's order, or blend (value and loss).
 
 Outputs (data/curated/): dataset.jsonl (records `{id, instruction, input, output}`, in selection
 order) and manifest.json (method, size, seed, sha256 of the dataset, per-cluster counts).
@@ -53,7 +53,7 @@ class Inputs:
     scores: pd.DataFrame
     dev: list[dict] | None = None  # dsir's target
     losses: list[float] | None = None  # perplexity, within loss: the response's loss under shapley.model
-    ifd: list[float] | None = None  # ifd, within ifd: `scoring.ifd`
+    ifd: list[float] | None = None  # ifd, within ifd: `losses.ifd`
     record_scores: dict[str, float] | None = None  # within value: data/shapley/record_scores.csv
 
     @property
