@@ -222,7 +222,8 @@ def main(params: Params) -> None:
     cluster_of = dict(zip(assignments["id"], assignments["cluster"].astype(int)))
     counts = pd.Series([cluster_of[i] for i in chosen]).value_counts().sort_index()
     digest = artifacts.write_curated(dataset, {
-        "method": cfg.method, "within": cfg.within if cfg.method in ("qocs", "qwcs") else None, "size": len(dataset), "pool_size": len(pool), "fraction": len(dataset) / len(pool),
+        "method": cfg.method, "within": cfg.within if cfg.method in ("qocs", "qwcs") else None,
+        "size": len(dataset), "pool_size": len(pool), "fraction": len(dataset) / len(pool),
         "temperature": cfg.temperature if cfg.method == "qwcs" else None, "seed": cfg.seed,
         "clusters": {str(k): int(v) for k, v in counts.items()},
     })
