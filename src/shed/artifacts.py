@@ -86,7 +86,7 @@ PARAMS = {
     "sample": ["sample", "shapley.model", "shapley.device", "shapley.dtype", "train.template", "train.max_length",
                "train.batch_size", "train.micro_batch_size"],
     "finetune": ["finetune", "train"],
-    "evaluate": ["evaluate", "finetune.model", "finetune.device", "finetune.dtype"],
+    "evaluate": ["evaluate", "finetune.model", "finetune.device", "finetune.dtype", "train.template"],
 }
 INPUTS = {
     "prepare": [],
@@ -96,7 +96,7 @@ INPUTS = {
     "shapley": [POOL, DEV, EMBED, CLUSTERS, BASE_MODEL],
     "sample": [POOL, DEV, CLUSTERS, SCORES, RECORD_SCORES, BASE_MODEL],
     "finetune": [DATASET, BASE_MODEL],
-    "evaluate": [DEV, EVAL, FINETUNED, BASE_MODEL],
+    "evaluate": [DEV, EVAL, POOL, FINETUNED, BASE_MODEL],
 }
 OUTPUTS = {
     "prepare": [PREPARED],

@@ -280,7 +280,8 @@ class FinetuneConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Accuracy of the fine-tuned (and base) model on multiple-choice tasks."""
+    """Accuracy of the fine-tuned (and base) model on multiple-choice tasks, and its log-likelihood of
+    held-out reference responses."""
 
     tasks: list[str] = param(["shed_embedded"], "project tasks (shed_embedded, shed_eval, mmlu_local, "
                              "arc_challenge_local: offline) or lm-eval built-ins (mmlu, arc_challenge: online)")
@@ -289,6 +290,8 @@ class EvaluateConfig:
     include_base: bool = param(True, "also score the base model without the adapter")
     mmlu_dir: str = param("", "offline MMLU for mmlu_local: a directory with test/ (original CSV layout)")
     arc_file: str = param("", "offline ARC for arc_challenge_local: an AI2 ARC JSONL file")
+    heldout: str = param("", "instruction records never trained on (any pool layout), scored by their reference "
+                         "responses' mean per-token log-likelihood under train.template; '' = none")
 
     def check(self) -> Iterator[tuple[str, str]]:
         for task in (t for t in self.tasks if t in FILE_TASKS):
