@@ -221,6 +221,18 @@ def split(records: list[dict], seed: int, pool_size: int, dev_size: int) -> tupl
     return [base[i] for i in order[dev_size:dev_size + pool_size]], [base[i] for i in order[:dev_size]]
 
 
+def heldout_records(records: list[dict], seed: int, pool_size: int, dev_size: int, count: int) -> list[dict]:
+    """`count` clean Alpaca records {instruction, input, output} in neither the pool nor the dev set of `split`
+    (the same seeded order, after both): what fine-tuned models are scored on."""
+    base = alpaca_base(records)
+    if pool_size + dev_size + count > len(base):
+        raise ValueError(f"pool {pool_size} + dev {dev_size} + held-out {count} records asked for, "
+                         f"only {len(base)} usable Alpaca records")
+    order = np.random.default_rng([seed, 1]).permutation(len(base))
+    return [{k: base[i][k] for k in ("instruction", "input", "output")}
+            for i in order[dev_size + pool_size:dev_size + pool_size + count]]
+
+
 def dev_records(records: list[dict], seed: int, pool_size: int, dev_size: int) -> list[dict]:
     """The held-out clean dev records {instruction, input, output} (plain Alpaca, never in the pool)."""
     return [{k: r[k] for k in ("instruction", "input", "output")} for r in split(records, seed, pool_size, dev_size)[1]]

@@ -3,6 +3,7 @@
     python benchmarks/real_quality.py --model tiny --pool-size 300 --seeds 1      # quick CPU check, tiny base
     shed fetch-model && python benchmarks/real_quality.py                          # SmolLM2-135M, 1,000 records
     python benchmarks/real_quality.py --finetune --limit 200                       # + the paper's Table 2 (a GPU)
+    python benchmarks/real_quality.py --finetune --tasks arc_easy --limit 200 --heldout 200  # downstream, a CPU
     python benchmarks/real_quality.py --from-json FILE --markdown docs/results/real_quality.md
 
 The pool (benchmarks/planting.py, whose docstring has the protocol; pure and deterministic by seed): Alpaca
@@ -42,8 +43,9 @@ Metrics, per seed, then mean ± std over seeds per protocol and dev set (and val
   subset), vs_random (that share over random's; the target for concentrated harm is qocs <= 1/3), selection_s
   (the sample stage) and valuation_s (the shapley stage, which qocs and qwcs also need).
 - with --finetune: per method (and the full pool), the finetune stage (LoRA on the subset) and the evaluate
-  stage on ARC-Easy, ARC-Challenge and MMLU test from <shared>/data, --limit questions each (0 = all), and
-  the base model once. ARC-Easy has no offline lm-eval task of its own here: prepare.eval is set to
+  stage on --tasks (ARC-Easy, ARC-Challenge, MMLU test from <shared>/data), --limit questions each (0 = all),
+  and with --heldout N the mean per-token log-likelihood of N clean Alpaca responses in neither the pool nor
+  the dev set (evaluate.heldout; planting.heldout_records), and the base model once. ARC-Easy has no offline lm-eval task of its own here: prepare.eval is set to
   ARC-Easy-Test.jsonl and the project task shed_eval scores it with ARC's prompt ("Question: ...\\nAnswer:",
   log-likelihood of each choice), as lm-eval's arc_easy does; ARC-Challenge is arc_challenge_local
   (evaluate.arc_file) and MMLU mmlu_local (evaluate.mmlu_dir), zero-shot.
@@ -89,7 +91,8 @@ tables.quiet_offline_env()
 import harm  # noqa: E402
 from harm import (cluster_auroc, cluster_shares, harm_in_bad_clusters, harmful_share, proxy_reading,  # noqa: E402
                   record_auroc)
-from planting import FAMILIES, KINDS, LOSS_KINDS, PROTOCOLS, dev_records, family_of, plant, resolve_kinds  # noqa: E402
+from planting import (FAMILIES, KINDS, LOSS_KINDS, PROTOCOLS, dev_records, family_of, heldout_records,  # noqa: E402
+                      plant, resolve_kinds)
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
@@ -203,8 +206,9 @@ def settings(args, model_dir: str) -> dict:
         "cluster.C": args.clusters or max(2, args.pool_size // 20),
         "shapley.model": model_dir, "shapley.value": "loglik", "finetune.model": model_dir,
         "sample.subset_size": args.subset,
-        "evaluate.tasks": list(TASKS), "evaluate.mmlu_dir": str(MMLU), "evaluate.arc_file": str(ARC_CHALLENGE),
-        "evaluate.limit": args.limit,
+        "evaluate.tasks": [t for t, label in TASKS.items() if label in args.tasks], "evaluate.mmlu_dir": str(MMLU),
+        "evaluate.arc_file": str(ARC_CHALLENGE), "evaluate.limit": args.limit,
+        "evaluate.heldout": "heldout.jsonl" if args.finetune and args.heldout else "",
     }
     if args.model == "smollm2":  # the CPU-sized recipe (module docstring, "Cost")
         out.update(SMOLLM2_CPU)
@@ -224,7 +228,8 @@ def finetune_and_score(raw: dict, digest: str, cache: dict, with_base: bool) -> 
         tables.set_dotted(raw, "evaluate.include_base", with_base)
         seconds = tables.run_stage("finetune", raw) + tables.run_stage("evaluate", raw)
         metrics = json.loads(Path(artifacts.metrics("evaluate")).read_text())
-        read = lambda block: {TASKS.get(t, t): round(float(m["acc"]), 4) for t, m in block.items()}  # noqa: E731
+        read = lambda block: {TASKS.get(t, t): round(float(m["acc"] if "acc" in m else m["loglik"]), 4)  # noqa: E731
+                              for t, m in block.items()}
         if "base" in metrics:
             cache["base"] = read(metrics["base"])
         cache[digest] = (read(metrics["finetuned"]), seconds)
@@ -259,6 +264,8 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
             (ws / artifacts.FORWARD_RUNS).symlink_to(args.cache, target_is_directory=True)
             write_jsonl(ws / "pool.jsonl", pool)
             write_jsonl(ws / "truth.jsonl", truth)
+            if args.finetune and args.heldout:
+                write_jsonl(ws / "heldout.jsonl", heldout_records(alpaca, seed, args.pool_size, args.dev_size, args.heldout))
             clustered = False
             for dev in args.devs:
                 write_jsonl(ws / "dev.jsonl", dev_records(alpaca, seed, args.pool_size, args.dev_size) if dev == "alpaca"
@@ -546,8 +553,10 @@ def markdown(result: dict, source: str | None) -> str:
         present = next(iter(acc.values()))
         task_names = [t for t in TASKS.values() if t in present] + [t for t in present if t not in TASKS.values()]
         rows = [m for m in methods if m in acc] + [m for m in ("full", "base") if m in acc]
-        lines += ["", f"Accuracy after fine-tuning on each subset, {k} (evaluate.limit {s['limit'] or 'all'}):", "",
-                  "| subset | " + " | ".join(task_names) + " |", "|---|" + "---|" * len(task_names)]
+        heading = [{"heldout": f"held-out log-lik ({s.get('heldout', 0)} records)"}.get(t, t) for t in task_names]
+        lines += ["", f"After fine-tuning on each subset, {k}: accuracy (evaluate.limit {s['limit'] or 'all'}) and the mean "
+                  "per-token log-likelihood of held-out clean responses (higher is better):", "",
+                  "| subset | " + " | ".join(heading) + " |", "|---|" + "---|" * len(task_names)]
         tune_s = result["results"][k].get("tune_s", {})
         lines[-2] += " finetune + evaluate s |"
         lines[-1] += "---|"
@@ -638,8 +647,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="corruption kinds or families (" + "; ".join(f"{f}: {', '.join(k)}" for f, k in
                                                                           FAMILIES.items()) + ")")
     parser.add_argument("--finetune", action="store_true",
-                        help="also fine-tune on each subset and the full pool, and evaluate (ARC-Easy, ARC-Challenge, MMLU)")
+                        help="also fine-tune on each subset and the full pool, and evaluate (--tasks, --heldout)")
+    parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS.values()), default=list(TASKS.values()),
+                        help="with --finetune: the multiple-choice tasks evaluate scores")
     parser.add_argument("--limit", type=int, default=0, help="evaluate.limit: questions per task (0 = all)")
+    parser.add_argument("--heldout", type=int, default=0, metavar="N",
+                        help="with --finetune: also score N clean Alpaca records never in the pool or the dev set "
+                             "(evaluate.heldout: mean per-token log-likelihood of their responses)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     parser.add_argument("-v", "--verbose", action="store_true", help="the stages' INFO logs")
     tables.add_arguments(parser)
@@ -699,8 +713,8 @@ def run(args: argparse.Namespace) -> dict:
                      "protocols": args.protocols, "devs": args.devs, "bad_sources": args.bad_sources,
                      "bad_rate": args.bad_rate, "background_rate": args.background_rate,
                      "scattered_rate": args.scattered_rate, "kinds": args.kinds, "family": family_of(args.kinds),
-                     "finetune": args.finetune,
-                     "limit": args.limit, "params": s}),
+                     "finetune": args.finetune, "tasks": args.tasks if args.finetune else [],
+                     "heldout": args.heldout if args.finetune else 0, "limit": args.limit, "params": s}),
         "seconds": seconds, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 

@@ -155,6 +155,18 @@ def test_dev_records_are_held_out_and_plain(alpaca, concentrated, scattered):
         assert not {t["alpaca_index"] for t in truth} & {r["alpaca_index"] for r in held}
 
 
+def test_heldout_records_are_in_neither_the_pool_nor_the_dev_set(alpaca):
+    held = planting.heldout_records(alpaca, 1, 1000, 32, 200)
+    assert len(held) == 200 and all(set(r) == {"instruction", "input", "output"} for r in held)
+    base, dev = planting.split(alpaca, 1, 1000, 32)
+    prompts = {(r["instruction"], r["input"]) for r in held}
+    assert len(prompts) == 200 and not prompts & {(r["instruction"], r["input"]) for r in base + dev}
+    assert held == planting.heldout_records(alpaca, 1, 1000, 32, 200)
+    assert held != planting.heldout_records(alpaca, 2, 1000, 32, 200)
+    with pytest.raises(ValueError, match="held-out"):
+        planting.heldout_records(alpaca, 1, 1000, 32, len(planting.alpaca_base(alpaca)))
+
+
 @needs_alpaca
 def test_truth_ids_are_the_ids_prepare_gives(tmp_path, concentrated):
     from shed.stages.prepare import pool_records

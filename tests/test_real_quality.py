@@ -130,7 +130,7 @@ def tiny_base(tmp_path_factory):
 def test_end_to_end_tiny_run_prints_one_json_line_with_every_figure(tmp_path, tiny_base):
     cmd = [sys.executable, str(ROOT / "benchmarks/real_quality.py"), "--model", "tiny", "--base-model", str(tiny_base),
            "--pool-size", "60", "--dev-size", "16", "--clusters", "6", "--seeds", "1", "--dev", "both", "--finetune",
-           "--limit", "2", "--set", "shapley.k=1", "--set", "train.epochs=1", "--markdown", str(tmp_path / "t.md")]
+           "--limit", "2", "--heldout", "5", "--set", "shapley.k=1", "--set", "train.epochs=1", "--markdown", str(tmp_path / "t.md")]
     result = subprocess.run(cmd, capture_output=True, text=True, env=STAGE_ENV, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
@@ -145,7 +145,8 @@ def test_end_to_end_tiny_run_prints_one_json_line_with_every_figure(tmp_path, ti
         assert set(r["reference_auroc"]) == {"length", "perplexity"} and "record_auroc_inherited" in r
         assert set(r["record_auroc_by_kind"]) <= set(rq.LOSS_KINDS) and r["record_auroc_by_kind"]
         assert -1 <= r["length_spearman"]["mean"] <= 1
-        assert all(set(by_task) == {"arc_easy", "arc_challenge", "mmlu"} for by_task in r["acc"].values())
+        assert all(set(by_task) == {"arc_easy", "arc_challenge", "mmlu", "heldout"} for by_task in r["acc"].values())
+        assert all(by_task["heldout"]["mean"] < 0 for by_task in r["acc"].values())  # a mean log-likelihood
         assert r["clusters"]["mean"] == 6
     share = line["results"]["concentrated/alpaca"]["pool_harmful_share"]["mean"]
     assert share == pytest.approx((round(0.85 * 12) + 4 * round(0.02 * 12)) / 60, abs=1e-4)
@@ -155,7 +156,7 @@ def test_end_to_end_tiny_run_prints_one_json_line_with_every_figure(tmp_path, ti
     # saved settings name the shared data relative to the repository, not this machine's folders
     assert line["settings"]["params"]["evaluate.mmlu_dir"] == "../shared/data/mmlu"
     text = (tmp_path / "t.md").read_text()
-    assert "cluster AUROC" in text and "arc_easy" in text
+    assert "cluster AUROC" in text and "arc_easy" in text and "held-out log-lik (5 records)" in text
     saved = tmp_path / "line.json"
     saved.write_text(result.stdout)
     again = subprocess.run([sys.executable, str(ROOT / "benchmarks/real_quality.py"), "--from-json", str(saved)],
