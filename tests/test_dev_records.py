@@ -15,7 +15,7 @@ from shed.config import BaseConfig, LoraConfig, ShapleyConfig, TrainConfig, load
 from shed.data import record_id
 from shed.fileio import ShedError
 from shed.mcdata import question_key, refuse_overlap
-from shed.prompts import render
+from shed.prompts import Span, render, spans
 from shed.scoring import dev_kind, gold_loglik, response_loglik, response_rows
 from shed.training import LoraTrainer, pad_rows
 
@@ -49,7 +49,7 @@ def test_a_records_loglik_is_the_per_token_mean_over_its_response_given_the_trai
     model, tokenizer = lm
     sums, counts = zip(*(by_hand(model, tokenizer, r, template) for r in RECORDS))
     assert len(set(counts)) > 1  # responses of different lengths: the batch below is padded
-    prompts = [render(r, template, tokenizer) for r in RECORDS]
+    prompts = [spans(r, template, tokenizer) for r in RECORDS]
     mean, per_record = response_loglik(model, tokenizer, prompts, batch_size=2)
     assert per_record == pytest.approx([s / n for s, n in zip(sums, counts)], abs=1e-4)
     assert mean == pytest.approx(sum(sums) / sum(counts), abs=1e-4)  # over all tokens, as gold_loglik
@@ -68,7 +68,7 @@ def test_dev_rows_are_the_trainers_own_encoding_and_their_losses_the_records_log
     assert rows == [trainer.encode(r) for r in RECORDS]  # the prompt training uses, the response + EOS
     batch = pad_rows(rows, tokenizer.pad_token_id)
     losses = inrun.dev_losses(trainer.model, batch)  # reduction "example": each record's own mean
-    mean, per_record = response_loglik(trainer.model, tokenizer, [render(r, "alpaca", tokenizer) for r in RECORDS])
+    mean, per_record = response_loglik(trainer.model, tokenizer, [spans(r, "alpaca", tokenizer) for r in RECORDS])
     assert -losses == pytest.approx(per_record, abs=1e-5)
     assert float(-(inrun.token_weights(batch) @ losses)) == pytest.approx(mean, abs=1e-5)
     with pytest.raises(ValueError, match="train.template"):
@@ -82,7 +82,7 @@ def test_questions_still_score_as_before(lm):
     assert rows[0][1][-1] != tokenizer.eos_token_id
     _, per_question = gold_loglik(model, tokenizer, QUESTIONS)
     assert -inrun.dev_losses(model, pad_rows(rows, tokenizer.pad_token_id)) == pytest.approx(per_question, abs=1e-5)
-    assert response_rows(tokenizer, [("Q", " a")])[0][1][-1] == tokenizer.eos_token_id
+    assert response_rows(tokenizer, [[Span("Q"), Span(" a", reply=True, eos=True)]])[0][1][-1] == tokenizer.eos_token_id
     # The eval-overlap check (prepare, evaluate) compares questions only: records have none.
     refuse_overlap(RECORDS, {question_key("Name a colour.", ["red", "dog"])}, "dev.jsonl", "eval.jsonl")
     with pytest.raises(ShedError, match="1 dev questions also appear in the eval set"):
