@@ -25,6 +25,9 @@ RECORDS = [
     {"id": "c", "instruction": "Count the words.", "input": "one two three four", "output": "four words in all"},
 ]
 QUESTIONS = [{"id": "q", "question": "Name a colour.", "choices": ["red", "dog"], "answer": 0}]
+CONVERSATION = {"id": "d", "instruction": "Name a colour.", "input": "", "output": "red", "messages": [
+    {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "red"},
+    {"role": "user", "content": "Give the first word."}, {"role": "assistant", "content": "plum"}]}
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -64,11 +67,12 @@ def test_dev_rows_are_the_trainers_own_encoding_and_their_losses_the_records_log
     train = TrainConfig(template="alpaca", responses_only=True, max_length=0,
                         lora=LoraConfig(r=2, alpha=4, target_modules=["q_proj"]))
     trainer = LoraTrainer(model, tokenizer, train)
-    rows = inrun.dev_rows(tokenizer, RECORDS, "alpaca")
-    assert rows == [trainer.encode(r) for r in RECORDS]  # the prompt training uses, the response + EOS
+    dev = RECORDS + [CONVERSATION]
+    rows = inrun.dev_rows(tokenizer, dev, "alpaca")
+    assert rows == [trainer.encode(r) for r in dev]  # the prompt training uses, the response + EOS (every reply)
     batch = pad_rows(rows, tokenizer.pad_token_id)
     losses = inrun.dev_losses(trainer.model, batch)  # reduction "example": each record's own mean
-    mean, per_record = response_loglik(trainer.model, tokenizer, [spans(r, "alpaca", tokenizer) for r in RECORDS])
+    mean, per_record = response_loglik(trainer.model, tokenizer, [spans(r, "alpaca", tokenizer) for r in dev])
     assert -losses == pytest.approx(per_record, abs=1e-5)
     assert float(-(inrun.token_weights(batch) @ losses)) == pytest.approx(mean, abs=1e-5)
     with pytest.raises(ValueError, match="train.template"):
@@ -124,6 +128,9 @@ def prepare_in(tmp_path, monkeypatch, dev_name, dev_text, **prepare):
     ("dev.csv", "instruction,input,output\nAdd 1 and 1.,,2\nName a fruit.,,Plum\n"),
     ("dolly.jsonl", "".join(json.dumps({"instruction": r["instruction"], "context": r.get("input", ""),
                                         "response": r["output"]}) + "\n" for r in DEV)),
+    ("chat.jsonl", "".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
+                                                    {"role": "assistant", "content": r["output"]}]}) + "\n"
+                           for r in DEV)),  # single exchanges: single-turn records
 ])
 def test_prepare_reads_an_instruction_dev_file_in_the_pools_layouts(tmp_path, monkeypatch, name, text):
     dev = prepare_in(tmp_path, monkeypatch, name, text)
@@ -131,6 +138,15 @@ def test_prepare_reads_an_instruction_dev_file_in_the_pools_layouts(tmp_path, mo
                    {"id": record_id("Name a fruit.", "", "Plum"), "instruction": "Name a fruit.", "input": "",
                     "output": "Plum"}]
     assert json.loads((tmp_path / "metrics/prepare.json").read_text())["dev"] == 2
+
+
+def test_a_dev_conversation_is_kept_whole_with_the_pools_id(tmp_path, monkeypatch):
+    from shed.data import content_id
+
+    row = {"conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                             for m in CONVERSATION["messages"]]}
+    dev = prepare_in(tmp_path, monkeypatch, "dev.jsonl", json.dumps(row) + "\n")
+    assert dev == [{**CONVERSATION, "id": content_id(CONVERSATION)}]
 
 
 def test_a_multiple_choice_dev_file_is_still_read_as_questions(tmp_path, monkeypatch):
