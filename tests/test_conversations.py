@@ -50,7 +50,8 @@ def test_a_conversation_pool_goes_from_prepare_to_sample_with_every_turn(tmp_pat
 
     pool = [json.loads(line) for line in (tmp_path / artifacts.POOL).read_text().splitlines()]
     assert [[(m["role"], m["content"]) for m in r["messages"]] for r in pool] == conversations  # every turn, in order
-    assert [(r["instruction"], r["input"], r["output"]) for r in pool] == [(c[1][1], "", c[2][1]) for c in conversations]
+    assert [(r["instruction"], r["input"], r["output"]) for r in pool] == [(c[1][1], "", c[2][1])
+                                                                           for c in conversations]
     assert (tmp_path / artifacts.EMBED_IDS).read_text().split() == [r["id"] for r in pool]
     assert np.isfinite(np.load(tmp_path / artifacts.EMBEDDINGS)).all()
 
@@ -64,7 +65,8 @@ def test_a_conversation_pool_goes_from_prepare_to_sample_with_every_turn(tmp_pat
     assert len(valued) == 4 and np.isfinite(valued["score"]).all()
     for rid, tokens in zip(valued["id"], valued["tokens"]):
         replies = [m["content"] for m in by_id[rid]["messages"] if m["role"] == "assistant"]
-        assert tokens == sum(len(tokenizer(" " + reply, add_special_tokens=False)["input_ids"]) + 1 for reply in replies)
+        assert tokens == sum(len(tokenizer(" " + reply, add_special_tokens=False)["input_ids"]) + 1
+                             for reply in replies)
     jobs = [json.loads(line) for line in (tmp_path / artifacts.JOBS).read_text().splitlines()]
     assert jobs and all(np.isfinite(job["train_loss"]) for job in jobs if job["size"])
 

@@ -79,7 +79,8 @@ def test_a_conversations_text_joins_every_turn_and_its_responses_are_every_reply
     [record] = normalize_pool([OPENAI_ROW], "p.jsonl")
     assert record_text(record) == "\n".join(m["content"] for m in MESSAGES)  # what is embedded, what DSIR reads
     assert record_text(record, ["output"]) == "Blue\nRed\nGreen"
-    assert record_text(record, ["instruction", "input"]) == "Answer in one word.\nName a colour.\nAnd another?\nA third?"
+    assert record_text(record, ["instruction", "input"]) == ("Answer in one word.\nName a colour.\nAnd another?\n"
+                                                             "A third?")
     assert responses(record) == ["Blue", "Red", "Green"]
     single = {"instruction": "i", "input": "x", "output": "o"}
     assert (record_text(single), record_text(single, ["output"]), responses(single)) == ("i\nx\no", "o", ["o"])

@@ -291,8 +291,8 @@ class PoolNormalizer:
 
 def normalize_pool(rows: list[dict], source: str, fmt: str = "auto", duplicates: str = "drop",
                    empty: str = "drop") -> list[dict]:
-    """Map raw rows to `{id, instruction, input, output}` (and `messages`: see PoolNormalizer.add); report and handle exact duplicates and
-    records whose instruction or output is blank (real Alpaca has a few)."""
+    """Map raw rows to `{id, instruction, input, output}` (and `messages`: see PoolNormalizer.add); report and
+    handle exact duplicates and records whose instruction or output is blank (real Alpaca has a few)."""
     pool = PoolNormalizer(source, fmt, duplicates, empty)
     records = pool.add_rows(rows)
     pool.finish()

@@ -34,7 +34,8 @@ ALPACA_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.")
 ALPACA_EXCHANGE = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_NO_INPUT = ALPACA_PREAMBLE + "\n\n" + ALPACA_EXCHANGE
 # The paper's template, byte for byte (the SHED authors' utils/vicuna.json; note: no space after

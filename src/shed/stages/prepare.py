@@ -12,9 +12,9 @@ truth.jsonl (which records were planted as harmful: read by benchmarks only, nev
 prepare.dev may instead be a file of instruction records in any layout prepare.pool reads (alpaca,
 dolly or chat fields; JSONL, a JSON array, CSV with a header, Parquet, hf:<id>): dev.jsonl then holds
 records `{id, instruction, input, output}` (and `messages`, as the pool's) with the pool's content-hash
-ids, and shapley.value loglik scores their reference responses. The kind is told by the first row's fields (`question`: multiple
-choice; `instruction`, `conversations` or `messages`: records). A dev record that is also in the pool
-(the same content, so the same id) stops the run.
+ids, and shapley.value loglik scores their reference responses. The kind is told by the first row's
+fields (`question`: multiple choice; `instruction`, `conversations` or `messages`: records). A dev
+record that is also in the pool (the same content, so the same id) stops the run.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def _chunks(rows: list, chunk_size: int) -> Iterator[Rows]:
 
 def pool_records(source: str, split: str = "train", fmt: str = "auto", duplicates: str = "drop", empty: str = "drop",
                  chunk_size: int = 0) -> Iterator[dict]:
-    """Normalised records `{id, instruction, input, output}` (and `messages`) of a pool source, read in chunks: the same records
-    and errors as normalize_pool(load_rows(source))."""
+    """Normalised records `{id, instruction, input, output}` (and `messages`) of a pool source, read in chunks:
+    the same records and errors as normalize_pool(load_rows(source))."""
     pool = PoolNormalizer(source, fmt, duplicates, empty)
     for rows in iter_rows(source, split, chunk_size or streaming.CHUNK):
         yield from pool.add_rows(rows)
