@@ -49,6 +49,14 @@ def records_dev(tmp_path):
     (tmp_path / "data/prepared/dev.jsonl").write_text(jsonl([{"id": "d0", **ALPACA[0]}]))
 
 
+CHAT_OK = [{"from": "human", "value": "Add 2 and 3."}, {"from": "gpt", "value": "5"}]
+
+
+def chat_pool(*turns):
+    """A ShareGPT pool: a good conversation on line 1, then one of these (from, value) turns on line 2."""
+    return jsonl([{"conversations": CHAT_OK}, {"conversations": [{"from": f, "value": v} for f, v in turns]}])
+
+
 def pool(name, content):
     return {name: content}, f"prepare:\n  pool: {name}\n"
 
@@ -98,6 +106,33 @@ CASES = {
     "pool_not_found": ("prepare", {}, "prepare:\n  pool: nowhere.jsonl\n", None, "nowhere.jsonl: file not found"),
     "chat_without_assistant": ("prepare", *pool("pool.jsonl", jsonl([{"messages": [{"role": "user", "content": "hi"}]}])),
                                None, "pool.jsonl: line 1: field 'messages' has no user turn followed by an assistant"),
+    # A conversation that cannot be trained on (shed.data._conversation), on line 2 after a good one.
+    "chat_roles_out_of_order": ("prepare", *pool("pool.jsonl", chat_pool(("human", "a"), ("human", "b"), ("gpt", "c"))),
+                                None, "pool.jsonl: line 2: field conversations[1]: role 'human' out of order: expected "
+                                      "an assistant turn after the user turn at conversations[0]"),
+    "chat_system_not_first": ("prepare", *pool("pool.jsonl", chat_pool(("human", "a"), ("gpt", "b"), ("system", "s"),
+                                                                       ("gpt", "c"))),
+                              None, "pool.jsonl: line 2: field conversations[2]: role 'system' out of order: expected "
+                                    "a user turn after the assistant turn at conversations[1]"),
+    "chat_starts_with_assistant": ("prepare", *pool("pool.jsonl", chat_pool(("gpt", "a"), ("human", "b"), ("gpt", "c"))),
+                                   None, "pool.jsonl: line 2: field conversations[0]: role 'gpt' out of order: expected "
+                                         "a system or user turn first"),
+    "chat_ends_with_a_user_turn": ("prepare", *pool("pool.jsonl", chat_pool(("human", "a"), ("gpt", "b"), ("human", "c"))),
+                                   None, "pool.jsonl: line 2: field conversations[2]: the conversation ends with a user "
+                                         "turn (expected an assistant reply after it)"),
+    "chat_no_assistant_turn": ("prepare", *pool("pool.jsonl", chat_pool(("system", "s"), ("human", "a"))), None,
+                               "pool.jsonl: line 2: field 'conversations' has no user turn followed by an assistant turn"),
+    "chat_empty_content": ("prepare", *pool("pool.jsonl", chat_pool(("human", "a"), ("gpt", "b"), ("human", ""),
+                                                                    ("gpt", "d"))),
+                           None, "pool.jsonl: line 2: field conversations[2]: content is empty"),
+    "chat_blank_content": ("prepare", *pool("pool.jsonl", chat_pool(("system", "s"), ("human", "a"), ("gpt", " \n"))),
+                           None, "pool.jsonl: line 2: field conversations[2]: content is blank (only whitespace)"),
+    "chat_unknown_role": ("prepare", *pool("pool.jsonl", chat_pool(("human", "a"), ("tool", "b"), ("gpt", "c"))), None,
+                          "pool.jsonl: line 2: field conversations[1]: unknown role 'tool' (expected system, user/human "
+                          "or assistant/gpt/bot/model)"),
+    "chat_turn_not_an_object": ("prepare", *pool("pool.jsonl", jsonl([{"conversations": CHAT_OK},
+                                                                      {"conversations": [CHAT_OK[0], "gpt: b"]}])),
+                                None, "pool.jsonl: line 2: field conversations[1] must be an object, got str"),
     "duplicate_refused": ("prepare", {"pool.json": json.dumps(ALPACA + ALPACA[:1])},
                           "prepare:\n  pool: pool.json\n  duplicates: error\n", None,
                           "pool.json: item 3: exact duplicate"),

@@ -3,7 +3,7 @@ import json
 import pytest
 from helpers import fails_reading
 
-from shed.data import load_rows, normalize_choice_set, normalize_pool, record_id
+from shed.data import content_id, load_rows, normalize_choice_set, normalize_pool, record_id
 from shed.fileio import ShedError
 
 
@@ -20,6 +20,110 @@ def test_alpaca_dolly_and_chat_map_to_one_schema():
                           "c.json")
     assert alpaca[0] == dolly[0] == {"id": record_id("i", "x", "o"), "instruction": "i", "input": "x", "output": "o"}
     assert chat[0]["instruction"] == "i" and chat[0]["output"] == "o"
+
+
+# --- conversations (chat rows of more than one exchange, or with a system prompt) ---------------------------
+
+SYSTEM, EXCHANGES = "Answer in one word.", [("Name a colour.", "Blue"), ("And another?", "Red"), ("A third?", "Green")]
+SHAREGPT_ROW = {"conversations": [{"from": "system", "value": SYSTEM}]
+                + [{"from": side, "value": text} for user, reply in EXCHANGES
+                   for side, text in (("human", user), ("gpt", reply))]}
+OPENAI_ROW = {"messages": [{"role": "system", "content": SYSTEM}]
+              + [{"role": role, "content": text} for user, reply in EXCHANGES
+                 for role, text in (("user", user), ("assistant", reply))]}
+MESSAGES = OPENAI_ROW["messages"]
+
+
+@pytest.mark.parametrize("row", [SHAREGPT_ROW, OPENAI_ROW], ids=["sharegpt", "openai"])
+def test_a_conversation_keeps_every_turn_with_roles_normalised(row):
+    [record] = normalize_pool([row], "pool.jsonl")
+    assert record == {"id": content_id({"messages": MESSAGES}), "instruction": "Name a colour.", "input": "",
+                      "output": "Blue", "messages": MESSAGES}
+
+
+def test_conversation_ids_hash_every_turn():
+    first_exchange = MESSAGES[1:3]
+    rows = [{"messages": MESSAGES}, {"messages": MESSAGES[:3]}, {"messages": MESSAGES[1:]},
+            {"messages": MESSAGES[:4] + [{"role": "assistant", "content": "Purple"}]},
+            {"messages": first_exchange}]
+    records = normalize_pool(rows, "pool.jsonl")
+    assert len({r["id"] for r in records}) == 5  # all share the first exchange; none collide
+    assert all("messages" in r for r in records[:4]) and "messages" not in records[4]
+    assert records[4]["id"] == record_id("Name a colour.", "", "Blue")  # one exchange: a single-turn record
+    assert normalize_pool([SHAREGPT_ROW], "a.jsonl")[0]["id"] == normalize_pool([OPENAI_ROW], "b.jsonl")[0]["id"]
+
+
+def test_a_blank_system_prompt_is_no_system_prompt():
+    blank = [{"role": "system", "content": "  "}] + MESSAGES[1:3]
+    assert normalize_pool([{"messages": blank}], "p.jsonl") == normalize_pool([{"messages": MESSAGES[1:3]}], "p.jsonl")
+
+
+def test_a_single_exchange_with_a_blank_turn_goes_by_prepare_empty_as_before():
+    rows = [{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "o"}]}, OPENAI_ROW]
+    assert [r["output"] for r in normalize_pool(rows, "p.jsonl")] == ["Blue"]
+    with pytest.raises(ShedError, match="item 1: field 'instruction' is empty"):
+        normalize_pool(rows, "p.jsonl", empty="error")
+
+
+def test_duplicate_conversations_dropped_kept_or_refused():
+    assert len(normalize_pool([SHAREGPT_ROW, OPENAI_ROW], "p.jsonl")) == 1
+    kept = normalize_pool([SHAREGPT_ROW, OPENAI_ROW], "p.jsonl", duplicates="keep")
+    assert kept[0]["id"] != kept[1]["id"] and kept[0]["messages"] == kept[1]["messages"]
+    with pytest.raises(ShedError, match="item 2: exact duplicate"):
+        normalize_pool([SHAREGPT_ROW, OPENAI_ROW], "p.jsonl", duplicates="error")
+
+
+def test_a_conversations_text_joins_every_turn_and_its_responses_are_every_reply():
+    from shed.records import record_text, responses
+
+    [record] = normalize_pool([OPENAI_ROW], "p.jsonl")
+    assert record_text(record) == "\n".join(m["content"] for m in MESSAGES)  # what is embedded, what DSIR reads
+    assert record_text(record, ["output"]) == "Blue\nRed\nGreen"
+    assert record_text(record, ["instruction", "input"]) == ("Answer in one word.\nName a colour.\nAnd another?\n"
+                                                             "A third?")
+    assert responses(record) == ["Blue", "Red", "Green"]
+    single = {"instruction": "i", "input": "x", "output": "o"}
+    assert (record_text(single), record_text(single, ["output"]), responses(single)) == ("i\nx\no", "o", ["o"])
+
+
+# Single-turn pools prepare exactly as before conversations were kept whole: pool.jsonl's bytes and ids, pinned
+# from the code before that change (a blank system prompt was dropped then too; roles in any case).
+SINGLE_TURN = {
+    "alpaca": ([{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+                {"instruction": "Translate to French.", "input": "cheese", "output": "fromage"},
+                {"instruction": "Name a café drink ☕", "input": "", "output": "Crème — au lait"}],
+               "acc7d850843c061b9100b003bd8b8e82048c80c69ab138b294bd3b9c3be92eaa",
+               ["fd9c872ad578a54f", "72280a2c044b630d", "50dd16cd651f3bc3"]),
+    "sharegpt": ([{"id": "c1", "conversations": [{"from": "human", "value": "Add 2 and 3."},
+                                                 {"from": "gpt", "value": "5"}]},
+                  {"conversations": [{"from": "system", "value": " "}, {"from": "human", "value": "Say hi."},
+                                     {"from": "gpt", "value": "Hi ☺"}]}],
+                 "3812de559614a5a3760efb106f828c262afcac75265da8b88015d118a8287c51",
+                 ["fd9c872ad578a54f", "ef5d6bc5329c9437"]),
+    "openai": ([{"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue"}]},
+                {"messages": [{"role": "User", "content": "Count to 3."}, {"role": "Assistant", "content": "1 2 3"}]}],
+               "a5cd229890a1b260263ff6ea0189effc35518142cf78925623e9b23dbfd9e8f4",
+               ["7134b072d8631ced", "4e97a3f8de5755f1"]),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(SINGLE_TURN))
+def test_single_turn_pools_prepare_to_the_same_bytes_and_ids_as_before(tmp_path, monkeypatch, layout):
+    import hashlib
+
+    import yaml
+
+    from shed.config import load_params
+    from shed.stages import prepare
+
+    rows, digest, ids = SINGLE_TURN[layout]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"prepare": {"pool": "pool.jsonl"}}))
+    monkeypatch.chdir(tmp_path)
+    prepare.main(load_params("params.yaml"))
+    written = (tmp_path / "data/prepared/pool.jsonl").read_bytes()
+    assert [json.loads(line)["id"] for line in written.splitlines()] == ids
+    assert hashlib.sha256(written).hexdigest() == digest
 
 
 def test_duplicates_dropped_kept_or_refused():

@@ -15,7 +15,7 @@ from shed.config import BaseConfig, LoraConfig, ShapleyConfig, TrainConfig, load
 from shed.data import record_id
 from shed.fileio import ShedError
 from shed.mcdata import question_key, refuse_overlap
-from shed.prompts import render
+from shed.prompts import Span, render, spans
 from shed.scoring import dev_kind, gold_loglik, response_loglik, response_rows
 from shed.training import LoraTrainer, pad_rows
 
@@ -25,6 +25,9 @@ RECORDS = [
     {"id": "c", "instruction": "Count the words.", "input": "one two three four", "output": "four words in all"},
 ]
 QUESTIONS = [{"id": "q", "question": "Name a colour.", "choices": ["red", "dog"], "answer": 0}]
+CONVERSATION = {"id": "d", "instruction": "Name a colour.", "input": "", "output": "red", "messages": [
+    {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "red"},
+    {"role": "user", "content": "Give the first word."}, {"role": "assistant", "content": "plum"}]}
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -49,7 +52,7 @@ def test_a_records_loglik_is_the_per_token_mean_over_its_response_given_the_trai
     model, tokenizer = lm
     sums, counts = zip(*(by_hand(model, tokenizer, r, template) for r in RECORDS))
     assert len(set(counts)) > 1  # responses of different lengths: the batch below is padded
-    prompts = [render(r, template, tokenizer) for r in RECORDS]
+    prompts = [spans(r, template, tokenizer) for r in RECORDS]
     mean, per_record = response_loglik(model, tokenizer, prompts, batch_size=2)
     assert per_record == pytest.approx([s / n for s, n in zip(sums, counts)], abs=1e-4)
     assert mean == pytest.approx(sum(sums) / sum(counts), abs=1e-4)  # over all tokens, as gold_loglik
@@ -64,11 +67,12 @@ def test_dev_rows_are_the_trainers_own_encoding_and_their_losses_the_records_log
     train = TrainConfig(template="alpaca", responses_only=True, max_length=0,
                         lora=LoraConfig(r=2, alpha=4, target_modules=["q_proj"]))
     trainer = LoraTrainer(model, tokenizer, train)
-    rows = inrun.dev_rows(tokenizer, RECORDS, "alpaca")
-    assert rows == [trainer.encode(r) for r in RECORDS]  # the prompt training uses, the response + EOS
+    dev = RECORDS + [CONVERSATION]
+    rows = inrun.dev_rows(tokenizer, dev, "alpaca")
+    assert rows == [trainer.encode(r) for r in dev]  # the prompt training uses, the response + EOS (every reply)
     batch = pad_rows(rows, tokenizer.pad_token_id)
     losses = inrun.dev_losses(trainer.model, batch)  # reduction "example": each record's own mean
-    mean, per_record = response_loglik(trainer.model, tokenizer, [render(r, "alpaca", tokenizer) for r in RECORDS])
+    mean, per_record = response_loglik(trainer.model, tokenizer, [spans(r, "alpaca", tokenizer) for r in dev])
     assert -losses == pytest.approx(per_record, abs=1e-5)
     assert float(-(inrun.token_weights(batch) @ losses)) == pytest.approx(mean, abs=1e-5)
     with pytest.raises(ValueError, match="train.template"):
@@ -82,7 +86,7 @@ def test_questions_still_score_as_before(lm):
     assert rows[0][1][-1] != tokenizer.eos_token_id
     _, per_question = gold_loglik(model, tokenizer, QUESTIONS)
     assert -inrun.dev_losses(model, pad_rows(rows, tokenizer.pad_token_id)) == pytest.approx(per_question, abs=1e-5)
-    assert response_rows(tokenizer, [("Q", " a")])[0][1][-1] == tokenizer.eos_token_id
+    assert response_rows(tokenizer, [[Span("Q"), Span(" a", reply=True, eos=True)]])[0][1][-1] == tokenizer.eos_token_id
     # The eval-overlap check (prepare, evaluate) compares questions only: records have none.
     refuse_overlap(RECORDS, {question_key("Name a colour.", ["red", "dog"])}, "dev.jsonl", "eval.jsonl")
     with pytest.raises(ShedError, match="1 dev questions also appear in the eval set"):
@@ -124,6 +128,9 @@ def prepare_in(tmp_path, monkeypatch, dev_name, dev_text, **prepare):
     ("dev.csv", "instruction,input,output\nAdd 1 and 1.,,2\nName a fruit.,,Plum\n"),
     ("dolly.jsonl", "".join(json.dumps({"instruction": r["instruction"], "context": r.get("input", ""),
                                         "response": r["output"]}) + "\n" for r in DEV)),
+    ("chat.jsonl", "".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
+                                                    {"role": "assistant", "content": r["output"]}]}) + "\n"
+                           for r in DEV)),  # single exchanges: single-turn records
 ])
 def test_prepare_reads_an_instruction_dev_file_in_the_pools_layouts(tmp_path, monkeypatch, name, text):
     dev = prepare_in(tmp_path, monkeypatch, name, text)
@@ -131,6 +138,15 @@ def test_prepare_reads_an_instruction_dev_file_in_the_pools_layouts(tmp_path, mo
                    {"id": record_id("Name a fruit.", "", "Plum"), "instruction": "Name a fruit.", "input": "",
                     "output": "Plum"}]
     assert json.loads((tmp_path / "metrics/prepare.json").read_text())["dev"] == 2
+
+
+def test_a_dev_conversation_is_kept_whole_with_the_pools_id(tmp_path, monkeypatch):
+    from shed.data import content_id
+
+    row = {"conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                             for m in CONVERSATION["messages"]]}
+    dev = prepare_in(tmp_path, monkeypatch, "dev.jsonl", json.dumps(row) + "\n")
+    assert dev == [{**CONVERSATION, "id": content_id(CONVERSATION)}]
 
 
 def test_a_multiple_choice_dev_file_is_still_read_as_questions(tmp_path, monkeypatch):

@@ -155,6 +155,17 @@ def test_sample_stage_length_counts_characters_of_the_output_only():
     assert select_with("length", 4, pool) == ["r2", "r1", "r4", "r3"]
 
 
+def test_sample_stage_length_counts_every_reply_of_a_conversation():
+    def conversation(rid, *replies):
+        turns = [t for reply in replies for t in ({"role": "user", "content": "q" * 50}, {"role": "assistant",
+                                                                                         "content": reply})]
+        return {"id": rid, "instruction": "q" * 50, "input": "", "output": replies[0], "messages": turns}
+
+    pool = [{"id": "r1", "instruction": "i", "input": "", "output": "abcdef"}, conversation("r2", "abc", "abcd"),
+            conversation("r3", "abcde")]
+    assert select_with("length", 3, pool) == ["r2", "r1", "r3"]  # 7 reply characters, 6, 5
+
+
 # --- perplexity: lowest loss first ---
 def test_lowest_loss_ranks_ascending_with_ties_by_id_and_nan_last():
     ids, losses = ["x", "y", "z", "w", "v"], [2.0, 1.0, 2.0, math.nan, math.inf]
@@ -338,6 +349,43 @@ def test_every_sample_method_has_a_sampler_and_says_which_signals_it_reads():
                                  ("dsir", "nearest", {"dev"}), ("qocs", "nearest", set())]:
         cfg.method, cfg.within = method, within
         assert needs(cfg) == want, (method, within)
+
+
+CONVERSATION = {"id": "c0", "instruction": "Say hi.", "input": "", "output": "Hello", "messages": [
+    {"role": "system", "content": "Answer."}, {"role": "user", "content": "Say hi."},
+    {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "red"}, {"role": "user", "content": "Repeat the words twice."},
+    {"role": "assistant", "content": "apple pear apple pear"}]}
+
+
+def replies_by_hand(model, tokenizer, record: dict) -> float:
+    """A conversation's mean NLL over every reply's tokens (and EOS) under qa, each reply scored as the
+    continuation of everything before it (`scoring.token_logliks`, one reply at a time)."""
+    from shed.prompts import spans, tokenize
+    from shed.scoring import token_logliks
+
+    pieces, rows = spans(record, "qa"), []
+    for k, span in enumerate(pieces):
+        if span.reply:
+            rows.append((tokenize(tokenizer, pieces[:k], responses_only=False)[0], tokenize(tokenizer, [span])[0]))
+    scored = token_logliks(model, tokenizer, rows, 1)
+    return -sum(total for total, _ in scored) / sum(count for _, count in scored)
+
+
+def test_a_conversations_loss_averages_every_reply_and_alone_drops_the_user_side(tiny_lm, one_thread):
+    from shed.losses import response_losses, responses_alone
+
+    model, tokenizer = tiny_lm
+    pool = RECORDS[:2] + [CONVERSATION]
+    losses = response_losses(model, tokenizer, pool, "qa", 0, 3)
+    assert losses[:2] == pytest.approx([one_record_loss(model, tokenizer, r) for r in RECORDS[:2]], rel=1e-5)
+    assert losses[2] == pytest.approx(replies_by_hand(model, tokenizer, CONVERSATION), rel=1e-5)
+    alone = responses_alone(CONVERSATION)
+    assert alone["messages"] == [{"role": role, "content": content} for role, content in [
+        ("user", ""), ("assistant", "Hello"), ("user", ""), ("assistant", "red"), ("user", ""),
+        ("assistant", "apple pear apple pear")]]
+    assert response_losses(model, tokenizer, pool, "qa", 0, 3, unconditional=True)[2] == pytest.approx(
+        replies_by_hand(model, tokenizer, alone), rel=1e-5)
 
 
 def test_ifd_is_the_conditional_over_the_unconditional_loss_and_the_unconditional_loss_drops_the_instruction(

@@ -110,7 +110,8 @@ class EmbedConfig:
     batch_size: int = param(128, "records per batch (batches are sorted by length)", ge=1)
     chunk_size: int = param(4096, "records embedded and written per chunk: a killed run resumes from the last "
                             "finished chunk", ge=1)
-    fields: list[str] = param(["instruction", "input", "output"], "record fields embedded, in this order",
+    fields: list[str] = param(["instruction", "input", "output"], "record fields embedded, in this order (a "
+                              "conversation: instruction = system and user turns, output = replies, in turn order)",
                               choices=("instruction", "input", "output"))
     device: str = param("auto", "auto, cpu, cuda, cuda:<i>, ... (backend torch)")
     dtype: str = param("float32", "backend torch: weights' dtype on CUDA (auto: float16 on CUDA); CPUs run "

@@ -1,7 +1,11 @@
 """Instruction pools and multiple-choice sets: loading, schema mapping, validation, stable ids.
 
 A pool record becomes `{id, instruction, input, output}`; `id` is a content hash, so it is the
-same on every machine and every run, and nothing downstream is keyed by text.
+same on every machine and every run, and nothing downstream is keyed by text. A chat row (ShareGPT
+`conversations: [{from, value}]`, OpenAI `messages: [{role, content}]`) of one user turn and its reply
+is such a record too; one with more exchanges or a system prompt is kept whole: its record adds
+`messages`, every turn as `{role, content}` with roles system/user/assistant, keeps the first exchange
+as `instruction`/`output` (`input` "") for code that reads those, and its id hashes every turn.
 A multiple-choice record becomes `{id, question, choices, answer}` with `answer` a 0-based index.
 
 Errors name a record as the user finds it in the file, 1-based: "line N" in JSON Lines, "row N" in
@@ -28,8 +32,9 @@ POOL_FORMATS = {
     "dolly": ("instruction", "context", "response"),
 }
 CHAT_KEYS = ("conversations", "messages")
-USER_ROLES = {"user", "human"}
-ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model"}
+# A chat turn's role as written (any case; ShareGPT `from`, OpenAI `role`) -> the role a record keeps.
+ROLES = {"system": "system", "user": "user", "human": "user",
+         "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 
 
 class Rows(list):
@@ -150,42 +155,83 @@ def _text(row: dict, key: str, source: str, at: str, required: bool) -> str:
     return value
 
 
-def _chat_record(row: dict, source: str, at: str) -> tuple[str, str]:
+def _conversation(row: dict, source: str, at: str) -> list[dict]:
+    """A chat row's turns as `[{role, content}]` with roles system, user and assistant. Refused (ShedError
+    naming the turn): a turn that is not an object, an unknown role, no assistant turn, roles out of order
+    (an optional leading system turn, then user and assistant in turn, ending with an assistant reply), an
+    empty turn; in a conversation (more than a user turn and its reply) a blank one too, where a single
+    exchange with a blank turn goes by prepare.empty as an alpaca row does. A blank system prompt is no
+    system prompt: it is left out."""
     key = next(k for k in CHAT_KEYS if k in row)
     turns = row[key]
     if not isinstance(turns, list) or not turns:
         raise ShedError(f"{source}: {at}: field {key!r} must be a non-empty list of turns")
-    user = assistant = None
+    messages, written = [], []  # the normalised turns, and each one's role as the file spells it
     for t, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise ShedError(f"{source}: {at}: field {key}[{t}] must be an object")
+            raise ShedError(f"{source}: {at}: field {key}[{t}] must be an object, got {type(turn).__name__}")
         role = turn.get("role", turn.get("from"))
         text = turn.get("content", turn.get("value"))
         if not isinstance(role, str) or not isinstance(text, str):
             raise ShedError(f"{source}: {at}: field {key}[{t}] needs string role/from and content/value")
-        if user is None and role.lower() in USER_ROLES:
-            user = text
-        elif user is not None and role.lower() in ASSISTANT_ROLES:
-            assistant = text
-            break
-    if not user or not assistant:
+        if role.lower() not in ROLES:
+            raise ShedError(f"{source}: {at}: field {key}[{t}]: unknown role {role!r} (expected system, "
+                            "user/human or assistant/gpt/bot/model)")
+        messages.append({"role": ROLES[role.lower()], "content": text})
+        written.append(role)
+    if not any(m["role"] == "assistant" for m in messages):
         raise ShedError(f"{source}: {at}: field {key!r} has no user turn followed by an assistant turn")
-    return user, assistant
+    for t, m in enumerate(messages):
+        previous = messages[t - 1]["role"] if t else None
+        expected = ("system", "user") if previous is None else ("assistant",) if previous == "user" else ("user",)
+        if m["role"] not in expected:
+            after = f"after the {previous} turn at {key}[{t - 1}]" if previous else "first"
+            wanted = f"{'an' if previous == 'user' else 'a'} {' or '.join(expected)} turn {after}"
+            raise ShedError(f"{source}: {at}: field {key}[{t}]: role {written[t]!r} out of order: expected {wanted} "
+                            "(an optional system turn, then user and assistant turns in turn)")
+    if messages[-1]["role"] != "assistant":
+        raise ShedError(f"{source}: {at}: field {key}[{len(messages) - 1}]: the conversation ends with a user turn "
+                        "(expected an assistant reply after it)")
+    first = 1 if messages[0]["role"] == "system" and not messages[0]["content"].strip() else 0
+    conversation = len(messages) - first > 2
+    for t in range(first, len(messages)):
+        text = messages[t]["content"]
+        if not text or (conversation and not text.strip()):
+            raise ShedError(f"{source}: {at}: field {key}[{t}]: content is "
+                            f"{'empty' if not text else 'blank (only whitespace)'}")
+    return messages[first:]
 
 
-def normalize_row(row: Any, source: str, at: str, fmt: str) -> tuple[str, str, str]:
-    """One raw row of format `fmt` (alpaca, dolly or chat) as (instruction, input, output); a malformed row
-    raises ShedError naming `at`."""
+def normalize_row(row: Any, source: str, at: str, fmt: str) -> dict:
+    """One raw row of format `fmt` (alpaca, dolly or chat) as a record without its id: `{instruction, input,
+    output}`, and for a chat row of more than one exchange or with a system prompt `messages` too (every turn,
+    `shed.data._conversation`); a malformed row raises ShedError naming `at`."""
     if not isinstance(row, dict):
         raise ShedError(f"{source}: {at}: expected an object, got {type(row).__name__}")
     if fmt == "chat":
         if not any(k in row for k in CHAT_KEYS):
             raise ShedError(f"{source}: {at}: field 'conversations' or 'messages' is missing")
-        instruction, output = _chat_record(row, source, at)
-        return instruction, "", output
+        messages = _conversation(row, source, at)
+        user = next(m["content"] for m in messages if m["role"] == "user")
+        record = {"instruction": user, "input": "", "output": next(m["content"] for m in messages
+                                                                    if m["role"] == "assistant")}
+        if len(messages) > 2:  # more than one exchange, or a system prompt: kept whole
+            record["messages"] = messages
+        return record
     k_ins, k_inp, k_out = POOL_FORMATS[fmt]
-    return (_text(row, k_ins, source, at, required=True), _text(row, k_inp, source, at, required=False),
-            _text(row, k_out, source, at, required=True))
+    return {"instruction": _text(row, k_ins, source, at, required=True),
+            "input": _text(row, k_inp, source, at, required=False),
+            "output": _text(row, k_out, source, at, required=True)}
+
+
+def content_id(record: dict, *extra: str) -> str:
+    """A record's id (`record_id`) from its instruction, input and output, or for a conversation from every
+    turn's role and content: two conversations that share a first exchange differ. (A conversation hashes at
+    least six parts, a single-turn record three or four, so the two never share an id.) `extra`: more parts
+    (prepare.duplicates keep: the record's index in the pool)."""
+    if "messages" in record:
+        return record_id(*(part for m in record["messages"] for part in (m["role"], m["content"])), *extra)
+    return record_id(record["instruction"], record["input"], record["output"], *extra)
 
 
 class PoolNormalizer:
@@ -198,30 +244,31 @@ class PoolNormalizer:
         self.index = self.dropped = self.blank = 0
 
     def add(self, row: dict, at: str, header: str | None = None) -> dict | None:
-        """Row `at`'s record `{id, instruction, input, output}`, or None where it is dropped."""
+        """Row `at`'s record `{id, instruction, input, output}` (and `messages` for a conversation), or None
+        where it is dropped."""
         source = self.source
         if self.fmt == "auto":
             self.fmt = detect_format(row, source, header or at)
             log.info("%s: prepare.format=auto: detected the %s schema from fields %s (set prepare.format to "
                      "override)", source, self.fmt, sorted(row)[:8])
         i, self.index = self.index, self.index + 1
-        instruction, inp, output = normalize_row(row, source, at, self.fmt)
-        if not instruction.strip() or not output.strip():
+        record = normalize_row(row, source, at, self.fmt)
+        if not record["instruction"].strip() or not record["output"].strip():
             if self.empty == "error":
-                field = "instruction" if not instruction.strip() else "output"
+                field = "instruction" if not record["instruction"].strip() else "output"
                 raise ShedError(f"{source}: {at}: field {field!r} is empty (prepare.empty=error)")
             self.blank += 1
             return None
-        rid = record_id(instruction, inp, output)
+        rid = content_id(record)
         if rid in self.seen:
             if self.duplicates == "error":
                 raise ShedError(f"{source}: {at}: exact duplicate of an earlier record (id {rid})")
             if self.duplicates == "drop":
                 self.dropped += 1
                 return None
-            rid = record_id(instruction, inp, output, str(i))  # keep: disambiguate by index in the pool
+            rid = content_id(record, str(i))  # keep: disambiguate by index in the pool
         self.seen.add(rid)
-        return {"id": rid, "instruction": instruction, "input": inp, "output": output}
+        return {"id": rid, **record}
 
     def add_rows(self, rows: list) -> list[dict]:
         """The records of a run of rows: a whole pool, or a chunk of one that names its rows' positions (Rows)."""
@@ -244,8 +291,8 @@ class PoolNormalizer:
 
 def normalize_pool(rows: list[dict], source: str, fmt: str = "auto", duplicates: str = "drop",
                    empty: str = "drop") -> list[dict]:
-    """Map raw rows to `{id, instruction, input, output}`; report and handle exact duplicates and
-    records whose instruction or output is blank (real Alpaca has a few)."""
+    """Map raw rows to `{id, instruction, input, output}` (and `messages`: see PoolNormalizer.add); report and
+    handle exact duplicates and records whose instruction or output is blank (real Alpaca has a few)."""
     pool = PoolNormalizer(source, fmt, duplicates, empty)
     records = pool.add_rows(rows)
     pool.finish()

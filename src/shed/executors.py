@@ -39,7 +39,7 @@ class JobRunner:
         import torch
 
         from shed.models import load_causal_lm
-        from shed.prompts import render
+        from shed.prompts import spans
         from shed.scoring import dev_kind
         from shed.training import LoraTrainer
 
@@ -50,8 +50,8 @@ class JobRunner:
         model, self.tokenizer = load_causal_lm(spec.model, device, spec.dtype)
         self.trainer = LoraTrainer(model, self.tokenizer, spec.train)
         self.value_kind = spec.value
-        # A dev set of instruction records: each record's (prompt, response), prompted as training prompts it.
-        self.prompts = ([render(r, spec.train.template, self.tokenizer) for r in spec.dev]
+        # A dev set of instruction records: each record's spans, prompted as training prompts it.
+        self.prompts = ([spans(r, spec.train.template, self.tokenizer) for r in spec.dev]
                         if dev_kind(spec.dev) == "records" else None)
         if spec.value == "accuracy":
             from shed.scoring import LmEvalScorer, mc_task_config

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from shed.prompts import render
+from shed.prompts import spans
 from shed.scoring import dev_kind, gold_rows, response_rows
 from shed.shapley import Player, ShapleyResult, _stderr_of, _value
 
@@ -69,16 +69,14 @@ def dev_rows(tokenizer, dev: list[dict], template: str | None = None) -> list[tu
     """(input_ids, labels) per dev item, tokenised as the shapley.value loglik scores it, the loss on
     the scored part only. A question (`scoring.gold_rows`): the context "Question: ...\\nAnswer:" and the
     gold continuation " choice", no BOS, no EOS. An instruction record (`scoring.response_rows`): its
-    prompt and response by `prompts.render` under `template` (train.template; required for records),
-    the response followed by EOS. With reduction "example" a row's loss is minus the item's own
+    spans by `prompts.spans` under `template` (train.template; required for records), each reply
+    labelled and followed by EOS. With reduction "example" a row's loss is minus the item's own
     per-token log-likelihood (`scoring.gold_loglik`'s or `scoring.response_loglik`'s per-item score)."""
     if dev_kind(dev) == "records":
         if template is None:
             raise ValueError("dev_rows: instruction records are prompted as training prompts them: pass train.template")
-        pairs = response_rows(tokenizer, [render(r, template, tokenizer) for r in dev])
-    else:
-        pairs = gold_rows(tokenizer, dev)
-    return [(c + t, [-100] * len(c) + t) for c, t in pairs]
+        return response_rows(tokenizer, [spans(r, template, tokenizer) for r in dev])
+    return [(c + t, [-100] * len(c) + t) for c, t in gold_rows(tokenizer, dev)]
 
 
 def response_tokens(batch: Batch) -> np.ndarray:

@@ -1,35 +1,31 @@
 """Per-record losses of a model on instruction records: the perplexity filter's, IFD's and the forward
 valuation's signal. A record's loss is the mean per-token negative log-likelihood of its response (and
-EOS) given its prompt, prompted and cut as `training.encode_record` trains on it."""
+EOS; a conversation: of all its replies, each given what precedes it) given its prompt, prompted and cut
+as `training.encode_record` trains on it."""
 
 from __future__ import annotations
 
 import math
 
-from shed.scoring import token_logliks
+from shed.scoring import labelled_logliks
 from shed.training import encode_record
 
 
 def response_losses(model, tokenizer, records: list[dict], template: str, max_length: int, batch_size: int,
                     progress=None, unconditional: bool = False) -> list[float]:
     """Each record's mean per-token negative log-likelihood of its response (the labelled tokens of
-    `training.encode_record`) given its prompt, under `model` in eval mode, in record order; inf for a
-    record cut to no response token. `unconditional`: given the template's prompt with an empty
-    instruction and input instead (the response "alone", as IFD's denominator takes it). `progress`: a
-    tqdm-like bar, updated by the records of each batch."""
-    rows = []
-    for record in records:
-        if unconditional:
-            record = {**record, "instruction": "", "input": ""}
-        ids, labels = encode_record(record, tokenizer, template, max_length)
-        prompt = sum(label == -100 for label in labels)
-        rows.append((ids[:prompt], ids[prompt:]))
+    `training.encode_record`: a conversation's every reply) given its prompt, under `model` in eval mode, in
+    record order; inf for a record cut to no response token. `unconditional`: the responses "alone", as IFD's
+    denominator takes them (`responses_alone`). `progress`: a tqdm-like bar, updated by the records of each
+    batch."""
+    rows = [encode_record(responses_alone(record) if unconditional else record, tokenizer, template, max_length)
+            for record in records]
     # Longest first: similar lengths share a batch (less padding), and a batch too big for memory fails at once.
-    order = sorted(range(len(rows)), key=lambda i: -sum(map(len, rows[i])))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     was_training = model.training
     model.eval()  # no dropout: a loss is a function of the parameters alone
     try:
-        scored = token_logliks(model, tokenizer, [rows[i] for i in order], batch_size, progress)
+        scored = labelled_logliks(model, tokenizer, [rows[i] for i in order], batch_size, progress)
     finally:
         model.train(was_training)
     losses = [float("inf")] * len(rows)
@@ -37,6 +33,17 @@ def response_losses(model, tokenizer, records: list[dict], template: str, max_le
         if count:
             losses[i] = -total / count
     return losses
+
+
+def responses_alone(record: dict) -> dict:
+    """The record with everything but its responses emptied, under the same template: instruction and input
+    "", and a conversation's user turns "" and its system prompt left out (each reply then follows the
+    earlier replies alone)."""
+    alone = {**record, "instruction": "", "input": ""}
+    if "messages" in record:
+        alone["messages"] = [{"role": m["role"], "content": m["content"] if m["role"] == "assistant" else ""}
+                             for m in record["messages"] if m["role"] != "system"]
+    return alone
 
 
 def ifd(conditional: list[float], unconditional: list[float]) -> list[float]:

@@ -150,7 +150,8 @@ def _ranked(ids: list[str], keys: list[float], size: int) -> list[str]:
 
 def longest_output(ids: list[str], output_chars: list[int], size: int) -> list[str]:
     """Longest responses first (Xia et al.'s length baseline): ids by `output_chars` (each record's
-    `output` length in characters, Unicode code points, not tokens) descending, ties by id ascending."""
+    `output` length in characters, Unicode code points, not tokens; a conversation's replies' together)
+    descending, ties by id ascending."""
     return _ranked(ids, [-n for n in output_chars], size)
 
 

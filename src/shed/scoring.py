@@ -2,9 +2,9 @@
 
 Multiple-choice questions use the ARC-style prompt of `tasks/shed_mc.yaml` ("Question: ...\nAnswer:"
 then " choice"), so the value function of the Shapley stage and the evaluate stage measure the same
-thing. A dev set of instruction records is scored on its reference responses, prompted as training
-prompts them (`prompts.render`, train.template). Nothing is sampled: v(S) is a function of S alone
-(the authors scored sampled generations).
+thing. A dev set of instruction records is scored on its reference responses (a conversation: on
+every reply), prompted as training prompts them (`prompts.spans`, train.template). Nothing is
+sampled: v(S) is a function of S alone (the authors scored sampled generations).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from shed.config import FILE_TASKS
+from shed.prompts import Span, tokenize
 
 TASK_DIR = Path(__file__).parent / "tasks"
 LOCAL_TASKS = {"shed_embedded": "shed_mc.yaml", "shed_eval": "shed_mc.yaml"}
@@ -58,14 +59,12 @@ def gold_rows(tokenizer, questions: list[dict]) -> list[tuple[list[int], list[in
     return rows
 
 
-def response_rows(tokenizer, prompts: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) per instruction record, as `response_loglik` scores it and
-    `training.LoraTrainer.encode` trains on it: `prompts` holds each record's (prompt, response) as
-    `prompts.render` gives them under train.template (the caller renders them); the two are tokenised
-    apart, no BOS, the response followed by EOS; not cut at train.max_length."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return [(tokenizer(prompt, add_special_tokens=False)["input_ids"],
-             tokenizer(response, add_special_tokens=False)["input_ids"] + eos) for prompt, response in prompts]
+def response_rows(tokenizer, rendered: list[list[Span]]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per instruction record, as `response_loglik` scores it and
+    `training.LoraTrainer.encode` trains on it: `rendered` holds each record's spans as `prompts.spans`
+    gives them under train.template (the caller renders them), tokenised by `prompts.tokenize` (apart, no
+    BOS, EOS after each reply, labels on the replies only); not cut at train.max_length."""
+    return [tokenize(tokenizer, pieces) for pieces in rendered]
 
 
 class LmEvalScorer:
@@ -108,27 +107,36 @@ def _continuation_logliks(model, tokenizer, pairs: list[tuple[str, str]], batch_
     return token_logliks(model, tokenizer, rows, batch_size)
 
 
-@torch.no_grad()
 def token_logliks(model, tokenizer, rows: list[tuple[list[int], list[int]]], batch_size: int,
                   progress=None) -> list[tuple[float, int]]:
     """(sum of log p, token count) of each row's continuation ids after its (non-empty) context ids, in
     right-padded batches; `progress`: a tqdm-like bar, updated by the rows of each batch."""
+    return labelled_logliks(model, tokenizer, [(c + t, [-100] * len(c) + t) for c, t in rows], batch_size, progress)
+
+
+@torch.no_grad()
+def labelled_logliks(model, tokenizer, rows: list[tuple[list[int], list[int]]], batch_size: int,
+                     progress=None) -> list[tuple[float, int]]:
+    """(sum of log p, token count) of each (input_ids, labels) row's labelled tokens (labels other than -100),
+    each given the ids before it (the first position, with none before it, is never scored), in right-padded
+    batches; `progress`: a tqdm-like bar, updated by the rows of each batch."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        width = max(len(c) + len(t) for c, t in chunk)
+        width = max(len(row) for row, _ in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, (c, t) in enumerate(chunk):
-            ids[i, : len(c) + len(t)] = torch.tensor(c + t)
-            mask[i, : len(c) + len(t)] = 1
+        for i, (row, _) in enumerate(chunk):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logprobs = torch.log_softmax(logits, -1)
-        for i, (c, t) in enumerate(chunk):
-            positions = torch.arange(len(c) - 1, len(c) + len(t) - 1, device=logprobs.device)
-            out.append((logprobs[i, positions, torch.tensor(t, dtype=torch.long, device=logprobs.device)].sum().item(),
-                        len(t)))
+        for i, (row, labels) in enumerate(chunk):
+            scored = [p for p in range(1, len(labels)) if labels[p] != -100]
+            positions = torch.tensor(scored, dtype=torch.long, device=logprobs.device)
+            targets = torch.tensor([row[p] for p in scored], dtype=torch.long, device=logprobs.device)
+            out.append((logprobs[i, positions - 1, targets].sum().item(), len(scored)))
         if progress is not None:
             progress.update(len(chunk))
     return out
@@ -140,13 +148,13 @@ def gold_loglik(model, tokenizer, questions: list[dict], batch_size: int = 64) -
     return _mean_per_token(token_logliks(model, tokenizer, gold_rows(tokenizer, questions), batch_size))
 
 
-def response_loglik(model, tokenizer, prompts: list[tuple[str, str]], batch_size: int = 64
+def response_loglik(model, tokenizer, rendered: list[list[Span]], batch_size: int = 64
                     ) -> tuple[float, list[float]]:
-    """shapley.value loglik of a dev set of instruction records, each given as its (prompt, response)
-    (`response_rows`): the mean per-token log-likelihood of the reference responses (and EOS) given
-    their training prompts over all their tokens (the negative dev loss with train.responses_only),
-    and each record's own per-token mean."""
-    return _mean_per_token(token_logliks(model, tokenizer, response_rows(tokenizer, prompts), batch_size))
+    """shapley.value loglik of a dev set of instruction records, each given as its spans (`response_rows`): the
+    mean per-token log-likelihood of the reference replies (each with its EOS) given their training prompts (a
+    conversation: every reply given all before it) over all their tokens (the negative dev loss with
+    train.responses_only), and each record's own per-token mean."""
+    return _mean_per_token(labelled_logliks(model, tokenizer, response_rows(tokenizer, rendered), batch_size))
 
 
 def _mean_per_token(scores: list[tuple[float, int]]) -> tuple[float, list[float]]:

@@ -40,7 +40,7 @@ import torch
 
 from shed.config import TrainConfig
 from shed.fileio import ShedError
-from shed.prompts import render
+from shed.prompts import spans, tokenize
 
 
 def epoch_order(ids: list[str], seed: int, epoch: int) -> list[int]:
@@ -102,17 +102,13 @@ def schedule_digest(records: list[dict], steps: list[list[list[int]]]) -> str:
 
 def encode_record(record: dict, tokenizer, template: str, max_length: int | None,
                   responses_only: bool = True) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of a record: prompt then response plus EOS, cut at `max_length` (None or 0: uncut);
-    labels -100 on the prompt when `responses_only`."""
-    prompt, response = render(record, template, tokenizer)
-    # No BOS added: lm-eval scores causal LMs without one, and training must match scoring.
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]
+    """(input_ids, labels) of a record as `prompts.spans` renders it and `prompts.tokenize` tokenises it: the
+    prompt, then the response plus EOS (a conversation: every exchange, each reply labelled), labels -100 off
+    the replies when `responses_only`; cut at `max_length` (None or 0: uncut). The cut keeps the start: a
+    single-turn record loses the end of its response, a conversation its later turns first."""
+    ids, labels = tokenize(tokenizer, spans(record, template, tokenizer), responses_only)
     cut = max_length or None
-    labels = ([-100] * len(prompt_ids) if responses_only else list(prompt_ids)) + response_ids
-    return (prompt_ids + response_ids)[:cut], labels[:cut]
+    return ids[:cut], labels[:cut]
 
 
 def pad_rows(rows: list[tuple[list[int], list[int]]], pad_token_id: int | None, device=None) -> dict[str, torch.Tensor]:

@@ -3,17 +3,18 @@
     shed prepare                       # params.yaml: prepare.*
     # prepare.pool: embedded | data/my_pool.jsonl | hf:tatsu-lab/alpaca
 
-Outputs (data/prepared/): pool.jsonl `{id, instruction, input, output}`, dev.jsonl and eval.jsonl
+Outputs (data/prepared/): pool.jsonl `{id, instruction, input, output}` (a chat row of more than one
+exchange or with a system prompt adds `messages`, every turn: see shed.data), dev.jsonl and eval.jsonl
 `{id, question, choices, answer}` (prepare.dev / prepare.eval: our JSONL, an AI2 ARC JSONL, an
 MMLU CSV or a directory of them, e.g. ../shared/data/mmlu/val), and for the embedded default
 truth.jsonl (which records were planted as harmful: read by benchmarks only, never by the method).
 
 prepare.dev may instead be a file of instruction records in any layout prepare.pool reads (alpaca,
 dolly or chat fields; JSONL, a JSON array, CSV with a header, Parquet, hf:<id>): dev.jsonl then holds
-records `{id, instruction, input, output}` with the pool's content-hash ids, and shapley.value loglik
-scores their reference responses. The kind is told by the first row's fields (`question`: multiple
-choice; `instruction`, `conversations` or `messages`: records). A dev record that is also in the pool
-(the same instruction, input and output, so the same id) stops the run.
+records `{id, instruction, input, output}` (and `messages`, as the pool's) with the pool's content-hash
+ids, and shapley.value loglik scores their reference responses. The kind is told by the first row's
+fields (`question`: multiple choice; `instruction`, `conversations` or `messages`: records). A dev
+record that is also in the pool (the same content, so the same id) stops the run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from shed import artifacts, streaming, synthetic
 from shed.config import Params
-from shed.data import CHAT_KEYS, POOL_FORMATS, PoolNormalizer, Rows, load_rows, normalize_row, record_id, where
+from shed.data import CHAT_KEYS, POOL_FORMATS, PoolNormalizer, Rows, content_id, load_rows, normalize_row, where
 from shed.fileio import ShedError, _read_text
 from shed.mcdata import choice_set, load_choice_set, question_key, refuse_overlap
 
@@ -70,8 +71,8 @@ def _chunks(rows: list, chunk_size: int) -> Iterator[Rows]:
 
 def pool_records(source: str, split: str = "train", fmt: str = "auto", duplicates: str = "drop", empty: str = "drop",
                  chunk_size: int = 0) -> Iterator[dict]:
-    """Normalised records `{id, instruction, input, output}` of a pool source, read in chunks: the same records
-    and errors as normalize_pool(load_rows(source))."""
+    """Normalised records `{id, instruction, input, output}` (and `messages`) of a pool source, read in chunks:
+    the same records and errors as normalize_pool(load_rows(source))."""
     pool = PoolNormalizer(source, fmt, duplicates, empty)
     for rows in iter_rows(source, split, chunk_size or streaming.CHUNK):
         yield from pool.add_rows(rows)
@@ -105,9 +106,9 @@ def load_dev(source: str) -> tuple[list[dict], dict[str, str]]:
 
     Multiple-choice questions `{id, question, choices, answer}` (our JSONL, ARC JSONL, an MMLU CSV or a
     folder of them): the positions are {}. Instruction records in any layout prepare.pool reads become
-    `{id, instruction, input, output}` with the pool's ids (`data.record_id`); a blank instruction or
-    output is an error (nothing to score), an exact duplicate counts once. The first row's fields tell the kind; a CSV's
-    header (MMLU's CSVs have none: their first row is a question)."""
+    `{id, instruction, input, output}` (a conversation with `messages`) with the pool's ids (`data.content_id`);
+    a blank instruction or output is an error (nothing to score), an exact duplicate counts once. The first row's
+    fields tell the kind; a CSV's header (MMLU's CSVs have none: their first row is a question)."""
     path = Path(source)
     if path.is_dir():
         return load_choice_set(source), {}
@@ -128,14 +129,14 @@ def load_dev(source: str) -> tuple[list[dict], dict[str, str]]:
     records, positions = [], {}
     for i, row in enumerate(rows):
         at = where(rows, i)
-        instruction, inp, output = normalize_row(row, source, at, fmt)
-        for name, text in ((names[0], instruction), (names[2], output)):
+        record = normalize_row(row, source, at, fmt)
+        for name, text in ((names[0], record["instruction"]), (names[2], record["output"])):
             if not text.strip():
                 raise ShedError(f"{source}: {at}: field {name!r} is empty (a dev record needs an instruction and "
                                 "a reference response)")
-        rid = record_id(instruction, inp, output)
+        rid = content_id(record)
         if rid not in positions:  # an exact duplicate counts once
-            records.append({"id": rid, "instruction": instruction, "input": inp, "output": output})
+            records.append({"id": rid, **record})
             positions[rid] = at
     log.info("%s: %d instruction records (%s fields) as the dev set", source, len(records), fmt)
     return records, positions

@@ -31,7 +31,7 @@ from shed import artifacts, dsir, sampling
 from shed.clustering import members_by_distance
 from shed.config import Params
 from shed.fileio import ShedError
-from shed.records import question_as_record, record_text
+from shed.records import question_as_record, record_text, responses
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ SAMPLERS = {
     "full": lambda cfg, inputs, size: inputs.ids,
     "cluster_uniform": lambda cfg, inputs, size: sampling.cluster_uniform(cluster_members(inputs.assignments), size,
                                                                           cfg.seed),
-    "length": lambda cfg, inputs, size: sampling.longest_output(inputs.ids, [len(r["output"]) for r in inputs.pool],
-                                                                size),
+    "length": lambda cfg, inputs, size: sampling.longest_output(
+        inputs.ids, [sum(map(len, responses(r))) for r in inputs.pool], size),
     "perplexity": lambda cfg, inputs, size: sampling.lowest_loss(inputs.ids, _signal(inputs, "losses"), size),
     "ifd": lambda cfg, inputs, size: sampling.highest_ifd(inputs.ids, _signal(inputs, "ifd"), size),
 }
