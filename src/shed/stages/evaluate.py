@@ -18,7 +18,7 @@ from shed.data import load_rows, normalize_pool
 from shed.fileio import ShedError
 from shed.mcdata import arc_rows, mmlu_rows, question_key, refuse_overlap
 from shed.models import load_causal_lm
-from shed.prompts import render
+from shed.prompts import spans
 from shed.scoring import (
     FILE_TASKS,
     LOCAL_TASKS,
@@ -74,13 +74,13 @@ class Scorer:
         cfg = params.evaluate
         self.tasks = LmEvalScorer(tokenizer, task_specs(params), cfg.batch_size, cfg.limit, metadata)
         self.tokenizer, self.batch_size = tokenizer, cfg.batch_size
-        self.prompts = [render(r, params.train.template, tokenizer) for r in heldout]
+        self.rendered = [spans(r, params.train.template, tokenizer) for r in heldout]
 
     def __call__(self, model) -> dict[str, dict[str, float]]:
         scores = self.tasks(model)
-        if self.prompts:
-            loglik, _ = response_loglik(model, self.tokenizer, self.prompts, self.batch_size)
-            scores["heldout"] = {"loglik": loglik, "n": len(self.prompts)}
+        if self.rendered:
+            loglik, _ = response_loglik(model, self.tokenizer, self.rendered, self.batch_size)
+            scores["heldout"] = {"loglik": loglik, "n": len(self.rendered)}
         return scores
 
 
