@@ -146,6 +146,18 @@ def tiny_float64_trainer(records: list[dict], questions: list[dict], train, corp
     return trainer
 
 
+def move_lora_b_off_zero(model, seed: int, scale: float = 0.3) -> None:
+    """Every LoRA B matrix set to seeded normal values times `scale`: a fresh B = 0 would leave every A
+    gradient 0, and the A half of per-example gradients untested."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
+
+
 def tiny_random_lm(vocab_size: int = 320, corpus_lines: int = 400):
     """(model in eval mode, tokenizer): a seeded, untrained one-layer tiny Llama for scoring tests."""
     import torch

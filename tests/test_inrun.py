@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_float64_trainer
+from helpers import move_lora_b_off_zero, tiny_float64_trainer
 
 from shed import inrun, tiny
 from shed.config import BaseConfig, LoraConfig, TrainConfig
@@ -34,15 +34,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def trainer():
-    """A LoRA trainer on a 2-layer float64 Llama, its adapter's B made non-zero (a fresh B = 0 would leave
-    every A gradient 0, and the A half of the products untested)."""
+    """A LoRA trainer on a 2-layer float64 Llama, its adapter's B made non-zero (`move_lora_b_off_zero`)."""
     t = tiny_float64_trainer(RECORDS, QUESTIONS, TRAIN, corpus=[" ".join(r["output"] for r in RECORDS)] * 10)
     t.reset(0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in t.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.3)
+    move_lora_b_off_zero(t.model, seed=1)
     t.model.eval()
     return t
 

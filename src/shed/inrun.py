@@ -6,14 +6,13 @@ log-likelihood), with ℓ(z_i) example i's share of the batch loss, so that Σ_i
 gradient and a step's credits add up to the step's first-order change. Pure math, no file I/O:
 the shapley stage runs the loop, this module computes each step's credits and accumulates them.
 
-Gradient products. No maintained library fits: none of dattri, bergson or opacus is installed; dattri
-and bergson value examples from saved checkpoints or gradient stores (bergson writes projected
-gradients to disk through its own pipeline), not per step inside a training loop; opacus needs its
-own module wrapper and knows nothing of PEFT; torch.func's vmap over a Hugging Face model breaks on
-its data-dependent mask code. So it is hand-written, with hooks on every trainable `nn.Linear` (a
-PEFT LoRA layer's `lora_A.default` and `lora_B.default`): the layer's input a (tokens x in) and
-the gradient g at its output (tokens x out) give example n's gradient `Σ_t g_{n,t} ⊗ a_{n,t}`
-exactly (peft's dropout and scaling are inside a and g, since the hooks sit on A and B themselves).
+Gradient products. Hand-written: docs/engine.md ("Libraries") says why not dattri-llm or bergson, and
+tests/test_inrun_parity.py checks these gradients and credits against dattri-llm's hooks. opacus needs
+its own module wrapper and knows nothing of PEFT; torch.func's vmap over a Hugging Face model breaks on
+its data-dependent mask code. The hooks sit on every trainable `nn.Linear` (a PEFT LoRA layer's
+`lora_A.default` and `lora_B.default`): the layer's input a (tokens x in) and the gradient g at its
+output (tokens x out) give example n's gradient `Σ_t g_{n,t} ⊗ a_{n,t}` exactly (peft's dropout and
+scaling are inside a and g, since the hooks sit on A and B themselves).
 These per-example gradients are formed for the LoRA matrices only (r x in, out x r), never for the
 base model. "Ghost" products (Σ_{t,s} (g_{i,t}·g_{q,s})(a_{i,t}·a_{q,s})) would skip forming them,
 but cost T_i·T_q·(in+out) per pair against r·(in+out) per example here: for LoRA ranks the per-
