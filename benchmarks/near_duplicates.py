@@ -82,7 +82,7 @@ def markdown(result: dict, source: str | None) -> str:
     lines += [f"# Near-duplicates in {result['pool']}", "",
               f"{result['records']} records, cluster.C = {result['clusters']} (seed 0); from {origin}.", "",
               "| embed.model | cluster.dedup_threshold | left out | share of the pool |", "| --- | --- | --- | --- |"]
-    lines += [f"| `{model}` | {t} | {row['duplicates']} | {row['fraction']:.1%} |"
+    lines += [f"| `{model}` | {t} | {row['duplicates']} | {row['fraction']:.2%} |"
               for model, rows in result["models"].items() for t, row in rows.items()]
     for model, rows in result["models"].items():
         for t, row in rows.items():

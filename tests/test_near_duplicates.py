@@ -120,3 +120,17 @@ def test_no_sample_method_takes_a_near_duplicate(ws, monkeypatch):
         assert len(chosen) == round((len(pool) - len(duplicates)) * (1 if method == "full" else 0.5)), method
         manifest = json.loads(open("data/curated/manifest.json", encoding="utf-8").read())
         assert (manifest["duplicates_removed"], manifest["pool_size"]) == (len(duplicates), len(pool) - len(duplicates))
+
+
+def test_the_saved_measurement_renders_to_the_committed_table(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ROOT, STAGE_ENV
+
+    out = tmp_path / "near_duplicates.md"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/near_duplicates.py"), "--from-json",
+                             "docs/results/near_duplicates.json", "--markdown", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, env=STAGE_ENV)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.read_text() == (ROOT / "docs/results/near_duplicates.md").read_text()

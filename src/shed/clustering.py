@@ -163,8 +163,9 @@ def near_duplicates(embeddings: np.ndarray, labels: np.ndarray, distances: np.nd
     Each cluster's members are visited nearest the centroid first (ties: lowest row; `members_by_distance`,
     so a cluster's proxy is always kept). A member whose cosine similarity to a member kept before it exceeds
     `threshold` is a duplicate of the most similar such member (ties: the earliest kept); otherwise it is
-    kept. Members are compared a block at a time against the cluster's kept members, so memory grows with
-    block x cluster size, never cluster size squared. threshold 0: none (off).
+    kept. Members are compared a block at a time with the cluster's kept members, a block of those at a time:
+    memory is the cluster's vectors once and two block x block similarity matrices, never cluster size squared.
+    threshold 0: none (off).
     """
     empty = np.empty(0, dtype=np.int64)
     if not threshold or not len(labels):
@@ -204,14 +205,14 @@ def _cluster_duplicates(embeddings: np.ndarray, rows: np.ndarray, threshold: flo
         is_duplicate = best > threshold
         # Within the block, in visiting order: only members with an earlier block member above the
         # threshold can change, and only once that earlier member's own fate is settled.
-        within = np.tril(x @ x.T, -1)
-        candidates = within > threshold
+        in_block = np.tril(x @ x.T, -1)  # similarity of each member to the block's earlier members
+        candidates = in_block > threshold
         for i in np.flatnonzero(candidates.any(1)):
             earlier = np.flatnonzero(candidates[i, :i] & ~is_duplicate[:i])
             if len(earlier):
-                j = earlier[np.argmax(within[i, earlier])]
-                if within[i, j] > best[i]:
-                    best[i], best_row[i] = within[i, j], members[j]
+                j = earlier[np.argmax(in_block[i, earlier])]
+                if in_block[i, j] > best[i]:
+                    best[i], best_row[i] = in_block[i, j], members[j]
                 is_duplicate[i] = True
         keep = ~is_duplicate
         kept_vectors[n_kept:n_kept + keep.sum()] = x[keep]
