@@ -34,6 +34,7 @@ def sample_inputs(tmp_path):
     (tmp_path / "data/clusters/assignments.csv").write_text(
         "id,cluster,distance,proxy\n" + "".join(f"{i:016x},{i % 2},0.1,{i < 2}\n" for i in range(4)))
     (tmp_path / "data/clusters/proxies.csv").write_text("cluster,proxy_id,size\n0,0000000000000000,2\n1,0000000000000001,2\n")
+    (tmp_path / "data/clusters/duplicates.csv").write_text("id,kept_id,similarity\n")
     (tmp_path / "data/shapley").mkdir(parents=True)
     (tmp_path / "data/shapley/scores.csv").write_text("cluster,score\n0,0.1\n1,0.2\n")
 

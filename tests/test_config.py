@@ -139,7 +139,8 @@ def test_describe_gives_key_value_and_help_with_the_rule(tmp_path):
     assert "one of qa, alpaca, vicuna, chat" in rows["train.template"][1]
     assert "0 (off) or positive" in rows["train.max_grad_norm"][1]
     assert describe("embed.model", params) == [describe("embed")[0]]
-    assert [key for key, _, _ in describe("cluster")] == ["cluster.C", "cluster.algorithm", "cluster.seed"]
+    assert [key for key, _, _ in describe("cluster")] == ["cluster.C", "cluster.algorithm", "cluster.seed",
+                                                         "cluster.dedup_threshold"]
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "presets").glob("*.yaml")), ids=lambda p: p.name)

@@ -251,6 +251,7 @@ def write_sample_inputs(ws, model, tokenizer) -> None:
     (ws / "data/clusters/assignments.csv").write_text(
         "id,cluster,distance,proxy\n" + "".join(f"{r['id']},{i % 2},0.{i},{i < 2}\n" for i, r in enumerate(RECORDS)))
     (ws / "data/clusters/proxies.csv").write_text("cluster,proxy_id,size\n0,r0,3\n1,r1,2\n")
+    (ws / "data/clusters/duplicates.csv").write_text("id,kept_id,similarity\n")
     (ws / "data/shapley").mkdir(parents=True)
     (ws / "data/shapley/scores.csv").write_text("cluster,score\n0,0.1\n1,0.2\n")
     model.save_pretrained(ws / "models/base")

@@ -105,3 +105,17 @@ def test_job_store_code_fingerprint_follows_the_code_that_trains_and_scores(tmp_
         assert (jobstore.code_fingerprint() != before) == reruns
     finally:
         codedeps.direct_imports.cache_clear()
+
+
+def test_the_distribution_name_is_shed_curate_and_no_doc_or_message_installs_the_formatter():
+    """`shed` on PyPI is an unrelated code formatter: installs name shed-curate, or `.` in a checkout."""
+    import re
+
+    from shed.fileio import DISTRIBUTION, install_hint
+
+    name = re.search(r'^name = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert name == DISTRIBUTION == "shed-curate"
+    assert install_hint("fast") == "pip install -e '.[fast]' in a checkout, or pip install 'shed-curate[fast]'"
+    files = [ROOT / "README.md", ROOT / "params.yaml", *(ROOT / "docs").rglob("*.md"), *(ROOT / "src").rglob("*.py")]
+    wrong = [str(f.relative_to(ROOT)) for f in files if re.search(r"pip install ['\"]?shed\[", f.read_text())]
+    assert not wrong, f"{wrong} tell users to install the formatter `shed`"

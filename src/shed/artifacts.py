@@ -24,6 +24,7 @@ EVAL = f"{PREPARED}/eval.jsonl"  # the evaluate stage's questions (never the dev
 TRUTH = f"{PREPARED}/truth.jsonl"  # the embedded pool's planted harm: benchmarks read it, the method never
 # base
 BASE_MODEL = "models/base"
+BASE_SKIPPED = f"{BASE_MODEL}/skipped.json"  # {reason}: instead of the weights when no configured model is models/base
 # embed
 EMBED = "data/embed"
 EMBEDDINGS = f"{EMBED}/embeddings.npy"  # float32, row i = the record on line i of ids.txt
@@ -33,6 +34,7 @@ EMBED_PARTIAL = "data/.embed.partial"  # an unfinished embed run: its chunks so 
 CLUSTERS = "data/clusters"
 ASSIGNMENTS = f"{CLUSTERS}/assignments.csv"  # id, cluster, distance, proxy (pool order)
 PROXIES = f"{CLUSTERS}/proxies.csv"  # cluster, proxy_id, size
+DUPLICATES = f"{CLUSTERS}/duplicates.csv"  # id, kept_id, similarity: near-duplicates the sample stage leaves out
 CLUSTERS_PNG = "plots/clusters.png"
 # shapley
 SHAPLEY = "data/shapley"
@@ -77,7 +79,7 @@ def write_metrics(stage: str, values: dict, headline: dict | None = None, device
 # What each stage reads and writes (metrics aside): dvc.yaml must say the same.
 PARAMS = {
     "prepare": ["prepare"],
-    "base": ["base"],
+    "base": ["base", "shapley.model", "finetune.model"],  # built only when one of the models is models/base
     "embed": ["embed"],
     "cluster": ["cluster"],
     # dev questions are embedded like the records (shapley.dev_neighbours)
@@ -157,19 +159,29 @@ def commit_embeddings(partial: str | Path, ids: list[str]) -> None:
     shutil.rmtree(partial, ignore_errors=True)
 
 
+def _cluster_file(path: str) -> str:
+    if not Path(path).is_file():
+        raise ShedError(f"{path}: file not found (run `shed cluster` or `dvc repro`)")
+    return path
+
+
 def read_clusters() -> tuple[pd.DataFrame, pd.DataFrame]:
     """(assignments, proxies)."""
-    for path in (ASSIGNMENTS, PROXIES):
-        if not Path(path).is_file():
-            raise ShedError(f"{path}: file not found (run `shed cluster` or `dvc repro`)")
-    return pd.read_csv(ASSIGNMENTS, dtype={"id": str}), pd.read_csv(PROXIES, dtype={"proxy_id": str})
+    return (pd.read_csv(_cluster_file(ASSIGNMENTS), dtype={"id": str}),
+            pd.read_csv(_cluster_file(PROXIES), dtype={"proxy_id": str}))
 
 
-def write_clusters(assignments: pd.DataFrame, proxies: pd.DataFrame) -> None:
+def read_duplicates() -> pd.DataFrame:
+    """The near-duplicates (id, kept_id, similarity); no rows when cluster.dedup_threshold is 0."""
+    return pd.read_csv(_cluster_file(DUPLICATES), dtype={"id": str, "kept_id": str})
+
+
+def write_clusters(assignments: pd.DataFrame, proxies: pd.DataFrame, duplicates: pd.DataFrame) -> None:
     with atomic_path(CLUSTERS) as tmp:
         tmp.mkdir()
         write_csv(tmp / Path(ASSIGNMENTS).name, assignments)
         write_csv(tmp / Path(PROXIES).name, proxies)
+        write_csv(tmp / Path(DUPLICATES).name, duplicates)
 
 
 def read_scores() -> pd.DataFrame:

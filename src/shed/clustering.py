@@ -4,6 +4,9 @@ Two implementations behind cluster.algorithm: scikit-learn (kmeans, minibatch; t
 (faiss: C = 3,000 on 1M x 384 in minutes on a CPU, on a GPU when faiss sees one). Both are seeded;
 every array operation here is vectorised (no per-record Python loop) and works chunk by chunk on
 memory-mapped embeddings, so no second copy of the pool's vectors is made.
+
+`near_duplicates` is SemDeDup within each cluster (cluster.dedup_threshold; docs/method.md#near-duplicates):
+members in the order of `members_by_distance`, each compared with the earlier members kept so far.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import logging
 
 import numpy as np
 
-from shed.fileio import ShedError
+from shed.fileio import ShedError, install_hint
 
 log = logging.getLogger(__name__)
 
 ALGORITHMS = ("auto", "kmeans", "minibatch", "faiss")
 CHUNK = 65_536  # rows per block when assigning or measuring distances
+DEDUP_BLOCK = 2_048  # members per block in near_duplicates: two blocks' similarities are 2 x 16 MiB of float32
 
 
 def kmeans(embeddings: np.ndarray, n_clusters: int, seed: int, algorithm: str = "auto") -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +63,7 @@ def faiss_kmeans(embeddings: np.ndarray, n_clusters: int, seed: int, iterations:
     try:
         import faiss
     except ImportError:
-        raise ShedError("cluster.algorithm faiss needs the faiss package: pip install 'shed[fast]' "
+        raise ShedError(f"cluster.algorithm faiss needs the faiss package: {install_hint('fast')} "
                         "(or faiss-gpu)") from None
     d = embeddings.shape[1]
     gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
@@ -149,3 +153,72 @@ def members_by_distance(labels: np.ndarray, distances: np.ndarray) -> dict[int, 
     order = np.lexsort((np.arange(len(labels)), distances, labels))
     groups = np.split(order, np.flatnonzero(np.diff(labels[order])) + 1) if len(order) else []
     return {int(labels[g[0]]): g.tolist() for g in groups}
+
+
+def near_duplicates(embeddings: np.ndarray, labels: np.ndarray, distances: np.ndarray, threshold: float,
+                    block: int = DEDUP_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Semantic near-duplicates within each cluster: (duplicate rows, kept rows, cosine similarities), by
+    duplicate row ascending.
+
+    Each cluster's members are visited nearest the centroid first (ties: lowest row; `members_by_distance`,
+    so a cluster's proxy is always kept). A member whose cosine similarity to a member kept before it exceeds
+    `threshold` is a duplicate of the most similar such member (ties: the earliest kept); otherwise it is
+    kept. Members are compared a block at a time with the cluster's kept members, a block of those at a time:
+    memory is the cluster's vectors once and two block x block similarity matrices, never cluster size squared.
+    threshold 0: none (off).
+    """
+    empty = np.empty(0, dtype=np.int64)
+    if not threshold or not len(labels):
+        return empty, empty, np.empty(0, dtype=np.float32)
+    found = [_cluster_duplicates(embeddings, np.asarray(rows), threshold, block)
+             for rows in members_by_distance(labels, distances).values()]
+    duplicate, kept, similarity = (np.concatenate(parts) for parts in zip(*found))
+    order = np.argsort(duplicate, kind="stable")
+    return duplicate[order], kept[order], similarity[order]
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """float32 rows scaled to unit length (embed writes them so already; a zero row stays zero)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1)
+
+
+def _cluster_duplicates(embeddings: np.ndarray, rows: np.ndarray, threshold: float,
+                        block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`near_duplicates` for one cluster whose members, in visiting order, are `rows`."""
+    kept_vectors = np.empty((len(rows), embeddings.shape[1]), dtype=np.float32)  # the kept members, in order
+    kept_rows = np.empty(len(rows), dtype=np.int64)
+    n_kept, duplicate, kept_of, similarity = 0, [], [], []
+    for start in range(0, len(rows), block):
+        members = rows[start:start + block]
+        x = _unit_rows(embeddings[np.sort(members)])[np.argsort(np.argsort(members))]  # sorted reads, then reorder
+        # Against the members kept in earlier blocks, a block of them at a time.
+        best = np.full(len(x), -np.inf, dtype=np.float32)
+        best_row = np.full(len(x), -1, dtype=np.int64)
+        for k in range(0, n_kept, block):
+            sims = x @ kept_vectors[k:min(k + block, n_kept)].T
+            column = sims.argmax(1)
+            top = sims[np.arange(len(x)), column]
+            better = top > best
+            best[better], best_row[better] = top[better], kept_rows[k + column[better]]
+        is_duplicate = best > threshold
+        # Within the block, in visiting order: only members with an earlier block member above the
+        # threshold can change, and only once that earlier member's own fate is settled.
+        in_block = np.tril(x @ x.T, -1)  # similarity of each member to the block's earlier members
+        candidates = in_block > threshold
+        for i in np.flatnonzero(candidates.any(1)):
+            earlier = np.flatnonzero(candidates[i, :i] & ~is_duplicate[:i])
+            if len(earlier):
+                j = earlier[np.argmax(in_block[i, earlier])]
+                if in_block[i, j] > best[i]:
+                    best[i], best_row[i] = in_block[i, j], members[j]
+                is_duplicate[i] = True
+        keep = ~is_duplicate
+        kept_vectors[n_kept:n_kept + keep.sum()] = x[keep]
+        kept_rows[n_kept:n_kept + keep.sum()] = members[keep]
+        n_kept += int(keep.sum())
+        duplicate.append(members[is_duplicate])
+        kept_of.append(best_row[is_duplicate])
+        similarity.append(best[is_duplicate])
+    return np.concatenate(duplicate), np.concatenate(kept_of), np.concatenate(similarity)

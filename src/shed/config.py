@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from shed.fileio import ShedError
+from shed.fileio import ShedError, install_hint
 
 PARAMS_FILE = "params.yaml"
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -105,7 +105,7 @@ class EmbedConfig:
                        "static:<that> distils it to static token vectors (model2vec, cached: ~100x faster on a "
                        "CPU); or a model2vec directory")
     backend: str = param("torch", "runtime of a transformer model: torch, or its ONNX export run by onnxruntime "
-                         "(onnx, onnx-int8) or OpenVINO (pip install 'shed[fast]' / 'shed[openvino]')",
+                         f"(onnx, onnx-int8; {install_hint('fast')}) or OpenVINO (the openvino extra)",
                          choices=("torch", "onnx", "onnx-int8", "openvino"))
     batch_size: int = param(128, "records per batch (batches are sorted by length)", ge=1)
     chunk_size: int = param(4096, "records embedded and written per chunk: a killed run resumes from the last "
@@ -126,9 +126,13 @@ class ClusterConfig:
 
     C: int = param(60, "number of clusters = proxies valued (paper: 3000)", ge=1)
     algorithm: str = param("auto", "auto: scikit-learn k-means up to 50k records, mini-batch beyond; faiss: FAISS "
-                           "k-means (GPU when present; minutes for C=3000 on 1M records; pip install 'shed[fast]')",
+                           f"k-means (GPU when present; minutes for C=3000 on 1M records; {install_hint('fast')})",
                            choices=("auto", "kmeans", "minibatch", "faiss"))
     seed: int = param(0, "k-means seed", ge=0)
+    dedup_threshold: float = param(0.0, "semantic near-duplicates (SemDeDup): within a cluster, a record whose cosine "
+                                   "similarity to a record kept before it (nearest the centroid first) exceeds this "
+                                   "is listed in data/clusters/duplicates.csv and never sampled (e.g. 0.95)",
+                                   ge=0, lt=1)
 
 
 @dataclass
@@ -208,7 +212,7 @@ class ShapleyConfig:
                                 ge=0, zero="whole dev set")
     workers: int = param(1, "concurrent jobs: worker processes (on GPUs round robin: cuda:0, cuda:1, ...), "
                          "or Ray actors", ge=1)
-    executor: str = param("local", "where jobs run (ray: pip install 'shed[ray]')", choices=("local", "ray"))
+    executor: str = param("local", f"where jobs run (ray: {install_hint('ray')})", choices=("local", "ray"))
     device: str = param("auto", "auto, cpu, cuda, cuda:<i>, ...")
     dtype: str = param("auto", "model weights' dtype (auto: bf16 on GPU, fp32 on CPU)", choices=DTYPES)
     direction: str = param("sgd", "method inrun: the update direction credited: sgd (lr x clip x gradient, "
@@ -261,7 +265,8 @@ class SampleConfig:
                         "loss (lowest loss under shapley.model), ifd (Superfiltering's order), blend (the mean of "
                         "a record's percentile ranks by value and by loss: like the dev set, and fluent)",
                         choices=("nearest", "value", "loss", "ifd", "blend"))
-    subset_size: float = param(0.1, "a fraction of the pool (<= 1) or a record count (> 1)", gt=0)
+    subset_size: float = param(0.1, "a fraction of the pool left after near-duplicates (<= 1; "
+                              "cluster.dedup_threshold) or a record count (> 1)", gt=0)
     temperature: float = param(0.01, "QWCS: p(cluster) ∝ exp(score / T)", gt=0)
     seed: int = param(0, "sampling seed", ge=0)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shed.fileio import ShedError
+from shed.fileio import ShedError, install_hint
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _require(module: str, what: str):
     try:
         return __import__(module)
     except ImportError:
-        raise ShedError(f"{what} needs the {module} package: pip install 'shed[{EXTRA[module]}]'") from None
+        raise ShedError(f"{what} needs the {module} package: {install_hint(EXTRA[module])}") from None
 
 
 def _model_key(path: str, *extra: str) -> str:

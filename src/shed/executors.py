@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from shed.config import TrainConfig
-from shed.fileio import ShedError
+from shed.fileio import ShedError, install_hint
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def run_ray(spec: JobSpec, jobs: list[dict], workers: int) -> Iterator[dict]:
     try:
         import ray
     except ImportError:
-        raise ShedError("shapley.executor: ray needs Ray (pip install 'shed[ray]')") from None
+        raise ShedError(f"shapley.executor: ray needs Ray ({install_hint('ray')})") from None
     import torch
 
     if not ray.is_initialized():

@@ -24,6 +24,14 @@ class ShedError(Exception):
     """A user-facing error: printed as one line (file, record, field, what is wrong), exit 1."""
 
 
+DISTRIBUTION = "shed-curate"  # shed on a package index, as pyproject.toml names it (`shed` there is a code formatter)
+
+
+def install_hint(extra: str) -> str:
+    """How to add an optional extra of shed: in a checkout, or from a package index."""
+    return f"pip install -e '.[{extra}]' in a checkout, or pip install '{DISTRIBUTION}[{extra}]'"
+
+
 def _json_line(obj: Any) -> str:
     # Sorted keys and no ASCII escaping: byte-identical output for identical content.
     return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))

@@ -1,4 +1,8 @@
-"""Loading causal LMs: hub ids, local directories and GGUF files, on a sensible device and dtype."""
+"""Loading causal LMs: hub ids, local directories and GGUF files, on a sensible device and dtype.
+
+A directory holding skipped.json (models/base when `shed base` had no configured model to build it for)
+is refused in one line with the reason it records.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-from shed.fileio import ShedError
+from shed.fileio import ShedError, read_json
 
 log = logging.getLogger(__name__)
+
+SKIPPED = "skipped.json"  # stands in a model directory left unbuilt: {reason} (shed.stages.base)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -86,6 +92,10 @@ def _locate(name_or_path: str) -> tuple[str, str | None]:
             raise ShedError(f"{path}: model file not found")
         return str(path.parent), path.name
     if path.is_dir():
+        if (path / SKIPPED).is_file() and not (path / "config.json").exists():
+            reason = read_json(path / SKIPPED).get("reason", "")
+            raise ShedError(f"{path}: no model here: {reason} (rerun `shed base`, or `dvc repro`, with this model "
+                            "configured)")
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
             return str(path), ggufs[0]

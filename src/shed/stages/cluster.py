@@ -2,10 +2,13 @@
 
     shed cluster                       # params.yaml: cluster.*
 
-Outputs (data/clusters/): assignments.csv `id, cluster, distance, proxy` (pool order) and
-proxies.csv `cluster, proxy_id, size`; a picture of the clusters in plots/clusters.png (at most 50k records
-of a larger pool, every proxy among them). cluster.algorithm faiss: FAISS k-means for large pools. A
-cluster left empty is dropped (clusters renumbered) and counted in metrics/cluster.json (empty_dropped).
+Outputs (data/clusters/): assignments.csv `id, cluster, distance, proxy` (pool order),
+proxies.csv `cluster, proxy_id, size` and duplicates.csv `id, kept_id, similarity` (pool order of id;
+cluster.dedup_threshold > 0: each record within its cluster closer than the threshold to one kept before it,
+`clustering.near_duplicates`; the header alone when 0); a picture of the clusters in plots/clusters.png
+(at most 50k records of a larger pool, every proxy among them). cluster.algorithm faiss: FAISS k-means for
+large pools. A cluster left empty is dropped (clusters renumbered) and counted in metrics/cluster.json
+(empty_dropped), as are the near-duplicates (duplicates).
 """
 
 from __future__ import annotations
@@ -42,11 +45,17 @@ def main(params: Params) -> None:
     id_array = np.asarray(ids, dtype=object)
     proxies = pd.DataFrame({"cluster": clusters, "proxy_id": id_array[[proxy_rows[c] for c in clusters]],
                             "size": sizes[clusters]})
-    artifacts.write_clusters(assignments, proxies)
+    duplicate, kept, similarity = clustering.near_duplicates(vectors, labels, distances, cfg.dedup_threshold)
+    duplicates = pd.DataFrame({"id": id_array[duplicate], "kept_id": id_array[kept],
+                               "similarity": similarity.astype(np.float64).round(6)})
+    if len(duplicates):
+        log.info("near-duplicates (cosine > %g within a cluster): %d of %d records", cfg.dedup_threshold,
+                 len(duplicates), len(ids))
+    artifacts.write_clusters(assignments, proxies, duplicates)
     artifacts.write_metrics("cluster", {"clusters": int(len(proxies)), "size_min": int(sizes.min()),
-                                              "size_median": float(np.median(sizes)), "size_max": int(sizes.max()),
-                                              "empty_dropped": clustering.empty_clusters(cfg.C, labels),
-                                              "peak_rss_mb": streaming.peak_rss_mb()})
+                                        "size_median": float(np.median(sizes)), "size_max": int(sizes.max()),
+                                        "empty_dropped": clustering.empty_clusters(cfg.C, labels),
+                                        "duplicates": int(len(duplicates)), "peak_rss_mb": streaming.peak_rss_mb()})
     rows = np.arange(len(ids))
     if len(ids) > PLOT_RECORDS:  # a sample of the records (every proxy among them) keeps the picture cheap
         rows = np.union1d(rows[:: -(-len(ids) // PLOT_RECORDS)], list(proxy_rows.values()))

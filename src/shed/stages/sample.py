@@ -13,8 +13,12 @@ With qocs and qwcs the cluster scores decide how many records each cluster gives
 which: nearest the centroid (the paper's QOCS; QWCS draws uniformly), the highest record value
 (data/shapley/record_scores.csv, shapley.players records), the lowest loss, IFD's order, or blend (value and loss).
 
+Near-duplicates (data/clusters/duplicates.csv, cluster.dedup_threshold) leave the pool before any sampler
+sees it, `full` included: every method draws from the records left, and subset_size is a fraction of those.
+
 Outputs (data/curated/): dataset.jsonl (records `{id, instruction, input, output}`, in selection
-order) and manifest.json (method, size, seed, sha256 of the dataset, per-cluster counts).
+order) and manifest.json (method, size, pool_size: the records left after near-duplicates, duplicates_removed,
+seed, sha256 of the dataset, per-cluster counts).
 """
 
 from __future__ import annotations
@@ -48,9 +52,10 @@ class Inputs:
     """What the samplers read besides the config: the pool, its clusters and scores, and per-record signals
     (each in pool order, computed only when the chosen method or sample.within reads it)."""
 
-    pool: list[dict]
-    assignments: pd.DataFrame
+    pool: list[dict]  # without the near-duplicates
+    assignments: pd.DataFrame  # of those records
     scores: pd.DataFrame
+    duplicates: int = 0  # near-duplicates left out of the pool
     dev: list[dict] | None = None  # dsir's target
     losses: list[float] | None = None  # perplexity, within loss: the response's loss under shapley.model
     ifd: list[float] | None = None  # ifd, within ifd: `losses.ifd`
@@ -190,7 +195,10 @@ def read_inputs(params: Params) -> Inputs:
     """The pool, clusters, scores and whatever per-record signal sample.method and sample.within read."""
     want = needs(params.sample)
     assignments, _ = artifacts.read_clusters()
-    inputs = Inputs(artifacts.read_pool(), assignments, artifacts.read_scores())
+    duplicates = set(artifacts.read_duplicates()["id"])
+    inputs = Inputs([r for r in artifacts.read_pool() if r["id"] not in duplicates],
+                    assignments[~assignments["id"].isin(duplicates)].reset_index(drop=True), artifacts.read_scores(),
+                    duplicates=len(duplicates))
     inputs.dev = artifacts.read_dev() if "dev" in want else None
     table = artifacts.read_record_scores() if "record_scores" in want or (
         "losses" in want and Path(artifacts.RECORD_SCORES).is_file()) else None
@@ -225,10 +233,10 @@ def main(params: Params) -> None:
         "method": cfg.method, "within": cfg.within if cfg.method in ("qocs", "qwcs") else None,
         "size": len(dataset), "pool_size": len(pool), "fraction": len(dataset) / len(pool),
         "temperature": cfg.temperature if cfg.method == "qwcs" else None, "seed": cfg.seed,
-        "clusters": {str(k): int(v) for k, v in counts.items()},
+        "duplicates_removed": inputs.duplicates, "clusters": {str(k): int(v) for k, v in counts.items()},
     })
     artifacts.write_metrics("sample", {"method": cfg.method, "within": cfg.within, "size": len(dataset),
                                        "fraction": round(len(dataset) / len(pool), 6),
-                                       "clusters_used": int(len(counts))})
+                                       "clusters_used": int(len(counts)), "duplicates_removed": inputs.duplicates})
     log.info("%s: %d of %d records from %d clusters -> %s (sha256 %s)", cfg.method, len(dataset), len(pool),
              len(counts), artifacts.DATASET, digest[:12])
