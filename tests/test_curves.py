@@ -47,9 +47,8 @@ def test_each_step_is_on_disk_as_soon_as_it_is_logged_and_a_new_run_starts_afres
 
 
 def test_live_steps_wants_dvclives_layout():
-    with pytest.raises(ValueError, match="plots/metrics"):
-        with curves.live_steps("curves/finetune"):
-            pass
+    with pytest.raises(ValueError, match="plots/metrics"), curves.live_steps("curves/finetune"):
+        pass
 
 
 def test_series_logged_at_the_end_sit_in_their_own_folders(tmp_path, monkeypatch):
@@ -68,10 +67,9 @@ def test_a_crash_mid_curve_leaves_the_previous_end_of_stage_curve_untouched(tmp_
     with curves.live_curves("out") as live:
         live.log_metric("value", 1.0)
     before = Path("out/value.tsv").read_bytes()
-    with pytest.raises(RuntimeError):
-        with curves.live_curves("out") as live:
-            live.log_metric("value", 9.0)
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), curves.live_curves("out") as live:
+        live.log_metric("value", 9.0)
+        raise RuntimeError("killed")
     assert Path("out/value.tsv").read_bytes() == before
 
 
@@ -86,7 +84,7 @@ def test_the_finetune_stage_logs_one_row_per_optimizer_step_as_it_trains(tmp_pat
     model, tokenizer = tiny_random_lm()
     model.save_pretrained(tmp_path / "models/base")
     tokenizer.save_pretrained(tmp_path / "models/base")
-    pool = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in "red green blue cyan pink gold".split()]
+    pool = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("red", "green", "blue", "cyan", "pink", "gold")]
     pool = [{"id": record_id(r["instruction"], r["input"], r["output"]), **r} for r in pool]
     (tmp_path / "data/prepared").mkdir(parents=True)
     (tmp_path / "data/curated").mkdir(parents=True)
