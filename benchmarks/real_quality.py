@@ -314,15 +314,15 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                                    "selection_s": round(time.perf_counter() - start, 2),
                                    "kind_share": harm.kind_shares(chosen, kind_of)}
                             if args.finetune:  # the reference subset as the curated dataset, tuned like the others
-                                by_id = {r["id"]: r for r in artifacts.read_pool()}
-                                digest = artifacts.write_curated([by_id[i] for i in chosen], {"method": method})
+                                origins = artifacts.read_rows(chosen)
+                                digest = artifacts.write_curated([origins[i] for i in chosen], {"method": method})
                                 got["acc"], got["tune_s"] = finetune_and_score(raw, digest, tuned, "base" not in tuned)
                             selections[cache_key] = got
                         else:
                             tables.set_method(raw, method)
                             tables.set_dotted(raw, "sample.subset_size", 1.0 if method == "full" else args.subset)
                             seconds = tables.run_stage("sample", raw)
-                            chosen = [r["id"] for r in artifacts.read_dataset()]
+                            chosen = artifacts.read_curated_ids()
                             got = {"harmful_share": harmful_share(chosen, harmful), "selection_s": round(seconds, 2)}
                             got["kind_share"] = harm.kind_shares(chosen, kind_of)
                             if args.finetune:

@@ -25,8 +25,17 @@ def recomputed_accuracy(ws) -> tuple[int, int]:
 def test_repro_runs_every_stage_and_writes_outputs(workspace):
     ws, out = workspace
     assert ran_stages(out) == ["prepare", "base", "embed", "cluster", "shapley", "sample", "finetune", "evaluate"]
-    dataset = (ws / "data/curated/dataset.jsonl").read_text().splitlines()
+    dataset = [json.loads(line) for line in (ws / "data/curated/dataset.jsonl").read_text().splitlines()]
     assert len(dataset) == 20  # 10% of 200
+    # The chosen rows as the embedded pool generated them (no id); records.jsonl names each, line for line.
+    pool = {r["id"]: r for r in map(json.loads, (ws / "data/prepared/pool.jsonl").read_text().splitlines())}
+    chosen = [json.loads(line) for line in (ws / "data/curated/records.jsonl").read_text().splitlines()]
+    assert dataset == [{k: pool[c["id"]][k] for k in ("instruction", "input", "output")} for c in chosen]
+    assert {c["source"] for c in chosen} == {"embedded"} and all(c["at"].startswith("item ") for c in chosen)
+    # The fine-tune's dvclive curve: one row per optimizer step.
+    steps = json.loads((ws / "metrics/finetune.json").read_text())["steps"]
+    loss = (ws / "dvclive/finetune/plots/metrics/loss.tsv").read_text().splitlines()
+    assert loss[0] == "step\tloss" and [int(line.split("\t")[0]) for line in loss[1:]] == list(range(steps))
     manifest = json.loads((ws / "data/curated/manifest.json").read_text())
     assert manifest["method"] == "qocs" and manifest["size"] == 20
     scores = (ws / "data/shapley/scores.csv").read_text().splitlines()

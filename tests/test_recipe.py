@@ -335,7 +335,7 @@ def stage(*argv):
 stage("prepare"); stage("base")
 pool = Path("data/prepared/pool.jsonl").read_text().splitlines()[:36]
 Path("data/curated").mkdir(parents=True)
-Path("data/curated/dataset.jsonl").write_text("".join(line + "\\n" for line in pool))
+Path("data/curated/records.jsonl").write_text("".join(json.dumps({"id": json.loads(line)["id"]}) + "\\n" for line in pool))
 stage("finetune", "--params", "recipe.yaml")
 shutil.copytree("models/finetuned", "accumulated")
 shutil.copy("metrics/finetune.json", "accumulated/metrics.json")

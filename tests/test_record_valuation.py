@@ -176,7 +176,7 @@ def test_inrun_over_every_record_and_sampling_by_record_value(ws):
     params["sample"].update(method="qocs", within="value", subset_size=20)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_stage(ws, "sample")
-    chosen = [json.loads(line)["id"] for line in (ws / "data/curated/dataset.jsonl").read_text().splitlines()]
+    chosen = [json.loads(line)["id"] for line in (ws / "data/curated/records.jsonl").read_text().splitlines()]
     assert len(chosen) == 20
     # The first cluster taken gives its members by record value, highest first.
     score = dict(zip(records["id"], records["score"]))

@@ -241,12 +241,22 @@ def test_response_losses_average_the_response_tokens_left_after_the_cut(tiny_lm,
         one_record_loss(model, tokenizer, RECORDS[2], cut=20), rel=1e-5)
 
 
+def user_row(i: int, record: dict) -> dict:
+    """RECORDS[i]'s row as a user gave it: Dolly fields and a category."""
+    return {"instruction": record["instruction"], "context": record["input"], "response": record["output"],
+            "category": f"c{i}"}
+
+
 def write_sample_inputs(ws, model, tokenizer) -> None:
-    """The sample stage's inputs in `ws`: RECORDS as the pool, two clusters, their scores, models/base."""
+    """The sample stage's inputs in `ws`: RECORDS as the pool (rows: `user_row`), two clusters, their scores,
+    models/base."""
     import json
 
     (ws / "data/prepared").mkdir(parents=True)
     (ws / "data/prepared/pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    (ws / "data/prepared/rows.jsonl").write_text("".join(
+        json.dumps({"id": r["id"], "source": "pool.jsonl", "at": f"line {i + 1}", "row": user_row(i, r)}) + "\n"
+        for i, r in enumerate(RECORDS)))
     (ws / "data/clusters").mkdir(parents=True)
     (ws / "data/clusters/assignments.csv").write_text(
         "id,cluster,distance,proxy\n" + "".join(f"{r['id']},{i % 2},0.{i},{i < 2}\n" for i, r in enumerate(RECORDS)))
@@ -277,7 +287,9 @@ def test_sample_stage_writes_the_baselines_dataset_manifest_and_metrics(tmp_path
                 "length": ["r1", "r3", "r0"],
                 "perplexity": lowest_loss(ids, [one_record_loss(model, tokenizer, r) for r in RECORDS], 3)}[method]
     dataset = [json.loads(line) for line in (tmp_path / "data/curated/dataset.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in dataset] == expected and dataset[0] == RECORDS[ids.index(expected[0])]
+    assert dataset == [user_row(ids.index(i), RECORDS[ids.index(i)]) for i in expected]
+    places = [json.loads(line) for line in (tmp_path / "data/curated/records.jsonl").read_text().splitlines()]
+    assert places == [{"id": i, "source": "pool.jsonl", "at": f"line {ids.index(i) + 1}"} for i in expected]
     manifest = json.loads((tmp_path / "data/curated/manifest.json").read_text())
     assert (manifest["method"], manifest["size"], manifest["pool_size"], manifest["temperature"]) == (method, 3, 5, None)
     metrics = json.loads((tmp_path / "metrics/sample.json").read_text())
@@ -419,7 +431,7 @@ def test_sample_stage_reads_the_forward_valuations_base_losses_instead_of_scorin
     params = Params()
     params.sample.method, params.sample.subset_size = "perplexity", 3
     sample.main(params)
-    chosen = [json.loads(line)["id"] for line in (tmp_path / "data/curated/dataset.jsonl").read_text().splitlines()]
+    chosen = [json.loads(line)["id"] for line in (tmp_path / "data/curated/records.jsonl").read_text().splitlines()]
     assert chosen == ["r1", "r3", "r2"]
 
 

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from shed import env
-from shed.fileio import ShedError, atomic_path, read_jsonl, write_csv, write_json, write_jsonl
+from shed.fileio import (ShedError, atomic_path, json_line, jsonl_row, read_jsonl, row_line, write_csv, write_json,
+                         write_jsonl)
 
 # prepare
 PREPARED = "data/prepared"
 POOL = f"{PREPARED}/pool.jsonl"  # {id, instruction, input, output}
+# {id, source, at, row}: each pool record's row as the user gave it, and where ("line N", "row N", "item N" of source)
+ROWS = f"{PREPARED}/rows.jsonl"
 DEV = f"{PREPARED}/dev.jsonl"  # {id, question, choices, answer}: the Shapley value function's questions
 EVAL = f"{PREPARED}/eval.jsonl"  # the evaluate stage's questions (never the dev questions)
 TRUTH = f"{PREPARED}/truth.jsonl"  # the embedded pool's planted harm: benchmarks read it, the method never
@@ -50,7 +54,8 @@ SHAPLEY_PNG = "plots/shapley.png"
 CONVERGENCE_PNG = "plots/convergence.png"
 # sample
 CURATED = "data/curated"
-DATASET = f"{CURATED}/dataset.jsonl"  # the curated records, in selection order
+DATASET = f"{CURATED}/dataset.jsonl"  # the curated records' original rows, as the user gave them, in selection order
+CURATED_RECORDS = f"{CURATED}/records.jsonl"  # {id, source, at} of each row of DATASET, line for line
 MANIFEST = f"{CURATED}/manifest.json"
 # finetune
 FINETUNED = "models/finetuned"
@@ -96,8 +101,8 @@ INPUTS = {
     "embed": [POOL],
     "cluster": [EMBED],
     "shapley": [POOL, DEV, EMBED, CLUSTERS, BASE_MODEL],
-    "sample": [POOL, DEV, CLUSTERS, SCORES, RECORD_SCORES, BASE_MODEL],
-    "finetune": [DATASET, BASE_MODEL],
+    "sample": [POOL, ROWS, DEV, CLUSTERS, SCORES, RECORD_SCORES, BASE_MODEL],
+    "finetune": [CURATED_RECORDS, POOL, BASE_MODEL],
     "evaluate": [DEV, EVAL, POOL, FINETUNED, BASE_MODEL],
 }
 OUTPUTS = {
@@ -124,12 +129,21 @@ def read_eval() -> list[dict]:
     return read_jsonl(EVAL)
 
 
-def write_prepared(tables: dict[str, list[dict]]) -> None:
-    """pool, dev, eval (and truth, for the embedded pool) as one directory, all or nothing."""
+def write_prepared(tables: dict[str, Iterable]) -> None:
+    """data/prepared as one directory, all or nothing: tables["pool"]'s (record, origin) pairs as pool.jsonl and
+    rows.jsonl side by side in one pass (a streamed pool is read here, chunk by chunk), then dev, eval (and truth,
+    for the embedded pool). An origin `{id, source, at, row}` keeps the row's fields in their own order."""
     with atomic_path(PREPARED) as tmp:
         tmp.mkdir()
         for name, rows in tables.items():
-            write_jsonl(tmp / f"{name}.jsonl", rows)
+            if name != "pool":
+                write_jsonl(tmp / f"{name}.jsonl", rows)
+                continue
+            with (tmp / Path(POOL).name).open("w", encoding="utf-8") as pool, \
+                    (tmp / Path(ROWS).name).open("w", encoding="utf-8") as origins:
+                for record, origin in rows:
+                    pool.write(json_line(record) + "\n")
+                    origins.write(row_line(origin) + "\n")
 
 
 def read_embeddings(mmap: bool = False) -> tuple[np.ndarray, list[str]]:
@@ -206,15 +220,56 @@ def read_record_scores() -> pd.DataFrame:
     return pd.read_csv(RECORD_SCORES, dtype={"id": str})
 
 
-def read_dataset() -> list[dict]:
-    return read_jsonl(DATASET)
+def _by_id(path: str, ids: Iterable[str], rerun: str) -> dict[str, dict]:
+    """The objects of a JSONL file whose "id" is one of `ids`, by id. The file is streamed and only those lines are
+    parsed: both writers (json_line, sorted keys; row_line, an origin) put the id first. A missing id is an error."""
+    wanted = set(ids)
+    found: dict[str, dict] = {}
+    if not Path(path).is_file():
+        raise ShedError(f"{path}: file not found (run `{rerun}` or `dvc repro`)")
+    with Path(path).open(encoding="utf-8", newline="\n") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            head = line[7:line.find('"', 7)] if line.startswith('{"id":"') else None
+            if head is None or head in wanted:
+                row = jsonl_row(path, lineno, line)
+                if row is not None and row.get("id") in wanted:
+                    found[row["id"]] = row
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise ShedError(f"{path}: no line for record {sorted(missing)[0]} ({len(missing)} of {len(wanted)} missing); "
+                        f"rerun `{rerun}` or `dvc repro`")
+    return found
 
 
-def write_curated(dataset: list[dict], manifest: dict) -> str:
-    """The curated dataset and its manifest (with the dataset's sha256 added); returns the sha256."""
+def read_rows(ids: Iterable[str]) -> dict[str, dict]:
+    """The origins `{id, source, at, row}` of the pool records `ids` (data/prepared/rows.jsonl), by id."""
+    return _by_id(ROWS, ids, "shed prepare")
+
+
+def read_curated_ids() -> list[str]:
+    """The curated records' ids, in selection order."""
+    if not Path(CURATED_RECORDS).is_file():
+        raise ShedError(f"{CURATED_RECORDS}: file not found (run `shed sample` or `dvc repro`)")
+    return [r["id"] for r in read_jsonl(CURATED_RECORDS)]
+
+
+def read_curated() -> list[dict]:
+    """The curated records as shed normalised them (`{id, instruction, input, output}`), in selection order: the
+    ids of data/curated/records.jsonl joined with data/prepared/pool.jsonl (dataset.jsonl holds the user's rows)."""
+    ids = read_curated_ids()
+    by_id = _by_id(POOL, ids, "shed prepare")
+    return [by_id[i] for i in ids]
+
+
+def write_curated(origins: list[dict], manifest: dict) -> str:
+    """data/curated, whole or not at all, from the chosen records' origins `{id, source, at, row}` in selection
+    order: dataset.jsonl (each row as the user gave it), records.jsonl (`{id, source, at}`, line for line) and
+    the manifest with the dataset's sha256 added; returns the sha256."""
     with atomic_path(CURATED) as tmp:
         tmp.mkdir()
-        write_jsonl(tmp / Path(DATASET).name, dataset)
+        write_jsonl(tmp / Path(DATASET).name, (o["row"] for o in origins), line=row_line)
+        write_jsonl(tmp / Path(CURATED_RECORDS).name, ({k: o[k] for k in ("id", "source", "at")} for o in origins),
+                    line=row_line)
         digest = hashlib.sha256((tmp / Path(DATASET).name).read_bytes()).hexdigest()
         write_json(tmp / Path(MANIFEST).name, {**manifest, "sha256": digest})
     return digest

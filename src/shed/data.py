@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -272,9 +272,16 @@ class PoolNormalizer:
 
     def add_rows(self, rows: list) -> list[dict]:
         """The records of a run of rows: a whole pool, or a chunk of one that names its rows' positions (Rows)."""
+        return [record for record, _, _ in self.kept(rows)]
+
+    def kept(self, rows: list) -> Iterator[tuple[dict, Any, str]]:
+        """Each kept row of a run as (its record, the row as given, its position "line N", "row N" or "item N")."""
         header = getattr(rows, "header", None)
-        records = (self.add(row, where(rows, i), header) for i, row in enumerate(rows))
-        return [record for record in records if record is not None]
+        for i, row in enumerate(rows):
+            at = where(rows, i)
+            record = self.add(row, at, header)
+            if record is not None:
+                yield record, row, at
 
     def finish(self) -> None:
         """Log what was dropped; raise if the pool had no records, or none survived."""

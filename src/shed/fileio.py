@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,21 @@ def install_hint(extra: str) -> str:
     return f"pip install -e '.[{extra}]' in a checkout, or pip install '{DISTRIBUTION}[{extra}]'"
 
 
-def _json_line(obj: Any) -> str:
+def json_line(obj: Any) -> str:
     # Sorted keys and no ASCII escaping: byte-identical output for identical content.
     return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def _as_text(value: Any) -> str:
+    # What JSON cannot hold (a Parquet or hub timestamp, date, decimal, bytes): ISO 8601 for dates, else str().
+    iso = getattr(value, "isoformat", None)
+    return iso() if callable(iso) else str(value)
+
+
+def row_line(row: Any) -> str:
+    """A user's row as one JSON line: its fields in their own order, no ASCII escaping, and any value JSON cannot
+    hold as text (ISO 8601 for dates and times, str() otherwise)."""
+    return json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=_as_text)
 
 
 @contextlib.contextmanager
@@ -68,11 +80,12 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+def write_jsonl(path: str | Path, rows: Iterable[dict], line: Callable[[Any], str] = json_line) -> int:
+    """Rows as JSON Lines (atomic), each written by `line`: sorted keys (json_line), or as given (row_line)."""
     count = 0
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(_json_line(row) + "\n")
+            fh.write(line(row) + "\n")
             count += 1
     return count
 

@@ -3,9 +3,11 @@
     shed finetune                      # params.yaml: finetune.*, train.*
     # finetune.model may differ from shapley.model: the paper's transferability experiment.
 
-The training curve (loss and learning rate per step) is logged with dvclive into
-dvclive/finetune/plots/metrics/{loss,lr}.tsv, which dvc.yaml declares as plots: `dvc plots show`,
-`dvc plots diff <exp>`.
+Trains on the curated records as shed normalised them: the ids of data/curated/records.jsonl joined with
+data/prepared/pool.jsonl (data/curated/dataset.jsonl holds the user's own rows). The training curve (loss and
+learning rate) is logged with dvclive as each optimizer step happens, one row per step, into
+dvclive/finetune/plots/metrics/{loss,lr}.tsv, which dvc.yaml declares as plots: `dvc plots show` while it runs
+or after, `dvc plots diff <exp>`. The adapter is the DVC artifact `finetuned-adapter` (dvc.yaml).
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ log = logging.getLogger(__name__)
 
 def main(params: Params) -> None:
     cfg, train = params.finetune, params.train
-    dataset = artifacts.read_dataset()
+    dataset = artifacts.read_curated()
     if not dataset:
-        raise ShedError(f"{artifacts.DATASET}: the curated dataset is empty")
+        raise ShedError(f"{artifacts.CURATED_RECORDS}: the curated dataset is empty")
     model, tokenizer = load_causal_lm(cfg.model, cfg.device, cfg.dtype)
     trainer = LoraTrainer(model, tokenizer, train)
     steps = math.ceil(len(dataset) / train.batch_size) * train.epochs
     log.info("fine-tuning %s on %d records (%d steps)", cfg.model, len(dataset), steps)
-    with curves.live_curves(artifacts.FINETUNE_CURVE) as live, tqdm(total=steps, desc="finetune", unit="step") as bar:
+    with curves.live_steps(artifacts.FINETUNE_CURVE) as live, tqdm(total=steps, desc="finetune", unit="step") as bar:
         fit = trainer.fit(dataset, seed=train.seed, progress=bar, callback=curves.StepCurve(live))
     with atomic_path(artifacts.FINETUNED) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)

@@ -4,8 +4,12 @@
     # prepare.pool: embedded | data/my_pool.jsonl | hf:tatsu-lab/alpaca
 
 Outputs (data/prepared/): pool.jsonl `{id, instruction, input, output}` (a chat row of more than one
-exchange or with a system prompt adds `messages`, every turn: see shed.data), dev.jsonl and eval.jsonl
-`{id, question, choices, answer}` (prepare.dev / prepare.eval: our JSONL, an AI2 ARC JSONL, an
+exchange or with a system prompt adds `messages`, every turn: see shed.data), rows.jsonl `{id, source, at, row}`
+(line for line with pool.jsonl: each record's row exactly as the user gave it, every field in its own order, and
+where it was: `source` is prepare.pool, `at` "line N" (JSONL), "row N" (CSV, header = row 1; Parquet, hub) or
+"item N" (JSON array; the embedded pool, whose row is the generated record without its id); a row dropped as a
+duplicate or blank has none; values JSON cannot hold, e.g. Parquet timestamps, are written as text), dev.jsonl
+and eval.jsonl `{id, question, choices, answer}` (prepare.dev / prepare.eval: our JSONL, an AI2 ARC JSONL, an
 MMLU CSV or a directory of them, e.g. ../shared/data/mmlu/val), and for the embedded default
 truth.jsonl (which records were planted as harmful: read by benchmarks only, never by the method).
 
@@ -69,14 +73,27 @@ def _chunks(rows: list, chunk_size: int) -> Iterator[Rows]:
         yield rows.part(start, start + chunk_size)
 
 
+def origin(record: dict, source: str, at: str, row) -> dict:
+    """Where a record came from: `{id, source, at, row}`, the row as the user gave it (rows.jsonl)."""
+    return {"id": record["id"], "source": source, "at": at, "row": row}
+
+
+def pool_rows(source: str, split: str = "train", fmt: str = "auto", duplicates: str = "drop", empty: str = "drop",
+              chunk_size: int = 0) -> Iterator[tuple[dict, dict]]:
+    """(record, origin) of each kept row of a pool source, read in chunks: the records and errors of
+    normalize_pool(load_rows(source)), each with its row as given and its place (`origin`)."""
+    pool = PoolNormalizer(source, fmt, duplicates, empty)
+    for rows in iter_rows(source, split, chunk_size or streaming.CHUNK):
+        for record, row, at in pool.kept(rows):
+            yield record, origin(record, source, at, row)
+    pool.finish()
+
+
 def pool_records(source: str, split: str = "train", fmt: str = "auto", duplicates: str = "drop", empty: str = "drop",
                  chunk_size: int = 0) -> Iterator[dict]:
     """Normalised records `{id, instruction, input, output}` (and `messages`) of a pool source, read in chunks:
     the same records and errors as normalize_pool(load_rows(source))."""
-    pool = PoolNormalizer(source, fmt, duplicates, empty)
-    for rows in iter_rows(source, split, chunk_size or streaming.CHUNK):
-        yield from pool.add_rows(rows)
-    pool.finish()
+    return (record for record, _ in pool_rows(source, split, fmt, duplicates, empty, chunk_size))
 
 
 def exclude(dev: list[dict], sources: list[str]) -> list[dict]:
@@ -142,15 +159,15 @@ def load_dev(source: str) -> tuple[list[dict], dict[str, str]]:
     return records, positions
 
 
-def refuse_dev_in_pool(pool: Iterable[dict], positions: dict[str, str], dev_source: str,
-                       pool_source: str) -> Iterator[dict]:
-    """The pool's records, passed on as they are read; once all are read, an error if any is a dev
-    record (a record must not value itself), naming the first in dev-file order."""
+def refuse_dev_in_pool(pool: Iterable[tuple[dict, dict]], positions: dict[str, str], dev_source: str,
+                       pool_source: str) -> Iterator[tuple[dict, dict]]:
+    """The pool's (record, origin) pairs, passed on as they are read; once all are read, an error if any record
+    is a dev record (a record must not value itself), naming the first in dev-file order."""
     found = set()
-    for record in pool:
+    for record, row in pool:
         if record["id"] in positions:
             found.add(record["id"])
-        yield record
+        yield record, row
     if found:
         first_id = next(rid for rid in positions if rid in found)
         raise ShedError(f"{dev_source}: {positions[first_id]}: dev record {first_id} is also in the pool {pool_source} "
@@ -161,10 +178,10 @@ def refuse_dev_in_pool(pool: Iterable[dict], positions: dict[str, str], dev_sour
 class Counted:
     """An iterable of rows that counts what it hands out (a streamed pool has no len() until written)."""
 
-    def __init__(self, rows: Iterable[dict]):
+    def __init__(self, rows: Iterable):
         self.rows, self.count = rows, 0
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator:
         for row in self.rows:
             self.count += 1
             yield row
@@ -173,35 +190,36 @@ class Counted:
         return self.count
 
 
-def first(records: Iterable[dict], n: int) -> Iterator[dict]:
+def first(records: Iterable, n: int) -> Iterator:
     """The first n records; the rest are still read (and so still checked), as before streaming."""
     for i, record in enumerate(records):
         if i < n:
             yield record
 
 
-def build(params: Params, stream: bool = False) -> dict[str, list[dict]]:
-    """All prepared tables (nothing written): in memory, or with `stream` a file pool as a one-pass iterable
-    read in chunks (prepare.pool JSONL/Parquet), consumed when written."""
+def build(params: Params, stream: bool = False) -> dict[str, list]:
+    """All prepared tables (nothing written); the pool as (record, origin) pairs (`pool_rows`): in memory, or
+    with `stream` a file pool as a one-pass iterable read in chunks (prepare.pool JSONL/Parquet), consumed when
+    written."""
     cfg = params.prepare
     emb = cfg.embedded
-    tables: dict[str, list[dict]] = {"pool": []}  # pool first: the order files and metrics list the tables in
+    tables: dict[str, list] = {"pool": []}  # pool first: the order files and metrics list the tables in
     if cfg.pool == "embedded":
-        records, tables["truth"] = synthetic.generate_pool(emb.pool_size, emb.corrupt_fraction, emb.seed)
-        if cfg.max_records:
-            records = records[: cfg.max_records]
+        generated, tables["truth"] = synthetic.generate_pool(emb.pool_size, emb.corrupt_fraction, emb.seed)
+        kept = [(r, origin(r, "embedded", f"item {i + 1}", {k: v for k, v in r.items() if k != "id"}))
+                for i, r in enumerate(generated[: cfg.max_records or None])]
     else:
-        records = pool_records(cfg.pool, cfg.split, cfg.format, cfg.duplicates, cfg.empty)
+        kept = pool_rows(cfg.pool, cfg.split, cfg.format, cfg.duplicates, cfg.empty)
         if cfg.max_records:
-            records = first(records, cfg.max_records)
+            kept = first(kept, cfg.max_records)
     tables["dev"], positions = (synthetic.generate_questions(emb.dev_size, emb.seed, salt=11), {}) \
         if cfg.dev == "embedded" else load_dev(cfg.dev)
     if positions:  # instruction records: none may be a pool record (checked as the pool is read)
         if cfg.dev_exclude:
             raise ShedError(f"params.yaml: prepare.dev_exclude: removes multiple-choice questions, and prepare.dev "
                             f"{cfg.dev} holds instruction records: set it to []")
-        records = refuse_dev_in_pool(records, positions, cfg.dev, cfg.pool)
-    tables["pool"] = Counted(records) if stream and cfg.pool != "embedded" else list(records)  # type: ignore[assignment]
+        kept = refuse_dev_in_pool(kept, positions, cfg.dev, cfg.pool)
+    tables["pool"] = Counted(kept) if stream and cfg.pool != "embedded" else list(kept)  # type: ignore[assignment]
     tables["eval"] = (synthetic.generate_questions(emb.eval_size, emb.seed, salt=12) if cfg.eval == "embedded"
                       else load_choice_set(cfg.eval))
     if cfg.dev_exclude:

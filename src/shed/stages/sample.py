@@ -16,9 +16,15 @@ which: nearest the centroid (the paper's QOCS; QWCS draws uniformly), the highes
 Near-duplicates (data/clusters/duplicates.csv, cluster.dedup_threshold) leave the pool before any sampler
 sees it, `full` included: every method draws from the records left, and subset_size is a fraction of those.
 
-Outputs (data/curated/): dataset.jsonl (records `{id, instruction, input, output}`, in selection
-order) and manifest.json (method, size, pool_size: the records left after near-duplicates, duplicates_removed,
-seed, sha256 of the dataset, per-cluster counts).
+Outputs (data/curated/), in selection order: dataset.jsonl (each chosen record's original row exactly as
+the user gave it, every field and its order, from data/prepared/rows.jsonl), records.jsonl (`{id, source, at}`
+line for line: the record's shed id and where its row was, e.g. "line 42" of prepare.pool) and manifest.json
+(method, size, pool_size: the records left after near-duplicates, duplicates_removed, seed, sha256 of
+dataset.jsonl, per-cluster counts). The per-record map is its own JSON Lines file, not a manifest list, because
+sample.method full over a 1M-record pool would make the manifest a 1M-entry JSON document read whole. The
+normalised records `{id, instruction, input, output}` (and `messages`) that finetune trains on are
+records.jsonl's ids joined with data/prepared/pool.jsonl (`artifacts.read_curated`); `shed export` writes them
+in the layouts LLaMA-Factory, axolotl and TRL read.
 """
 
 from __future__ import annotations
@@ -225,8 +231,8 @@ def main(params: Params) -> None:
     inputs = read_inputs(params)
     pool, assignments = inputs.pool, inputs.assignments
     chosen = select(params, inputs)
-    by_id = {r["id"]: r for r in pool}
-    dataset = [by_id[i] for i in chosen]
+    origins = artifacts.read_rows(chosen)
+    dataset = [origins[i] for i in chosen]
     cluster_of = dict(zip(assignments["id"], assignments["cluster"].astype(int)))
     counts = pd.Series([cluster_of[i] for i in chosen]).value_counts().sort_index()
     digest = artifacts.write_curated(dataset, {
