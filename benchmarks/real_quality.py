@@ -575,9 +575,7 @@ def markdown(result: dict, source: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-SUMMARY_METHODS = ("qocs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qwcs+blend", "perplexity", "ifd",
-                   "length",
-                   "cluster_uniform", "dsir", "random")
+SUMMARY_METHODS = ("qocs", "qwcs+blend", "perplexity", "ifd", "length", "cluster_uniform", "dsir", "random")
 
 
 def worst_case(result: dict, method: str) -> float | None:
@@ -587,16 +585,21 @@ def worst_case(result: dict, method: str) -> float | None:
     return max(ratios) if ratios else None
 
 
+def _percent(stat: dict | None) -> str:
+    return "n/a" if stat is None or stat["mean"] is None else f"{100 * stat['mean']:.1f}%"
+
+
 def summary(result: dict) -> str:
     """The README's table: per protocol, dev set and kind family, the record AUROC of the valuation and each
-    method's harmful share; the last row, each method's worst share over random's across the rows."""
+    method's harmful share (means over seeds; docs/results/real_quality.md has the spreads); the last row, each
+    method's worst share over random's across the rows."""
     present = {m for r in result["results"].values() for m in r["harmful_share"]}
     methods = [m for m in SUMMARY_METHODS if m in present]
     lines = ["| protocol / dev set / harm | record AUROC | pool | " + " | ".join(methods) + " |",
              "|---|---|---|" + "---|" * len(methods)]
     for key, r in result["results"].items():
-        lines.append(f"| {key} | {_pm(r['record_auroc'], 2)} | {_v(r['pool_harmful_share']['mean'], 2)} | "
-                     + " | ".join(_pm(r["harmful_share"].get(m), 2) for m in methods) + " |")
+        lines.append(f"| {key} | {_v(r['record_auroc']['mean'], 2)} | {_percent(r['pool_harmful_share'])} | "
+                     + " | ".join(_percent(r["harmful_share"].get(m)) for m in methods) + " |")
     lines.append("| **worst share / random's** | | | " + " | ".join(f"**{_v(worst_case(result, m), 2)}**" for m in methods)
                  + " |")
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """The project's structure keeps results from going stale: dvc.yaml says exactly what each stage runs and reads."""
 
 import ast
+import re
 import subprocess
 import sys
 
@@ -119,3 +120,12 @@ def test_the_distribution_name_is_shed_curate_and_no_doc_or_message_installs_the
     files = [ROOT / "README.md", ROOT / "params.yaml", *(ROOT / "docs").rglob("*.md"), *(ROOT / "src").rglob("*.py")]
     wrong = [str(f.relative_to(ROOT)) for f in files if re.search(r"pip install ['\"]?shed\[", f.read_text())]
     assert not wrong, f"{wrong} tell users to install the formatter `shed`"
+
+
+def test_the_readme_layout_names_every_module_and_benchmark():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = text[text.index("## Layout"):text.index("## Research notes")]
+    words = set(re.findall(r"[a-z_]+", layout))
+    modules = {p.stem for p in (ROOT / "src/shed").glob("*.py")} - {"__init__", "__main__"}
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    assert not (modules | scripts) - words, f"README.md's layout does not name {sorted((modules | scripts) - words)}"
