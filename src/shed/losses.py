@@ -11,12 +11,13 @@ from shed.training import encode_record
 
 
 def response_losses(model, tokenizer, records: list[dict], template: str, max_length: int, batch_size: int,
-                    progress=None, unconditional: bool = False) -> list[float]:
+                    progress=None, unconditional: bool = False, max_tokens: int = 0) -> list[float]:
     """Each record's mean per-token negative log-likelihood of its response (the labelled tokens of
     `training.encode_record`) given its prompt, under `model` in eval mode, in record order; inf for a
     record cut to no response token. `unconditional`: given the template's prompt with an empty
-    instruction and input instead (the response "alone", as IFD's denominator takes it). `progress`: a
-    tqdm-like bar, updated by the records of each batch."""
+    instruction and input instead (the response "alone", as IFD's denominator takes it). A batch holds at
+    most `batch_size` records and `max_tokens` padded tokens (0: no bound), which changes no loss beyond
+    float rounding. `progress`: a tqdm-like bar, updated by the records of each batch."""
     rows = []
     for record in records:
         if unconditional:
@@ -29,7 +30,7 @@ def response_losses(model, tokenizer, records: list[dict], template: str, max_le
     was_training = model.training
     model.eval()  # no dropout: a loss is a function of the parameters alone
     try:
-        scored = token_logliks(model, tokenizer, [rows[i] for i in order], batch_size, progress)
+        scored = token_logliks(model, tokenizer, [rows[i] for i in order], batch_size, progress, max_tokens)
     finally:
         model.train(was_training)
     losses = [float("inf")] * len(rows)

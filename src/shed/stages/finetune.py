@@ -6,6 +6,9 @@
 The training curve (loss and learning rate per step) is logged with dvclive into
 dvclive/finetune/plots/metrics/{loss,lr}.tsv, which dvc.yaml declares as plots: `dvc plots show`,
 `dvc plots diff <exp>`.
+
+Before the model loads, its peak memory is estimated (shed.memory) and the stage stops with a one-line error
+naming the settings to lower when it does not fit.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import math
 
 from tqdm import tqdm
 
-from shed import artifacts, curves
+from shed import artifacts, curves, memory
 from shed.config import Params
 from shed.fileio import ShedError, atomic_path
-from shed.models import load_causal_lm
-from shed.training import LoraTrainer
+from shed.models import load_causal_lm, load_tokenizer, resolve_device
+from shed.training import LoraTrainer, longest_encoding
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,10 @@ def main(params: Params) -> None:
     dataset = artifacts.read_dataset()
     if not dataset:
         raise ShedError(f"{artifacts.DATASET}: the curated dataset is empty")
+    device, shape = resolve_device(cfg.device), memory.read_shape(cfg.model)
+    limit = train.max_length or (shape.max_positions if shape else 0) or 0
+    memory.check("finetune", cfg.model, shape, device, lambda n: memory.finetune_estimate(params, shape, device, n),
+                 limit, lambda: longest_encoding(dataset, load_tokenizer(cfg.model), train.template, limit))
     model, tokenizer = load_causal_lm(cfg.model, cfg.device, cfg.dtype)
     trainer = LoraTrainer(model, tokenizer, train)
     steps = math.ceil(len(dataset) / train.batch_size) * train.epochs
