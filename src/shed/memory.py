@@ -17,7 +17,9 @@ The model of memory, and the measurements its factors come from, are in docs/eng
 - activations per padded token: with gradients, each decoder layer keeps about GRAD_HIDDEN x hidden +
   GRAD_INTERMEDIATE x intermediate elements (gradient checkpointing: its input alone, plus one layer being
   recomputed) and the loss GRAD_LOGITS fp32 copies of the vocabulary; without (scoring), one layer's
-  transients, SCORE_HIDDEN x hidden + SCORE_INTERMEDIATE x intermediate, and SCORE_LOGITS copies;
+  transients, SCORE_HIDDEN x hidden + SCORE_INTERMEDIATE x intermediate, and SCORE_LOGITS copies; and a
+  padded batch's attention mask, rows x width² x GRAD_MASK bytes per layer (SCORE_MASK once without gradients):
+  quadratic in the width, so a chunk of long rows costs more than its tokens say;
 - in-run (shed.inrun): the step's per-example LoRA gradients (batch x LoRA parameters x 4 bytes, as taken and
   as scaled), the held dev gradients (dev_every > 1 or normalize cosine: dev items x LoRA parameters x 4) and a
   dev chunk's own while they are taken; the dev passes run in eval mode, so never checkpointed;
@@ -41,7 +43,7 @@ from shed.fileio import ShedError
 
 log = logging.getLogger(__name__)
 
-GB = 10**9  # reported in decimal gigabytes, as free(1) -h and most monitors do not: say "GB"
+GB = 10**9  # estimates are reported in decimal gigabytes, "GB"
 
 # Elements kept per padded token by a forward and backward with gradients, measured (docs/engine.md#memory):
 # per decoder layer, per hidden and per intermediate unit; and fp32 copies of the logits (logits, log-softmax,
@@ -49,10 +51,14 @@ GB = 10**9  # reported in decimal gigabytes, as free(1) -h and most monitors do 
 GRAD_HIDDEN = 22
 GRAD_INTERMEDIATE = 6
 GRAD_LOGITS = 3
+# Bytes per row and squared width of a padded batch: its attention mask, which every layer keeps for the backward
+# (measured on the CPU's scaled-dot-product attention; a batch without padding has none).
+GRAD_MASK = 6
 # Without gradients only one layer's transients live at a time; the logits and their log-softmax in fp32.
 SCORE_HIDDEN = 8
 SCORE_INTERMEDIATE = 3
 SCORE_LOGITS = 2
+SCORE_MASK = 5
 RUNTIME = int(0.5 * GB)  # torch, transformers and peft once imported, and the allocator's slack
 ADAM_TRAINING_BYTES = 16  # per LoRA parameter: fp32 weight, gradient, AdamW's exp_avg and exp_avg_sq
 DEV_BATCH = 64  # dev items per forward pass of a dev score (shed.scoring), at most shapley.chunk_tokens tokens
@@ -76,18 +82,15 @@ def chunks(lengths: Sequence[int], max_rows: int = 0, max_tokens: int = 0) -> li
     return out
 
 
-def largest_chunk(lengths: Sequence[int], max_rows: int = 0, max_tokens: int = 0) -> tuple[int, int]:
-    """(padded tokens, rows) of the largest chunk `chunks` makes of these lengths ((0, 0) for none)."""
-    sizes = [((stop - start) * max(lengths[start:stop]), stop - start) for start, stop in chunks(lengths, max_rows,
-                                                                                                  max_tokens)]
-    return max(sizes, default=(0, 0))
+def chunk_shapes(lengths: Sequence[int], max_rows: int = 0, max_tokens: int = 0) -> list[tuple[int, int]]:
+    """(rows, width) of each chunk `chunks` makes of these lengths, its width the longest of its rows."""
+    return [(stop - start, max(lengths[start:stop])) for start, stop in chunks(lengths, max_rows, max_tokens)]
 
 
-def chunk_bound(rows: int, longest: int, max_tokens: int = 0) -> int:
-    """Padded tokens of the largest chunk of up to `rows` rows of at most `longest` tokens each, `max_tokens` a
-    chunk (0: no bound): where the rows' own lengths are not known."""
-    full = rows * longest
-    return min(full, max(max_tokens, longest)) if max_tokens else full
+def worst_chunk(rows: int, longest: int, max_tokens: int = 0) -> tuple[int, int]:
+    """(rows, width) of the costliest chunk of up to `rows` rows of at most `longest` tokens each, `max_tokens`
+    padded tokens a chunk (0: no bound): where the rows' own lengths are not known, every row at `longest`."""
+    return (max(1, min(rows, max_tokens // max(longest, 1))) if max_tokens else rows), longest
 
 
 # --- the model's shape, without loading it ---------------------------------------------------------
@@ -239,10 +242,16 @@ class Estimate:
 
     def problem(self, stage: str, available: float | None) -> str | None:
         """The refusal, one line, when the peak exceeds `available` bytes (None: it fits, or nothing is known):
-        the estimate against what is available, then the settings that shrink the largest parts first."""
+        the estimate against what is available, then the settings that shrink the largest parts, as many parts
+        as it takes for their sum to cover the excess."""
         if available is None or self.total <= available:
             return None
-        knobs = [k for p in self.parts for k in p.knobs]
+        knobs, covered = [], 0.0
+        for part in (p for p in self.parts if p.knobs):
+            if covered * self.copies >= self.total - available:
+                break
+            knobs += part.knobs
+            covered += part.bytes
         if self.copies > 1 and self.copies_knob:
             knobs.insert(0, self.copies_knob)
         knobs = list(dict.fromkeys(knobs))[:5]
@@ -260,11 +269,18 @@ def grad_token_bytes(shape: ModelShape, element: int, checkpointing: bool = Fals
     return layers + GRAD_LOGITS * shape.vocab * 4
 
 
-def score_token_bytes(shape: ModelShape, element: int) -> float:
-    """Bytes a forward without gradients (a loss, a log-likelihood) holds per padded token: one layer's
-    transients and the logits and their log-softmax in fp32."""
-    return (SCORE_HIDDEN * shape.hidden + SCORE_INTERMEDIATE * shape.intermediate) * element \
+def grad_pass_bytes(shape: ModelShape, rows: int, width: int, element: int, checkpointing: bool = False) -> float:
+    """Bytes of a forward and backward of `rows` rows padded to `width` tokens: `grad_token_bytes` a token, and
+    the attention mask, GRAD_MASK bytes per row and squared width in every layer."""
+    return rows * width * grad_token_bytes(shape, element, checkpointing) + rows * width**2 * GRAD_MASK * shape.layers
+
+
+def score_pass_bytes(shape: ModelShape, rows: int, width: int, element: int) -> float:
+    """Bytes of a forward without gradients (a loss, a log-likelihood) of `rows` rows padded to `width` tokens:
+    per token one layer's transients and the logits and their log-softmax in fp32, and the attention mask."""
+    per_token = (SCORE_HIDDEN * shape.hidden + SCORE_INTERMEDIATE * shape.intermediate) * element \
         + SCORE_LOGITS * shape.vocab * 4
+    return rows * width * per_token + rows * width**2 * SCORE_MASK
 
 
 def _knob(key: str, value, zero: str | None = None) -> str:
@@ -283,11 +299,12 @@ def _lora_knobs(train: TrainConfig) -> tuple[str, ...]:
     return (_knob("train.lora.r", train.lora.r), "train.lora.target_modules")
 
 
-def _training_pass(shape: ModelShape, train: TrainConfig, tokens: int, element: int, what: str = "training pass"
+def _training_pass(shape: ModelShape, train: TrainConfig, longest: int, element: int, what: str = "training pass"
                    ) -> Part:
+    """A training micro-batch, every record at `longest` tokens."""
     knobs = [_knob("train.micro_batch_size", train.micro_batch_size, f"{train.batch_size}"),
              _knob("train.max_length", train.max_length, f"{shape.max_positions}")]
-    return Part(what, tokens * grad_token_bytes(shape, element, train.gradient_checkpointing),
+    return Part(what, grad_pass_bytes(shape, train.micro_batch, longest, element, train.gradient_checkpointing),
                 tuple(knobs + ([] if train.gradient_checkpointing else ["train.gradient_checkpointing (false)"])))
 
 
@@ -309,7 +326,6 @@ def inrun_estimate(params: Params, shape: ModelShape, device: str, dev_lengths: 
     lora = _lora(shape, train)
     held = cfg.dev_every > 1 or cfg.normalize == "cosine"
     extra = 4 + 8 * (cfg.direction == "adam")
-    dev_tokens, dev_rows = largest_chunk(dev_lengths, cfg.dev_chunk, cfg.chunk_tokens)
     parts = [*_common(shape, dtype_bytes(cfg.dtype, device)),
              Part("LoRA training state", lora * (ADAM_TRAINING_BYTES + extra), _lora_knobs(train)),
              Part("per-example gradients of a step", 2 * train.batch_size * lora * 4,
@@ -318,13 +334,14 @@ def inrun_estimate(params: Params, shape: ModelShape, device: str, dev_lengths: 
         parts.append(Part("held dev gradients", len(dev_lengths) * lora * 4,
                           (_knob("shapley.dev_every", cfg.dev_every), *_lora_knobs(train))))
     # The per-example passes run without the trainer's autocast: the adapter's fp32 carries through every layer.
-    train_pass = _training_pass(shape, train, train.micro_batch * longest_record, 4)
-    hooked = train.gradient_checkpointing * shape.layers * (4 * shape.hidden + shape.intermediate) * 4
+    # With gradient checkpointing the hooks still hold each adapted layer's input (3 x hidden + intermediate).
+    train_pass = _training_pass(shape, train, longest_record, 4)
+    hooked = train.gradient_checkpointing * shape.layers * (3 * shape.hidden + shape.intermediate) * 4
     train_pass = Part(train_pass.what, train_pass.bytes + train.micro_batch * longest_record * hooked,
                       train_pass.knobs)
-    dev_pass = Part("dev pass", dev_tokens * grad_token_bytes(shape, 4) + held * dev_rows * lora * 4,
-                    _dev_knobs(params, shape, True))
-    return Estimate(tuple(parts), (train_pass, dev_pass))
+    dev_pass = max(grad_pass_bytes(shape, rows, width, 4) + held * rows * lora * 4
+                   for rows, width in chunk_shapes(dev_lengths, cfg.dev_chunk, cfg.chunk_tokens) or [(0, 0)])
+    return Estimate(tuple(parts), (train_pass, Part("dev pass", dev_pass, _dev_knobs(params, shape, True))))
 
 
 def retrain_estimate(params: Params, shape: ModelShape, device: str, dev_lengths: Sequence[int],
@@ -334,11 +351,12 @@ def retrain_estimate(params: Params, shape: ModelShape, device: str, dev_lengths
     shapley.chunk_tokens tokens)."""
     cfg, train = params.shapley, params.train
     element = dtype_bytes(cfg.dtype, device)
-    dev_tokens, _ = largest_chunk(dev_lengths, DEV_BATCH, cfg.chunk_tokens)
+    dev_score = max(score_pass_bytes(shape, rows, width, 4)
+                    for rows, width in chunk_shapes(dev_lengths, DEV_BATCH, cfg.chunk_tokens) or [(0, 0)])
     parts = [*_common(shape, element), Part("LoRA training state", _lora(shape, train) * ADAM_TRAINING_BYTES,
                                             _lora_knobs(train))]
-    passes = (_training_pass(shape, train, train.micro_batch * longest_record, element),
-              Part("dev score", dev_tokens * score_token_bytes(shape, 4), _dev_knobs(params, shape, False)))
+    passes = (_training_pass(shape, train, longest_record, element),
+              Part("dev score", dev_score, _dev_knobs(params, shape, False)))
     return Estimate(tuple(parts), passes, workers, _knob("shapley.workers", cfg.workers))
 
 
@@ -351,9 +369,9 @@ def forward_estimate(params: Params, shape: ModelShape, device: str, longest_dev
     element = dtype_bytes(cfg.dtype, device)
     parts = [*_common(shape, element), Part("LoRA training state", _lora(shape, train) * ADAM_TRAINING_BYTES,
                                             _lora_knobs(train))]
-    scored = chunk_bound(train.micro_batch, max(longest_record, longest_dev), cfg.chunk_tokens)
-    passes = (_training_pass(shape, train, train.micro_batch * longest_dev, element, "dev-set fit pass"),
-              Part("record losses", scored * score_token_bytes(shape, 4),
+    scored = worst_chunk(train.micro_batch, max(longest_record, longest_dev), cfg.chunk_tokens)
+    passes = (_training_pass(shape, train, longest_dev, element, "dev-set fit pass"),
+              Part("record losses", score_pass_bytes(shape, *scored, 4),
                    (_knob("shapley.chunk_tokens", cfg.chunk_tokens, "no bound"),
                     _knob("train.max_length", train.max_length, f"{shape.max_positions}"))))
     return Estimate(tuple(parts), passes)
@@ -363,9 +381,9 @@ def scoring_estimate(params: Params, shape: ModelShape, device: str, longest_rec
     """Record losses without an adapter (sample's perplexity and IFD): the weights and a chunk of
     train.micro_batch records of at most `longest_record` tokens, shapley.chunk_tokens a chunk."""
     cfg, train = params.shapley, params.train
-    tokens = chunk_bound(train.micro_batch, longest_record, cfg.chunk_tokens)
+    scored = worst_chunk(train.micro_batch, longest_record, cfg.chunk_tokens)
     return Estimate(tuple(_common(shape, dtype_bytes(cfg.dtype, device))),
-                    (Part("record losses", tokens * score_token_bytes(shape, 4),
+                    (Part("record losses", score_pass_bytes(shape, *scored, 4),
                           (_knob("shapley.chunk_tokens", cfg.chunk_tokens, "no bound"),
                            _knob("train.micro_batch_size", train.micro_batch_size, f"{train.batch_size}"),
                            _knob("train.max_length", train.max_length, f"{shape.max_positions}"))),))
@@ -378,7 +396,7 @@ def finetune_estimate(params: Params, shape: ModelShape, device: str, longest_re
     element = dtype_bytes(params.finetune.dtype, device)
     return Estimate((*_common(shape, element), Part("LoRA training state", _lora(shape, train) * ADAM_TRAINING_BYTES,
                                                     _lora_knobs(train))),
-                    (_training_pass(shape, train, train.micro_batch * longest_record, element),))
+                    (_training_pass(shape, train, longest_record, element),))
 
 
 def evaluate_estimate(params: Params, shape: ModelShape, device: str, longest_item: int, lora_parameters: int
@@ -388,7 +406,7 @@ def evaluate_estimate(params: Params, shape: ModelShape, device: str, longest_it
     cfg = params.evaluate
     element = dtype_bytes(params.finetune.dtype, device)
     return Estimate((*_common(shape, element), Part("LoRA adapter", lora_parameters * 4)),
-                    (Part("lm-eval batch", cfg.batch_size * longest_item * score_token_bytes(shape, element),
+                    (Part("lm-eval batch", score_pass_bytes(shape, cfg.batch_size, longest_item, element),
                           (_knob("evaluate.batch_size", cfg.batch_size),)),))
 
 
