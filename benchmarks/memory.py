@@ -15,7 +15,9 @@ Measured: the child's peak resident set (VmHWM of /proc/self/status, its own add
 the parent, the child's ru_maxrss by wait4 (`maxrss_gb`; it also counts the few MB of this driver at the fork);
 `before_gb`, the child's resident set before the model loads (Python, torch, transformers, peft). Estimated:
 `shed.memory.inrun_estimate` (what the stage logs and checks), its total (`estimate_gb`, which holds
-memory.RUNTIME for the libraries) and its parts. One JSON line per run; the last line, the runs together.
+memory.RUNTIME for the libraries) and its parts; --estimate-only runs no valuation. One JSON line per run; the
+last line, the runs together. `--from-json docs/results/memory.jsonl --block docs/engine.md` writes the table of
+saved runs into docs/engine.md's memory block.
 
 The tiny model is the embedded default's architecture (base.* defaults) with 2,048 positions, untrained and
 built once into benchmarks/.cache/memory/ (--cache; its weights' values change no memory). Records are the embedded
@@ -31,6 +33,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import tables  # benchmarks/, the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -104,6 +108,11 @@ def child(spec: dict) -> dict:
     lengths = [len(ids) for ids, _ in inrun.dev_rows(tokenizer, dev, params.train.template)]
     cut = memory.Cut.of(lengths, cap)
     estimate = memory.inrun_estimate(params, shape, "cpu", cut.lengths, params.train.max_length)
+    out = {"estimate_gb": round(estimate.total / GB, 3),
+           "estimate_parts_gb": {p.what: round(p.bytes / GB, 3) for p in estimate.parts},
+           "dev_tokens_max": cut.tokens_max, "dev_truncated": cut.cut}
+    if spec["estimate_only"]:
+        return out
     before = _status("VmRSS:")
     start = time.perf_counter()
     model, tokenizer = load_causal_lm(spec["model"], "cpu", params.shapley.dtype)
@@ -114,10 +123,8 @@ def child(spec: dict) -> dict:
     cfg = params.shapley
     inrun.value_runs(trainer, records, players, dev_batch, credits, [0], dev_chunk=cfg.dev_chunk,
                      dev_tokens=cfg.chunk_tokens, dev_every=cfg.dev_every)
-    return {"before_gb": round(before / GB, 3), "rss_gb": round(_status("VmHWM:") / GB, 3),
-            "estimate_gb": round(estimate.total / GB, 3),
-            "estimate_parts_gb": {p.what: round(p.bytes / GB, 3) for p in estimate.parts},
-            "dev_tokens_max": cut.tokens_max, "dev_truncated": cut.cut, "seconds": round(time.perf_counter() - start, 1)}
+    return {**out, "before_gb": round(before / GB, 3), "rss_gb": round(_status("VmHWM:") / GB, 3),
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def run(spec: dict, cache: Path) -> dict:
@@ -131,8 +138,25 @@ def run(spec: dict, cache: Path) -> dict:
     if proc.returncode:
         raise SystemExit(f"run {spec} failed: {' | '.join(log.read_text().strip().splitlines()[-3:])}")
     result = json.loads(out.strip().splitlines()[-1])
-    result["maxrss_gb"] = round(usage.ru_maxrss * 1024 / GB, 3)
+    if not spec["estimate_only"]:
+        result["maxrss_gb"] = round(usage.ru_maxrss * 1024 / GB, 3)
+        result["measured_over_estimate"] = round(result["rss_gb"] / result["estimate_gb"], 3)
     return result
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table of docs/engine.md#memory from the runs' JSON lines, in their order."""
+    lines = ["| model | dev records | response tokens | longest dev item | dev_chunk / chunk_tokens / micro-batch "
+             "| estimate | measured peak | measured / estimate | its largest part but the runtime | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        part, size = max(((k, v) for k, v in r["estimate_parts_gb"].items() if k != "runtime"), key=lambda kv: kv[1])
+        peak, ratio, seconds = ((f"{r['rss_gb']:.2f} GB", r["measured_over_estimate"], r["seconds"]) if "rss_gb" in r
+                                else ("estimated only", "", ""))
+        lines.append(f"| {r['model']} | {r['dev']} | {r['response']:,} | {r['dev_tokens_max']:,} | {r['dev_chunk']} / "
+                     f"{r['chunk_tokens'] or 'none'} / {r['micro_batch'] or 16} | {r['estimate_gb']:.2f} GB | {peak} | "
+                     f"{ratio} | {part} {size:.2f} GB | {seconds} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -147,9 +171,20 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=0, help="train.micro_batch_size (0: the batch, 16)")
     parser.add_argument("--dev-max-length", type=int, default=0, help="shapley.dev_max_length")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--estimate-only", action="store_true", help="the estimates alone: no valuation is run")
     parser.add_argument("--cache", default=str(CACHE), help="where the tiny model is built (once) and the log kept")
+    parser.add_argument("--from-json", metavar="FILE", help="print the Markdown table of these saved runs' JSON lines "
+                        "(to --block's file instead); run nothing")
+    parser.add_argument("--block", metavar="PATH", help="with --from-json: write the table into PATH's memory block")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.from_json:
+        table = markdown([r for r in tables.read_json_lines(args.from_json) if "runs" not in r])
+        if args.block:
+            tables.write_block(args.block, "memory", table)
+        else:
+            sys.stdout.write(table)
+        return
     if args.child:
         spec = json.loads(args.child)
         if spec.get("build_tiny"):
@@ -169,9 +204,10 @@ def main() -> None:
         for n_dev in map(int, args.dev.split(",")):
             spec = {"model": model, "dev": n_dev, "response": response, "players": args.players,
                     "dev_every": args.dev_every, "dev_chunk": args.dev_chunk, "chunk_tokens": args.chunk_tokens,
-                    "dev_max_length": args.dev_max_length, "micro_batch": args.micro_batch, "threads": args.threads}
-            row = {"model": args.model, **{k: v for k, v in spec.items() if k not in ("model", "threads")}, **run(spec, cache)}
-            row["measured_over_estimate"] = round(row["rss_gb"] / row["estimate_gb"], 3)
+                    "dev_max_length": args.dev_max_length, "micro_batch": args.micro_batch, "threads": args.threads,
+                    "estimate_only": args.estimate_only}
+            row = {"model": Path(args.model).name, **{k: v for k, v in spec.items() if k not in ("model", "threads")},
+                   **run(spec, cache)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(json.dumps({"benchmark": "memory", "model": args.model, "runs": rows}))

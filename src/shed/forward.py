@@ -11,6 +11,9 @@ towards the dev set made z more likely (z is like the dev set); negative: less.
 Runs r = 0..k-1 fit the dev set from seed train.seed + r (adapter init and data order); a record's
 score is the mean over runs, its stderr their spread.
 
+The dev records are fitted and scored as training records, cut at train.max_length and at the stage's dev cap
+(shapley.dev_max_length); losses are taken at most shapley.chunk_tokens padded tokens a forward pass.
+
 Losses are kept per record id (a content hash) in a `LossBook` the caller provides (the shapley stage
 stores it on disk): a record scored before under the same model state is never scored again (a grown
 pool, another pool sharing records, a killed pass resumed chunk by chunk), and a run's fitted adapter is

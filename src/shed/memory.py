@@ -256,8 +256,10 @@ class Estimate:
             knobs.insert(0, self.copies_knob)
         knobs = list(dict.fromkeys(knobs))[:5]
         advice = f"; lower {' or '.join(knobs)}" if knobs else "; use a smaller model or a machine with more memory"
+        per = f"{self.copies} x (" if self.copies > 1 else "("
+        largest = ", ".join(f"{p.what} {p.bytes / GB:.2f} GB" for p in self.parts[:3])
         return (f"{stage}: estimated peak {self.total / GB:.1f} GB > {available / GB:.1f} GB available "
-                f"({self.summary()}){advice}")
+                f"{per}{largest}{', ...' if len(self.parts) > 3 else ''}){advice}")
 
 
 def grad_token_bytes(shape: ModelShape, element: int, checkpointing: bool = False) -> float:
@@ -284,6 +286,7 @@ def score_pass_bytes(shape: ModelShape, rows: int, width: int, element: int) -> 
 
 
 def _knob(key: str, value, zero: str | None = None) -> str:
+    """A setting as a refusal names it, "key (value)", with what 0 stands for: "train.max_length (0 = 2048)"."""
     return f"{key} ({value}{f' = {zero}' if zero and not value else ''})"
 
 
@@ -310,7 +313,7 @@ def _training_pass(shape: ModelShape, train: TrainConfig, longest: int, element:
 
 def _dev_knobs(params: Params, shape: ModelShape, dev_chunk: bool) -> tuple[str, ...]:
     cfg = params.shapley
-    knobs = [_knob("shapley.chunk_tokens", cfg.chunk_tokens, "no bound"),
+    knobs = [_knob("shapley.chunk_tokens", cfg.chunk_tokens, "no bound: set one"),
              _knob("shapley.dev_max_length", cfg.dev_max_length, f"{shape.max_positions}")]
     return tuple(knobs + ([_knob("shapley.dev_chunk", cfg.dev_chunk, "all")] if dev_chunk else []))
 
@@ -372,7 +375,7 @@ def forward_estimate(params: Params, shape: ModelShape, device: str, longest_dev
     scored = worst_chunk(train.micro_batch, max(longest_record, longest_dev), cfg.chunk_tokens)
     passes = (_training_pass(shape, train, longest_dev, element, "dev-set fit pass"),
               Part("record losses", score_pass_bytes(shape, *scored, 4),
-                   (_knob("shapley.chunk_tokens", cfg.chunk_tokens, "no bound"),
+                   (_knob("shapley.chunk_tokens", cfg.chunk_tokens, "no bound: set one"),
                     _knob("train.max_length", train.max_length, f"{shape.max_positions}"))))
     return Estimate(tuple(parts), passes)
 
@@ -384,7 +387,7 @@ def scoring_estimate(params: Params, shape: ModelShape, device: str, longest_rec
     scored = worst_chunk(train.micro_batch, longest_record, cfg.chunk_tokens)
     return Estimate(tuple(_common(shape, dtype_bytes(cfg.dtype, device))),
                     (Part("record losses", score_pass_bytes(shape, *scored, 4),
-                          (_knob("shapley.chunk_tokens", cfg.chunk_tokens, "no bound"),
+                          (_knob("shapley.chunk_tokens", cfg.chunk_tokens, "no bound: set one"),
                            _knob("train.micro_batch_size", train.micro_batch_size, f"{train.batch_size}"),
                            _knob("train.max_length", train.max_length, f"{shape.max_positions}"))),))
 

@@ -8,7 +8,9 @@
 Baselines: dsir resamples the pool toward the dev questions' n-gram distribution (shed.dsir);
 cluster_uniform weights every cluster equally; length takes the longest responses; perplexity takes
 the responses of lowest loss under shapley.model, prompted with train.template; ifd the highest
-instruction-following difficulty below 1 (Superfiltering) under the same model (shed.sampling).
+instruction-following difficulty below 1 (Superfiltering) under the same model (shed.sampling), at most
+shapley.chunk_tokens padded tokens a forward pass, after a memory estimate (shed.memory) that refuses in one
+line, before the model loads, what would not fit.
 With qocs and qwcs the cluster scores decide how many records each cluster gives and sample.within
 which: nearest the centroid (the paper's QOCS; QWCS draws uniformly), the highest record value
 (data/shapley/record_scores.csv, shapley.players records), the lowest loss, IFD's order, or blend (value and loss).

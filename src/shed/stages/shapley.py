@@ -28,7 +28,7 @@ first goes through Adam's preconditioner). score = mean over runs of the summed 
 (token-weighted over the dev set as gold_loglik weighs it, or over the proxy's dev_neighbours),
 stderr over runs. One training pass per step: the credit pass's per-example gradients sum to the
 step's gradient, which the trainer applies. shapley.dev_every N > 1 takes the dev questions'
-gradients every N steps only and reuses them in between (held in memory, at most 4 GiB). Each
+gradients every N steps only and reuses them in between (held in memory). Each
 finished run is saved at once (data/shapley_jobs/inrun/<context>/run-NNNN.*), and the run in
 progress every shapley.checkpoint_seconds (run-NNNN.partial.*: adapter, optimizer, scheduler, RNG,
 credits so far), so a rerun after a crash, or with a larger k, redoes only the runs not finished
@@ -39,6 +39,13 @@ score is shapley.aggregate of its members'. shapley.method forward (shed.forward
 loss under the model minus its loss after a short fit on the dev set, losses kept per record in
 data/shapley_jobs/forward (shed.runstore) so that a killed or grown run scores only what is missing
 (docs/engine.md#every-record-valued-shapleyplayers-records).
+
+Memory (docs/engine.md#memory). A dev item is cut at shapley.dev_max_length tokens (0: the model's own limit;
+forward: at most train.max_length), logged, and counted in metrics/shapley.json (dev_max_length, dev_truncated,
+dev_tokens_cut, dev_tokens_max); dev passes and record losses take at most shapley.chunk_tokens padded tokens a
+pass. Before the model loads the method's peak is estimated from the model's config.json and safetensors
+headers (shed.memory), logged (memory_estimate_gb) and, when it exceeds the memory available, refused in one
+line naming the settings to lower, before anything is written.
 
 Outputs: data/shapley/scores.csv `cluster, proxy_id, size, score, stderr, credits`,
 data/shapley/record_scores.csv `id, cluster, score, stderr, tokens, loss` (each valued record's own score),
