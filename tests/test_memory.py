@@ -201,13 +201,13 @@ def test_a_shapley_run_that_cannot_fit_is_refused_before_its_model_loads_and_wri
     assert not (long_dev / "metrics/shapley.json").exists()
 
 
-def test_sample_and_finetune_refuse_before_their_model_loads(long_dev, monkeypatch):
+def test_sample_finetune_and_evaluate_refuse_before_their_model_loads(long_dev, monkeypatch):
     from shed import artifacts, models
-    from shed.stages import finetune, sample
+    from shed.stages import evaluate, finetune, sample
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 10**8)
-    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.setattr(finetune, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    for module in (models, finetune, evaluate):
+        monkeypatch.setattr(module, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
     params = load_params("params.yaml")
     with pytest.raises(ShedError, match=r"^sample: estimated peak .* > 0.1 GB available .*; lower "
                                         r"shapley.chunk_tokens \(8192\)"):
@@ -217,6 +217,10 @@ def test_sample_and_finetune_refuse_before_their_model_loads(long_dev, monkeypat
                                         r"train.micro_batch_size \(0 = 16\)"):
         finetune.main(params)
     assert not (long_dev / "models/finetuned").exists()
+    with pytest.raises(ShedError, match=r"^evaluate: estimated peak .* > 0.1 GB available .*; lower "
+                                        r"evaluate.batch_size \(32\)"):
+        evaluate.main(params)
+    assert not (long_dev / "metrics/eval.json").exists()
 
 
 def test_the_dev_records_cut_at_the_cap_are_reported_and_every_pass_stays_within_it(long_dev, caplog, monkeypatch):
