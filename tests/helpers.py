@@ -94,6 +94,28 @@ def write_stage_params(ws, epochs: int = 1, **shapley) -> None:
     (Path(ws) / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def records_dev_inputs(ws, dev: list[dict], overrides: dict) -> Path:
+    """prepare (a dev file of these instruction records), base, embed and cluster in-process in `ws`, with the
+    tiny settings and `overrides`: the shapley stage's inputs. Returns `ws`."""
+    import pytest
+    import yaml
+
+    from shed.config import load_params
+    from shed.stages import base, cluster, embed, prepare
+
+    ws = Path(ws)
+    (ws / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                   merge(TINY, merge({"prepare": {"dev": "dev.jsonl"}}, overrides)))
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        loaded = load_params("params.yaml")
+        for stage in (prepare, base, embed, cluster):
+            stage.main(loaded)
+    return ws
+
+
 def start_stage(ws, stage: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "shed", stage], cwd=ws, env=STAGE_ENV, **kwargs)
 

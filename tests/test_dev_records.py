@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import ROOT, TINY, merge, tiny_random_lm
+from helpers import records_dev_inputs, tiny_random_lm
 
 from shed import inrun, tiny
 from shed.config import BaseConfig, LoraConfig, ShapleyConfig, TrainConfig, load_params
@@ -168,25 +168,13 @@ def test_a_dev_record_in_the_pool_stops_prepare_naming_the_first(tmp_path, monke
 @pytest.fixture(scope="module")
 def stage_inputs(tmp_path_factory):
     """prepare (a records dev file), base, embed and cluster in-process, tiny: the shapley stage's inputs."""
-    from shed.stages import base, cluster, embed, prepare
-
-    ws = tmp_path_factory.mktemp("dev-records")
     dev = [{"instruction": "Give the first word.", "input": "plum dog bird", "output": "plum"},
            {"instruction": "Give the last word.", "input": "red blue green", "output": "green"},
            {"instruction": "Repeat the words.", "input": "one two", "output": "one two"},
            {"instruction": "Name a colour.", "input": "", "output": "red"}]
-    (ws / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), merge(TINY, {
-        "prepare": {"dev": "dev.jsonl", "embedded": {"pool_size": 40}},
-        "base": {"pretrain_steps": 0}, "cluster": {"C": 4},
-        "shapley": {"k": 1, "n": 2, "dev_neighbours": 2}}))
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(ws)
-        loaded = load_params("params.yaml")
-        for stage in (prepare, base, embed, cluster):
-            stage.main(loaded)
-    return ws
+    return records_dev_inputs(tmp_path_factory.mktemp("dev-records"), dev, {
+        "prepare": {"embedded": {"pool_size": 40}}, "base": {"pretrain_steps": 0}, "cluster": {"C": 4},
+        "shapley": {"k": 1, "n": 2, "dev_neighbours": 2}})
 
 
 @pytest.mark.parametrize("method", ["retrain", "inrun"])

@@ -322,16 +322,6 @@ def test_dev_every_reuses_the_dev_gradients_of_its_last_refresh(trainer, dev, mo
         inrun.CreditCallback(trainer.model, dev, inrun.InRunCredits(PLAYERS, 3, 1), 0, [], 1.0, dev_every=0)
 
 
-def test_holding_the_dev_gradients_past_the_bound_is_refused_in_one_line(trainer, dev):
-    parameters = sum(p.numel() for _, p in inrun.lora_parameters(trainer.model))
-    need = len(QUESTIONS) * parameters * 8  # the float64 test adapter; 4 bytes a value for the fp32 one
-    assert inrun.held_dev_problem(trainer.model, len(QUESTIONS), 1, bound=0) is None  # streamed: nothing held
-    assert inrun.held_dev_problem(trainer.model, len(QUESTIONS), 5, bound=need) is None
-    problem = inrun.held_dev_problem(trainer.model, len(QUESTIONS), 5, bound=need - 1)
-    assert problem.startswith(f"5 holds every dev question's LoRA gradient, 3 questions x {parameters:,} parameters")
-    assert "\n" not in problem and "dev_every 1" in problem
-
-
 def test_the_run_stores_mid_run_state_is_used_only_whole_and_in_its_own_context(tmp_path, caplog):
     from shed.runstore import RunStore
 

@@ -224,9 +224,17 @@ class ShapleyConfig:
                            choices=("none", "tokens", "cosine"))
     dev_chunk: int = param(0, "method inrun: dev questions per gradient pass (bounds memory on a large dev set)",
                            ge=0, zero="all at once")
+    dev_max_length: int = param(0, "tokens per dev item (prompt and response, or question and answer): a longer "
+                                "one is cut at the end, as training cuts a record, and counted in "
+                                "metrics/shapley.json (dev_truncated); method forward also cuts at train.max_length",
+                                ge=0, zero="the model's own limit")
+    chunk_tokens: int = param(8192, "padded tokens (rows x the longest row) per pass where items go through the "
+                              "model in chunks: in-run dev passes (with dev_chunk), dev scores, record losses "
+                              "(forward; sample's perplexity and ifd); a longer item goes alone; scores do not "
+                              "depend on it beyond float rounding", ge=0, zero="no bound")
     dev_every: int = param(1, "method inrun: steps between refreshes of the dev questions' gradients; 1: every "
-                           "step (the exact first-order credit); N > 1 holds them (n_dev x LoRA parameters x 4 bytes, "
-                           "at most 4 GiB) and reuses them for N steps, TracIn-checkpoint style", ge=1)
+                           "step (the exact first-order credit); N > 1 holds them (n_dev x LoRA parameters x 4 bytes) "
+                           "and reuses them for N steps, TracIn-checkpoint style", ge=1)
     checkpoint_seconds: int = param(300, "method inrun: seconds between checkpoints of the run in progress (a "
                                     "killed stage resumes there); the scores do not depend on it",
                                     ge=0, zero="after every step")

@@ -30,6 +30,8 @@ class JobSpec:
     value: str  # loglik | choice_logprob | accuracy (these two: multiple-choice dev questions only)
     dev: list[dict]  # the dev questions, or instruction records (value loglik)
     dev_path: str  # the same questions as a file (lm-eval reads files)
+    dev_max_length: int | None = None  # tokens a dev item is cut at (shapley.dev_max_length resolved; None: uncut)
+    chunk_tokens: int = 0  # padded tokens per pass of the dev score (shapley.chunk_tokens; 0: no bound)
 
 
 class JobRunner:
@@ -50,6 +52,7 @@ class JobRunner:
         model, self.tokenizer = load_causal_lm(spec.model, device, spec.dtype)
         self.trainer = LoraTrainer(model, self.tokenizer, spec.train)
         self.value_kind = spec.value
+        self.cut = {"max_length": spec.dev_max_length, "max_tokens": spec.chunk_tokens}
         # A dev set of instruction records: each record's spans, prompted as training prompts it.
         self.prompts = ([spans(r, spec.train.template, self.tokenizer) for r in spec.dev]
                         if dev_kind(spec.dev) == "records" else None)
@@ -60,15 +63,15 @@ class JobRunner:
         self.setup_seconds = time.perf_counter() - start  # reported with this worker's first job
 
     def score(self) -> tuple[float, list[float] | None]:
-        """The dev score, and each dev item's own (None from lm-eval accuracy)."""
+        """The dev score, and each dev item's own (None from lm-eval accuracy, which cuts items its own way)."""
         from shed.scoring import choice_logprob, gold_loglik, response_loglik
 
         if self.value_kind == "loglik" and self.prompts is not None:
-            return response_loglik(self.trainer.model, self.tokenizer, self.prompts)
+            return response_loglik(self.trainer.model, self.tokenizer, self.prompts, **self.cut)
         if self.value_kind == "loglik":
-            return gold_loglik(self.trainer.model, self.tokenizer, self.dev)
+            return gold_loglik(self.trainer.model, self.tokenizer, self.dev, **self.cut)
         if self.value_kind == "choice_logprob":
-            return choice_logprob(self.trainer.model, self.tokenizer, self.dev)
+            return choice_logprob(self.trainer.model, self.tokenizer, self.dev, **self.cut)
         return self.scorer(self.trainer.model)["shed_dev"]["acc"], None
 
     def run(self, job: dict) -> dict:

@@ -11,6 +11,9 @@ towards the dev set made z more likely (z is like the dev set); negative: less.
 Runs r = 0..k-1 fit the dev set from seed train.seed + r (adapter init and data order); a record's
 score is the mean over runs, its stderr their spread.
 
+The dev records are fitted and scored as training records, cut at train.max_length and at the stage's dev cap
+(shapley.dev_max_length); losses are taken at most shapley.chunk_tokens padded tokens a forward pass.
+
 Losses are kept per record id (a content hash) in a `LossBook` the caller provides (the shapley stage
 stores it on disk): a record scored before under the same model state is never scored again (a grown
 pool, another pool sharing records, a killed pass resumed chunk by chunk), and a run's fitted adapter is
@@ -76,13 +79,14 @@ def response_tokens(trainer, records: Sequence[dict]) -> np.ndarray:
     return np.array([sum(label != -100 for label in trainer.encode(r)[1][1:]) for r in records], dtype=float)
 
 
-def _losses(trainer, records: Sequence[dict], batch_size: int, progress=None) -> list[float]:
+def _losses(trainer, records: Sequence[dict], batch_size: int, progress=None, max_tokens: int = 0) -> list[float]:
     return response_losses(trainer.model, trainer.tokenizer, list(records), trainer.cfg.template, trainer.max_length,
-                           batch_size, progress)
+                           batch_size, progress, max_tokens=max_tokens)
 
 
-def _mean_loss(trainer, records: list[dict], batch_size: int) -> float:
-    values, tokens = np.array(_losses(trainer, records, batch_size)), response_tokens(trainer, records)
+def _mean_loss(trainer, records: list[dict], batch_size: int, max_tokens: int) -> float:
+    values, tokens = np.array(_losses(trainer, records, batch_size, max_tokens=max_tokens)), \
+        response_tokens(trainer, records)
     keep = np.isfinite(values)
     return float((values[keep] * tokens[keep]).sum() / max(tokens[keep].sum(), 1))
 
@@ -102,14 +106,14 @@ def load_adapter(trainer, state: dict[str, torch.Tensor]) -> None:
 
 
 def _fill(trainer, key: str, records: Sequence[dict], book: LossBook, batch_size: int, chunk: int,
-          progress=None) -> np.ndarray:
+          progress=None, max_tokens: int = 0) -> np.ndarray:
     """The records' losses under `key` at the model's current parameters: the book's, the missing ones scored
     `chunk` records at a time and added to the book after each chunk."""
     known = book.losses(key)
     missing = [r for r in records if r["id"] not in known]
     for start in range(0, len(missing), chunk):
         part = missing[start:start + chunk]
-        book.add_losses(key, [r["id"] for r in part], _losses(trainer, part, batch_size, progress))
+        book.add_losses(key, [r["id"] for r in part], _losses(trainer, part, batch_size, progress, max_tokens))
     known = book.losses(key)
     return np.array([known[r["id"]] for r in records], dtype=float)
 
@@ -121,10 +125,13 @@ def needed(records: Sequence[dict], book: LossBook, runs: Sequence[int]) -> int:
 
 
 def value_forward(trainer, records: Sequence[dict], dev_records: list[dict], runs: Sequence[int], book: LossBook,
-                  batch_size: int, chunk: int = 2048, progress=None) -> tuple[np.ndarray, np.ndarray, list[ForwardRun]]:
-    """(base losses, tuned losses runs x records, each run's summary), by `book` where it knows them."""
+                  batch_size: int, chunk: int = 2048, progress=None, *, max_tokens: int = 0,
+                  dev_max_length: int | None = None) -> tuple[np.ndarray, np.ndarray, list[ForwardRun]]:
+    """(base losses, tuned losses runs x records, each run's summary), by `book` where it knows them. Losses
+    are taken `batch_size` records and at most `max_tokens` padded tokens a pass (0: no bound); the dev records
+    are fitted and scored cut at `dev_max_length` as well as the recipe's max_length (`LoraTrainer.cut_at`)."""
     trainer.reset(trainer.cfg.seed)  # LoRA B = 0: the base model
-    base = _fill(trainer, BASE, records, book, batch_size, chunk, progress)
+    base = _fill(trainer, BASE, records, book, batch_size, chunk, progress, max_tokens)
     tuned, summaries = [], []
     for run in runs:
         kept = book.fit(run)
@@ -132,15 +139,16 @@ def value_forward(trainer, records: Sequence[dict], dev_records: list[dict], run
             start = time.perf_counter()
             seed = trainer.cfg.seed + run
             trainer.reset(seed)
-            before = _mean_loss(trainer, dev_records, batch_size)
-            fit = trainer.fit(dev_records, seed=seed)
-            summary = ForwardRun(run, seed, before, _mean_loss(trainer, dev_records, batch_size), float(fit["loss"]),
-                                 time.perf_counter() - start)
+            with trainer.cut_at(dev_max_length):
+                before = _mean_loss(trainer, dev_records, batch_size, max_tokens)
+                fit = trainer.fit(dev_records, seed=seed)
+                after = _mean_loss(trainer, dev_records, batch_size, max_tokens)
+            summary = ForwardRun(run, seed, before, after, float(fit["loss"]), time.perf_counter() - start)
             book.add_fit(summary, adapter_state(trainer))
         else:
             summary, state = kept
             load_adapter(trainer, state)
-        tuned.append(_fill(trainer, run_key(run), records, book, batch_size, chunk, progress))
+        tuned.append(_fill(trainer, run_key(run), records, book, batch_size, chunk, progress, max_tokens))
         summaries.append(summary)
     return base, np.stack(tuned), summaries
 

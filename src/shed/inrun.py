@@ -21,7 +21,10 @@ preconditioner, which ghost products cannot apply. Dev gradients are contracted 
 gradients layer by layer as they arrive, so the dev set's gradients are never all held at once;
 with `dev_every` N > 1 they are held instead (n_dev x LoRA parameters), refreshed every N steps
 and reused in between (TracIn-checkpoint style: a training step's gradient at θ_t meets the dev
-gradients of θ at the last refresh), which saves N - 1 of every N dev passes.
+gradients of θ at the last refresh), which saves N - 1 of every N dev passes. A dev pass takes the
+dev set in chunks of at most `dev_chunk` items and `dev_tokens` padded tokens (`dev_chunks`): what a
+pass holds grows with its tokens, and a dev item is scored on its whole response (up to the stage's
+cap, shapley.dev_max_length), often far longer than a training record (docs/engine.md#memory).
 
 One pass per step. The training micro-batches' per-example gradients sum to the step's gradient, so
 `CreditCallback.before_step` hands that gradient to `LoraTrainer.fit`, which then skips its own
@@ -52,8 +55,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from shed.memory import chunks
 from shed.prompts import spans
-from shed.scoring import dev_kind, gold_rows, response_rows
+from shed.scoring import cut_labelled, dev_kind, gold_rows, response_rows
 from shed.shapley import Player, ShapleyResult, _stderr_of, _value
 
 Batch = dict[str, torch.Tensor]  # input_ids, labels, attention_mask (training.pad_rows)
@@ -64,18 +68,22 @@ log = logging.getLogger(__name__)
 
 # --- batches -------------------------------------------------------------------------------------
 
-def dev_rows(tokenizer, dev: list[dict], template: str | None = None) -> list[tuple[list[int], list[int]]]:
+def dev_rows(tokenizer, dev: list[dict], template: str | None = None, max_length: int | None = None
+             ) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per dev item, tokenised as the shapley.value loglik scores it, the loss on
     the scored part only. A question (`scoring.gold_rows`): the context "Question: ...\\nAnswer:" and the
     gold continuation " choice", no BOS, no EOS. An instruction record (`scoring.response_rows`): its
     spans by `prompts.spans` under `template` (train.template; required for records), each reply
-    labelled and followed by EOS. With reduction "example" a row's loss is minus the item's own
-    per-token log-likelihood (`scoring.gold_loglik`'s or `scoring.response_loglik`'s per-item score)."""
+    labelled and followed by EOS. Each cut at `max_length` tokens (`scoring.cut_labelled`; None: uncut). With
+    reduction "example" a row's loss is minus the item's own per-token log-likelihood
+    (`scoring.gold_loglik`'s or `scoring.response_loglik`'s per-item score)."""
     if dev_kind(dev) == "records":
         if template is None:
             raise ValueError("dev_rows: instruction records are prompted as training prompts them: pass train.template")
-        return response_rows(tokenizer, [spans(r, template, tokenizer) for r in dev])
-    return [(c + t, [-100] * len(c) + t) for c, t in gold_rows(tokenizer, dev)]
+        rows = response_rows(tokenizer, [spans(r, template, tokenizer) for r in dev])
+    else:
+        rows = [(c + t, [-100] * len(c) + t) for c, t in gold_rows(tokenizer, dev)]
+    return cut_labelled(rows, max_length)
 
 
 def response_tokens(batch: Batch) -> np.ndarray:
@@ -96,6 +104,13 @@ def _rows(batch: Batch, start: int, stop: int) -> Batch:
     part = {k: v[start:stop] for k, v in batch.items()}
     width = int(part["attention_mask"].sum(1).max())
     return {k: v[:, :width] for k, v in part.items()}
+
+
+def dev_chunks(dev_batch: Batch, dev_chunk: int = 0, dev_tokens: int = 0) -> list[tuple[int, int]]:
+    """(start, stop) of the dev passes over `dev_batch`: at most `dev_chunk` items (0: any number) and
+    `dev_tokens` padded tokens (0: any) a pass (`memory.chunks`); an item's loss and gradient do not depend on
+    its chunk beyond float rounding."""
+    return chunks(dev_batch["attention_mask"].sum(1).tolist(), dev_chunk, dev_tokens)
 
 
 # --- per-example gradients -----------------------------------------------------------------------
@@ -278,7 +293,7 @@ class StepCredits:
 
 
 def step_credits(model, train_batch: Batch, dev_batch: Batch, lr: float, *,
-                 preconditioner: Grads | None = None, dev_chunk: int = 0) -> StepCredits:
+                 preconditioner: Grads | None = None, dev_chunk: int = 0, dev_tokens: int = 0) -> StepCredits:
     """The credits of one training step, with the model at θ_t, before the update.
 
     train_batch: the step's micro-batch (LoraTrainer._batch), taken in the model's current mode
@@ -286,13 +301,13 @@ def step_credits(model, train_batch: Batch, dev_batch: Batch, lr: float, *,
     taken in eval mode (as scoring sees it; the modes are restored after). lr: the step size η_t
     credited (the scheduler's current lr, times `clip_coefficient` when the step clips).
     preconditioner: None for the SGD direction (default), or `adam_preconditioner(...)`.
-    dev_chunk: dev questions per forward pass (0: all at once).
+    dev_chunk, dev_tokens: dev questions and padded tokens per forward pass (0: any; `dev_chunks`).
 
     Two forward/backward passes (the batch, then the dev set in chunks), no .grad touched: the
     returned `grad` is the batch gradient, so the loop needs no backward of its own
     (`write_grads(model, step.grad)`, clip, `optimizer.step()`)."""
     train = per_example_grads(model, train_batch, "batch")
-    dots, dev_losses = contract_dev(model, _scaled(train.grads, preconditioner), dev_batch, dev_chunk)
+    dots, dev_losses = contract_dev(model, _scaled(train.grads, preconditioner), dev_batch, dev_chunk, dev_tokens)
     return StepCredits((lr * dots).cpu().numpy(), train.loss, train.batch_grad, dev_losses)
 
 
@@ -311,19 +326,19 @@ class _EvalMode:
             m.train(mode)
 
 
-def contract_dev(model, rows: Grads, dev_batch: Batch, dev_chunk: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+def contract_dev(model, rows: Grads, dev_batch: Batch, dev_chunk: int = 0, dev_tokens: int = 0
+                 ) -> tuple[torch.Tensor, np.ndarray]:
     """(dots, dev losses): dots[i, q] = ⟨rows_i, ∇ℓ(q)⟩ (float64, rows x dev questions), with `rows`
     per-row gradients by parameter name (rows x param shape), and ℓ(q) per question, both at the current
-    parameters in eval mode. One forward/backward of the dev set, `dev_chunk` questions at a time (0:
-    all); each dev gradient is contracted as it arrives, layer by layer, never all held."""
+    parameters in eval mode. One forward/backward of the dev set in chunks of `dev_chunk` questions and
+    `dev_tokens` padded tokens (0: any; `dev_chunks`); each dev gradient is contracted as it arrives,
+    layer by layer, never all held."""
     n = dev_batch["input_ids"].shape[0]
     first = next(iter(rows.values()))
     dots = torch.zeros((first.shape[0], n), dtype=torch.float64, device=first.device)
     dev_losses = []
-    chunk = dev_chunk or n
     with _EvalMode(model):
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
+        for start, stop in dev_chunks(dev_batch, dev_chunk, dev_tokens):
 
             def sink(name: str, g: torch.Tensor, start=start, stop=stop) -> None:
                 dots[:, start:stop] += torch.einsum("ip,qp->iq", rows[name].flatten(1), g.flatten(1)).double()
@@ -333,21 +348,27 @@ def contract_dev(model, rows: Grads, dev_batch: Batch, dev_chunk: int = 0) -> tu
     return dots, torch.cat(dev_losses).cpu().numpy()
 
 
-def dev_gradients(model, dev_batch: Batch, dev_chunk: int = 0) -> tuple[Grads, np.ndarray]:
+def dev_gradients(model, dev_batch: Batch, dev_chunk: int = 0, dev_tokens: int = 0) -> tuple[Grads, np.ndarray]:
     """(gradients, losses): every dev question's gradient of ℓ(q) by parameter name (questions x param
-    shape), held in full, and ℓ(q) per question; in eval mode, `dev_chunk` questions per pass (0: all)."""
+    shape), held in full, and ℓ(q) per question; in eval mode, in chunks of `dev_chunk` questions and
+    `dev_tokens` padded tokens (0: any; `dev_chunks`), each chunk's gradients copied into place as it is
+    taken (never a second copy of all of them)."""
     n = dev_batch["input_ids"].shape[0]
-    chunk = dev_chunk or n
-    parts: dict[str, list[torch.Tensor]] = {}
+    held: Grads = {}
     losses = []
     with _EvalMode(model):
-        for start in range(0, n, chunk):
-            got = per_example_grads(model, _rows(dev_batch, start, min(start + chunk, n)), "example")
+        for start, stop in dev_chunks(dev_batch, dev_chunk, dev_tokens):
+            got = per_example_grads(model, _rows(dev_batch, start, stop), "example")
             for name, g in got.grads.items():
-                parts.setdefault(name, []).append(g)
+                if stop - start == n:  # one chunk: its own tensors
+                    held[name] = g
+                    continue
+                if name not in held:
+                    held[name] = g.new_empty((n, *g.shape[1:]))
+                held[name][start:stop] = g
             losses.append(got.losses.double())
-    return ({name: torch.cat(p) if len(p) > 1 else p[0] for name, p in parts.items()},
-            torch.cat(losses).cpu().numpy())
+            del got
+    return held, torch.cat(losses).cpu().numpy()
 
 
 def held_dots(rows: Grads, held: Grads) -> torch.Tensor:
@@ -358,24 +379,6 @@ def held_dots(rows: Grads, held: Grads) -> torch.Tensor:
         part = torch.einsum("ip,qp->iq", g.flatten(1), held[name].flatten(1)).double()
         out = part if out is None else out + part
     return out
-
-
-# Where shapley.dev_every > 1 holds every dev question's gradient: a stated bound on that memory
-# (host or device), past which the stage refuses rather than run out of memory mid-run.
-HELD_DEV_GRADS_MAX_BYTES = 4 * 2**30
-
-
-def held_dev_problem(model, n_dev: int, dev_every: int, bound: int = HELD_DEV_GRADS_MAX_BYTES) -> str | None:
-    """Why `dev_every` cannot hold the dev gradients (n_dev x LoRA parameters x their element size, 4
-    bytes for the fp32 adapter) within `bound` bytes, in one line; None when it can (or holds none)."""
-    named = lora_parameters(model)
-    held = n_dev * sum(p.numel() * p.element_size() for _, p in named)
-    if dev_every == 1 or held <= bound:
-        return None
-    parameters = sum(p.numel() for _, p in named)
-    return (f"{dev_every} holds every dev question's LoRA gradient, {n_dev} questions x {parameters:,} parameters x "
-            f"{named[0][1].element_size()} bytes = {held / 2**30:.2f} GiB, over the bound of {bound / 2**30:.2f} GiB: "
-            "use dev_every 1 (streamed, never held) or fewer dev questions")
 
 
 def write_grads(model, grad: Grads) -> None:
@@ -495,14 +498,12 @@ class InRunCredits:
 # --- the in-run valuation driver: one LoRA fit per run, credited step by step (no file I/O) -------
 
 @torch.no_grad()
-def dev_losses(model, dev_batch: Batch, dev_chunk: int = 0) -> np.ndarray:
+def dev_losses(model, dev_batch: Batch, dev_chunk: int = 0, dev_tokens: int = 0) -> np.ndarray:
     """ℓ(q; θ) per dev question at the model's current parameters, in eval mode (minus the
-    per-question gold_loglik), float64; the modes are restored after."""
-    rows = dev_batch["input_ids"].shape[0]
-    chunk = dev_chunk or rows
+    per-question gold_loglik), float64, in the chunks of `dev_chunks`; the modes are restored after."""
     with _EvalMode(model):
-        out = [_row_losses(model, _rows(dev_batch, s, min(s + chunk, rows)), "example").double()
-               for s in range(0, rows, chunk)]
+        out = [_row_losses(model, _rows(dev_batch, start, stop), "example").double()
+               for start, stop in dev_chunks(dev_batch, dev_chunk, dev_tokens)]
     return torch.cat(out).cpu().numpy()
 
 
@@ -546,7 +547,8 @@ class CreditCallback:
     β1 = 0 (at the first step, Adam's own).
 
     `dev_every` N: the dev questions' gradients are taken at every step (N = 1, streamed, never all
-    held) or held and refreshed at steps 0, N, 2N, ... (`dev_gradients`, n_dev x LoRA parameters).
+    held) or held and refreshed at steps 0, N, 2N, ... (`dev_gradients`, n_dev x LoRA parameters), in the
+    chunks of `dev_chunks` (`dev_chunk` items, `dev_tokens` padded tokens).
 
     `step_players[t][m]` lists the players of step t's micro-batch m row by row (from the trainer's
     own `schedule`); `step_rows[t][m]`, if given, their token ids, checked against the batches the
@@ -558,7 +560,7 @@ class CreditCallback:
 
     def __init__(self, model, dev_batch: Batch, credits: InRunCredits, run: int,
                  step_players: list[list[list[Player]]], max_grad_norm: float, *,
-                 step_rows: list[list[list[list[int]]]] | None = None, dev_chunk: int = 0,
+                 step_rows: list[list[list[list[int]]]] | None = None, dev_chunk: int = 0, dev_tokens: int = 0,
                  adam: tuple[float, float] | None = None, dev_every: int = 1, normalize: str = "none",
                  peak_lr: float = 1.0):
         if dev_every < 1:
@@ -568,7 +570,7 @@ class CreditCallback:
         self.normalize, self.peak_lr = normalize, peak_lr
         self.model, self.dev_batch, self.credits, self.run = model, dev_batch, credits, run
         self.step_players, self.step_rows = step_players, step_rows
-        self.max_grad_norm, self.dev_chunk = max_grad_norm, dev_chunk
+        self.max_grad_norm, self.dev_chunk, self.dev_tokens = max_grad_norm, dev_chunk, dev_tokens
         self.adam, self.dev_every = adam, dev_every
         self.exp_avg_sq: Grads = {}
         self.adam_steps = 0
@@ -627,10 +629,11 @@ class CreditCallback:
                         for name in grad}, preconditioner)
         dev_losses = None
         if self.dev_every == 1 and self.normalize != "cosine":
-            dots, dev_losses = contract_dev(self.model, rows, self.dev_batch, self.dev_chunk)
+            dots, dev_losses = contract_dev(self.model, rows, self.dev_batch, self.dev_chunk, self.dev_tokens)
         else:
             if step % self.dev_every == 0:
-                self.held, dev_losses = dev_gradients(self.model, self.dev_batch, self.dev_chunk)
+                self.held = None  # the refresh replaces them: not two sets held at once
+                self.held, dev_losses = dev_gradients(self.model, self.dev_batch, self.dev_chunk, self.dev_tokens)
                 self.held_step = step
             elif self.held is None:
                 raise RuntimeError(f"in-run credits: step {step} reuses dev gradients that were never taken "
@@ -729,15 +732,16 @@ def adam_settings(trainer) -> tuple[float, float]:
 
 
 def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batch: Batch, credits: InRunCredits,
-               runs: Sequence[int], *, direction: str = "sgd", dev_chunk: int = 0, dev_every: int = 1,
-               normalize: str = "none", progress=None,
+               runs: Sequence[int], *, direction: str = "sgd", dev_chunk: int = 0, dev_tokens: int = 0,
+               dev_every: int = 1, normalize: str = "none", progress=None,
                on_run: Callable[[RunSummary], None] | None = None,
                checkpoints: Callable[[int], object] | None = None) -> list[RunSummary]:
     """In-run valuation: for each run r in `runs`, one `trainer.fit` on all `records` (the proxies;
     records[i] is players[i]'s) with seed `run_seed(trainer.cfg.seed, r)`, credited step by step into
     `credits` run r (cleared first). direction: "sgd" (the plain gradient, default) or "adam" (Adam's
-    preconditioned one); dev_every: steps between refreshes of the dev gradients; normalize: none, tokens or
-    cosine (`NORMALIZATIONS`); see `CreditCallback`.
+    preconditioned one); dev_chunk, dev_tokens: dev items and padded tokens per dev pass (`dev_chunks`);
+    dev_every: steps between refreshes of the dev gradients; normalize: none, tokens or cosine
+    (`NORMALIZATIONS`); see `CreditCallback`.
     `checkpoints(r)`, if given, is run r's mid-run checkpoint (`training.Checkpoint`): a run it holds a
     state of resumes there. `on_run(summary)` is called after each completed run (the stage saves the
     run there). `progress`: a tqdm-like bar, updated once per step. No file I/O."""
@@ -754,7 +758,8 @@ def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batc
         step_rows = [[[trainer.encode(records[i])[0] for i in micro] for micro in step] for step in schedule]
         credits.clear_run(run)
         callback = CreditCallback(trainer.model, dev_batch, credits, run, step_players, trainer.cfg.max_grad_norm,
-                                  step_rows=step_rows, dev_chunk=dev_chunk, adam=adam, dev_every=dev_every,
+                                  step_rows=step_rows, dev_chunk=dev_chunk, dev_tokens=dev_tokens, adam=adam,
+                                  dev_every=dev_every,
                                   normalize=normalize, peak_lr=trainer.cfg.lr)
         if progress is not None and hasattr(progress, "set_postfix"):
             progress.set_postfix(run=run)
@@ -771,7 +776,7 @@ def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batc
         if int(credits.steps[run]) != fit["steps"]:
             raise RuntimeError(f"in-run credits: {int(credits.steps[run])} steps credited, the fit took {fit['steps']}")
         summary = RunSummary(run, seed, fit["steps"], fit["loss"], fit["seconds"], callback.seconds,
-                             callback.dev_before, dev_losses(trainer.model, dev_batch, dev_chunk),
+                             callback.dev_before, dev_losses(trainer.model, dev_batch, dev_chunk, dev_tokens),
                              callback.first_order, fit["resumed_from"], fit["losses"])
         out.append(summary)
         if on_run is not None:

@@ -19,9 +19,10 @@ from shed.config import TrainConfig, as_dict
 log = logging.getLogger(__name__)
 
 # The code a job runs: the executors' worker and all it imports (training, prompts, scoring,
-# models, the lm-eval tasks). The config schema and file helpers decide no value.
+# models, the lm-eval tasks). The config schema and file helpers decide no value, nor does the memory
+# estimate (shed.memory's `chunks` orders float sums only, and the settings it reads are in each context).
 JOB_CODE = ["shed.executors"]
-NOT_JOB_CODE = frozenset({"shed.config", "shed.fileio"})
+NOT_JOB_CODE = frozenset({"shed.config", "shed.fileio", "shed.memory"})
 
 
 def code_fingerprint() -> str:
@@ -45,10 +46,13 @@ def model_fingerprint(name_or_path: str) -> str:
     return digest.hexdigest()
 
 
-def job_context(model: str, train: TrainConfig, value: str, dev_ids: list[str], code: str | None = None) -> str:
-    """Everything besides the subset that determines a job's value."""
+def job_context(model: str, train: TrainConfig, value: str, dev_ids: list[str], code: str | None = None,
+                dev_cut: tuple[int, int] | None = None) -> str:
+    """Everything besides the subset that determines a job's value; `dev_cut`: (shapley.dev_max_length,
+    shapley.chunk_tokens), how the dev items are cut and chunked."""
     blob = json.dumps({"model": model_fingerprint(model), "train": as_dict(train), "value": value, "dev": dev_ids,
-                       "seeding": "common", "code": code or code_fingerprint()}, sort_keys=True)
+                       "seeding": "common", "code": code or code_fingerprint(),
+                       **({"dev_cut": list(dev_cut)} if dev_cut else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

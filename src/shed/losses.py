@@ -12,12 +12,13 @@ from shed.training import encode_record
 
 
 def response_losses(model, tokenizer, records: list[dict], template: str, max_length: int, batch_size: int,
-                    progress=None, unconditional: bool = False) -> list[float]:
+                    progress=None, unconditional: bool = False, max_tokens: int = 0) -> list[float]:
     """Each record's mean per-token negative log-likelihood of its response (the labelled tokens of
     `training.encode_record`: a conversation's every reply) given its prompt, under `model` in eval mode, in
     record order; inf for a record cut to no response token. `unconditional`: the responses "alone", as IFD's
-    denominator takes them (`responses_alone`). `progress`: a tqdm-like bar, updated by the records of each
-    batch."""
+    denominator takes them (`responses_alone`). A batch holds at most `batch_size` records and `max_tokens`
+    padded tokens (0: no bound), which changes no loss beyond float rounding. `progress`: a tqdm-like bar,
+    updated by the records of each batch."""
     rows = [encode_record(responses_alone(record) if unconditional else record, tokenizer, template, max_length)
             for record in records]
     # Longest first: similar lengths share a batch (less padding), and a batch too big for memory fails at once.
@@ -25,7 +26,7 @@ def response_losses(model, tokenizer, records: list[dict], template: str, max_le
     was_training = model.training
     model.eval()  # no dropout: a loss is a function of the parameters alone
     try:
-        scored = labelled_logliks(model, tokenizer, [rows[i] for i in order], batch_size, progress)
+        scored = labelled_logliks(model, tokenizer, [rows[i] for i in order], batch_size, progress, max_tokens)
     finally:
         model.train(was_training)
     losses = [float("inf")] * len(rows)

@@ -37,11 +37,12 @@ INRUN_CODE = ["shed.inrun", "shed.training", "shed.models"]
 
 def inrun_context(params: Params, dev_ids: list[str], players: list[int], proxy_ids: list[str], device: str) -> str:
     """Everything a run's credits depend on besides its index: the job context (model, recipe, value,
-    dev questions, code) and the method's own (the proxies in player order, the device kind, dtype
-    and dev chunking, which change the floating-point sums)."""
+    dev questions and their cut, code) and the method's own (the proxies in player order, the device kind,
+    dtype and dev chunking, which change the floating-point sums)."""
     cfg = params.shapley
     code = codedeps.fingerprint(INRUN_CODE, exclude=NOT_JOB_CODE)
-    blob = json.dumps({"job": job_context(cfg.model, params.train, cfg.value, dev_ids, code=code), "method": "inrun",
+    blob = json.dumps({"job": job_context(cfg.model, params.train, cfg.value, dev_ids, code=code,
+                                          dev_cut=(cfg.dev_max_length, cfg.chunk_tokens)), "method": "inrun",
                        "players": [[c, p] for c, p in zip(players, proxy_ids)], "device": device.split(":")[0],
                        "dtype": cfg.dtype, "dev_chunk": cfg.dev_chunk, "seeds": "train.seed + run",
                        "direction": cfg.direction, "dev_every": cfg.dev_every,
@@ -174,7 +175,8 @@ def forward_context(params: Params, dev_ids: list[str] | None, device: str) -> s
     hash) and the run's index; with `dev_ids` None, under the base model (no dev set: every dev set shares it)."""
     cfg = params.shapley
     code = codedeps.fingerprint(FORWARD_CODE, exclude=NOT_JOB_CODE)
-    blob = json.dumps({"job": job_context(cfg.model, params.train, cfg.value, dev_ids or [], code=code),
+    cut = (cfg.dev_max_length, cfg.chunk_tokens) if dev_ids is not None else (0, cfg.chunk_tokens)
+    blob = json.dumps({"job": job_context(cfg.model, params.train, cfg.value, dev_ids or [], code=code, dev_cut=cut),
                        "method": "forward" if dev_ids is not None else "forward-base", "device": device.split(":")[0],
                        "dtype": cfg.dtype, "dev_epochs": cfg.dev_epochs if dev_ids is not None else None,
                        "seeds": "train.seed + run"}, sort_keys=True)

@@ -5,6 +5,10 @@ then " choice"), so the value function of the Shapley stage and the evaluate sta
 thing. A dev set of instruction records is scored on its reference responses (a conversation: on
 every reply), prompted as training prompts them (`prompts.spans`, train.template). Nothing is
 sampled: v(S) is a function of S alone (the authors scored sampled generations).
+
+A dev item longer than the dev cap (shapley.dev_max_length, resolved by the caller) is cut at the end, as
+training cuts a record (`cut_rows`, `cut_labelled`); rows are scored in chunks of at most `batch_size` rows and
+`max_tokens` padded tokens (`memory.chunks`), which leaves each row's score the same up to float rounding.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import yaml
 
 from shed.config import FILE_TASKS
+from shed.memory import DEV_BATCH, chunks
 from shed.prompts import Span, tokenize
 
 TASK_DIR = Path(__file__).parent / "tasks"
@@ -67,6 +72,23 @@ def response_rows(tokenizer, rendered: list[list[Span]]) -> list[tuple[list[int]
     return [tokenize(tokenizer, pieces) for pieces in rendered]
 
 
+def cut_rows(rows: list[tuple[list[int], list[int]]], max_length: int | None) -> list[tuple[list[int], list[int]]]:
+    """Each (context ids, continuation ids) row cut to at most `max_length` tokens in all (None or 0: uncut), at
+    the end, as `training.encode_record` cuts a record: the continuation loses its tail first (a context that
+    is longer by itself keeps no continuation token, so the row scores nothing)."""
+    if not max_length:
+        return rows
+    return [(c[:max_length], t[:max(0, max_length - len(c))]) for c, t in rows]
+
+
+def cut_labelled(rows: list[tuple[list[int], list[int]]], max_length: int | None) -> list[tuple[list[int], list[int]]]:
+    """Each (input_ids, labels) row cut to its first `max_length` tokens (None or 0: uncut), as `cut_rows` cuts a
+    (context, continuation) row: a conversation loses its later replies first."""
+    if not max_length:
+        return rows
+    return [(ids[:max_length], labels[:max_length]) for ids, labels in rows]
+
+
 class LmEvalScorer:
     """lm-eval log-likelihood multiple-choice scoring of an in-memory model (PEFT or not)."""
 
@@ -100,30 +122,34 @@ class LmEvalScorer:
         return scores
 
 
-def _continuation_logliks(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int) -> list[tuple[float, int]]:
+def _continuation_logliks(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, max_length: int | None,
+                          max_tokens: int) -> list[tuple[float, int]]:
     """(sum of log p, token count) of each continuation after its context, in batches."""
     rows = [(tokenizer(c, add_special_tokens=False)["input_ids"], tokenizer(t, add_special_tokens=False)["input_ids"])
             for c, t in pairs]
-    return token_logliks(model, tokenizer, rows, batch_size)
+    return token_logliks(model, tokenizer, cut_rows(rows, max_length), batch_size, max_tokens=max_tokens)
 
 
 def token_logliks(model, tokenizer, rows: list[tuple[list[int], list[int]]], batch_size: int,
-                  progress=None) -> list[tuple[float, int]]:
+                  progress=None, max_tokens: int = 0) -> list[tuple[float, int]]:
     """(sum of log p, token count) of each row's continuation ids after its (non-empty) context ids, in
-    right-padded batches; `progress`: a tqdm-like bar, updated by the rows of each batch."""
-    return labelled_logliks(model, tokenizer, [(c + t, [-100] * len(c) + t) for c, t in rows], batch_size, progress)
+    right-padded batches of at most `batch_size` rows and `max_tokens` padded tokens (0: no bound;
+    `memory.chunks`); `progress`: a tqdm-like bar, updated by the rows of each batch."""
+    return labelled_logliks(model, tokenizer, [(c + t, [-100] * len(c) + t) for c, t in rows], batch_size, progress,
+                            max_tokens)
 
 
 @torch.no_grad()
 def labelled_logliks(model, tokenizer, rows: list[tuple[list[int], list[int]]], batch_size: int,
-                     progress=None) -> list[tuple[float, int]]:
+                     progress=None, max_tokens: int = 0) -> list[tuple[float, int]]:
     """(sum of log p, token count) of each (input_ids, labels) row's labelled tokens (labels other than -100),
     each given the ids before it (the first position, with none before it, is never scored), in right-padded
-    batches; `progress`: a tqdm-like bar, updated by the rows of each batch."""
+    batches of at most `batch_size` rows and `max_tokens` padded tokens (0: no bound; `memory.chunks`);
+    `progress`: a tqdm-like bar, updated by the rows of each batch."""
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+    for start, stop in chunks([len(row) for row, _ in rows], batch_size, max_tokens):
+        chunk = rows[start:stop]
         width = max(len(row) for row, _ in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -142,19 +168,24 @@ def labelled_logliks(model, tokenizer, rows: list[tuple[list[int], list[int]]], 
     return out
 
 
-def gold_loglik(model, tokenizer, questions: list[dict], batch_size: int = 64) -> tuple[float, list[float]]:
+def gold_loglik(model, tokenizer, questions: list[dict], batch_size: int = DEV_BATCH, max_length: int | None = None,
+                max_tokens: int = 0) -> tuple[float, list[float]]:
     """Mean per-token log-likelihood of the correct choices over all their tokens (the negative dev
-    loss), and each question's own per-token log-likelihood of its correct choice."""
-    return _mean_per_token(token_logliks(model, tokenizer, gold_rows(tokenizer, questions), batch_size))
+    loss), and each question's own per-token log-likelihood of its correct choice; each question cut at
+    `max_length` tokens (`cut_rows`), `max_tokens` padded tokens a batch."""
+    rows = cut_rows(gold_rows(tokenizer, questions), max_length)
+    return _mean_per_token(token_logliks(model, tokenizer, rows, batch_size, max_tokens=max_tokens))
 
 
-def response_loglik(model, tokenizer, rendered: list[list[Span]], batch_size: int = 64
-                    ) -> tuple[float, list[float]]:
+def response_loglik(model, tokenizer, rendered: list[list[Span]], batch_size: int = DEV_BATCH,
+                    max_length: int | None = None, max_tokens: int = 0) -> tuple[float, list[float]]:
     """shapley.value loglik of a dev set of instruction records, each given as its spans (`response_rows`): the
     mean per-token log-likelihood of the reference replies (each with its EOS) given their training prompts (a
     conversation: every reply given all before it) over all their tokens (the negative dev loss with
-    train.responses_only), and each record's own per-token mean."""
-    return _mean_per_token(labelled_logliks(model, tokenizer, response_rows(tokenizer, rendered), batch_size))
+    train.responses_only), and each record's own per-token mean; each record cut at `max_length` tokens
+    (`cut_labelled`), `max_tokens` padded tokens a batch."""
+    rows = cut_labelled(response_rows(tokenizer, rendered), max_length)
+    return _mean_per_token(labelled_logliks(model, tokenizer, rows, batch_size, max_tokens=max_tokens))
 
 
 def _mean_per_token(scores: list[tuple[float, int]]) -> tuple[float, list[float]]:
@@ -162,16 +193,19 @@ def _mean_per_token(scores: list[tuple[float, int]]) -> tuple[float, list[float]
     return sum(s for s, _ in scores) / max(sum(n for _, n in scores), 1), [s / max(n, 1) for s, n in scores]
 
 
-def choice_logprob(model, tokenizer, questions: list[dict], batch_size: int = 64) -> tuple[float, list[float]]:
+def choice_logprob(model, tokenizer, questions: list[dict], batch_size: int = DEV_BATCH, max_length: int | None = None,
+                   max_tokens: int = 0) -> tuple[float, list[float]]:
     """Mean log-probability of the correct choice among a question's choices, scored as lm-eval's
     `acc` scores them (summed log-likelihood): a smooth accuracy; and each question's own. Learning
     only the answer format raises every choice alike and leaves it unchanged; a record teaching a
-    wrong choice lowers it."""
+    wrong choice lowers it. Each (question, choice) row is cut at `max_length` tokens (`cut_rows`),
+    `max_tokens` padded tokens a batch."""
     pairs, spans = [], []
     for q in questions:
         context, choices = context_and_choices(q)
         spans.append((len(pairs), len(choices), q["answer"]))
         pairs.extend((context, c) for c in choices)
-    sums = torch.tensor([s for s, _ in _continuation_logliks(model, tokenizer, pairs, batch_size)])
+    sums = torch.tensor([s for s, _ in _continuation_logliks(model, tokenizer, pairs, batch_size, max_length,
+                                                             max_tokens)])
     per_question = [float(torch.log_softmax(sums[start:start + n], 0)[answer]) for start, n, answer in spans]
     return sum(per_question) / len(per_question), per_question

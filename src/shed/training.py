@@ -111,6 +111,12 @@ def encode_record(record: dict, tokenizer, template: str, max_length: int | None
     return ids[:cut], labels[:cut]
 
 
+def longest_encoding(records, tokenizer, template: str, max_length: int | None) -> int:
+    """Tokens of the longest of `records` as `encode_record` cuts them (0 for none): what a micro-batch of them
+    is padded to at most, for the memory estimate (shed.memory)."""
+    return max((len(encode_record(r, tokenizer, template, max_length)[0]) for r in records), default=0)
+
+
 def pad_rows(rows: list[tuple[list[int], list[int]]], pad_token_id: int | None, device=None) -> dict[str, torch.Tensor]:
     """(input_ids, labels) rows as right-padded tensors: pad id, labels -100 and attention mask 0 past each row."""
     width = max(len(ids) for ids, _ in rows)
@@ -166,6 +172,7 @@ class LoraTrainer:
         # saved adapter_config.json (a DVC output) is byte-identical across runs.
         self.model.peft_config["default"].target_modules = sorted(targets)
         self._encoded: dict[str, tuple[list[int], list[int]]] = {}
+        self._encoded_by_cut = {self.max_length: self._encoded}  # `cut_at`: each cut's encodings apart
 
     def encode(self, record: dict) -> tuple[list[int], list[int]]:
         """(input_ids, labels) for a record, cached by record id (records recur across jobs)."""
@@ -177,6 +184,19 @@ class LoraTrainer:
         ids, labels = encode_record(record, self.tokenizer, self.cfg.template, self.max_length, self.cfg.responses_only)
         self._encoded[record["id"]] = (ids, labels)
         return ids, labels
+
+    @contextlib.contextmanager
+    def cut_at(self, max_length: int | None):
+        """Inside the block, records are encoded, trained on and scored (`max_length`) cut at the smaller of
+        `max_length` and the recipe's cut (None or 0: the recipe's own): forward's dev-set fit under
+        shapley.dev_max_length. Each cut's encodings are cached apart."""
+        cut = min([n for n in (self.max_length, max_length) if n], default=0)
+        saved = self.max_length, self._encoded
+        self.max_length, self._encoded = cut, self._encoded_by_cut.setdefault(cut, {})
+        try:
+            yield
+        finally:
+            self.max_length, self._encoded = saved
 
     def reset(self, seed: int) -> None:
         """A fresh adapter, initialised from `seed` alone (LoRA B = 0, so it starts as the base model)."""

@@ -8,6 +8,9 @@ data/prepared/pool.jsonl (data/curated/dataset.jsonl holds the user's own rows).
 learning rate) is logged with dvclive as each optimizer step happens, one row per step, into
 dvclive/finetune/plots/metrics/{loss,lr}.tsv, which dvc.yaml declares as plots: `dvc plots show` while it runs
 or after, `dvc plots diff <exp>`. The adapter is the DVC artifact `finetuned-adapter` (dvc.yaml).
+
+Before the model loads, its peak memory is estimated (shed.memory) and the stage stops with a one-line error
+naming the settings to lower when it does not fit.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ import math
 
 from tqdm import tqdm
 
-from shed import artifacts, curves
+from shed import artifacts, curves, memory
 from shed.config import Params
 from shed.fileio import ShedError, atomic_path
-from shed.models import load_causal_lm
-from shed.training import LoraTrainer
+from shed.models import load_causal_lm, load_tokenizer, resolve_device
+from shed.training import LoraTrainer, longest_encoding
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,10 @@ def main(params: Params) -> None:
     dataset = artifacts.read_curated()
     if not dataset:
         raise ShedError(f"{artifacts.CURATED_RECORDS}: the curated dataset is empty")
+    device, shape = resolve_device(cfg.device), memory.read_shape(cfg.model)
+    limit = train.max_length or (shape.max_positions if shape else 0) or 0
+    memory.check("finetune", cfg.model, shape, device, lambda n: memory.finetune_estimate(params, shape, device, n),
+                 limit, lambda: longest_encoding(dataset, load_tokenizer(cfg.model), train.template, limit))
     model, tokenizer = load_causal_lm(cfg.model, cfg.device, cfg.dtype)
     trainer = LoraTrainer(model, tokenizer, train)
     steps = math.ceil(len(dataset) / train.batch_size) * train.epochs

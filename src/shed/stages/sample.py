@@ -8,7 +8,9 @@
 Baselines: dsir resamples the pool toward the dev questions' n-gram distribution (shed.dsir);
 cluster_uniform weights every cluster equally; length takes the longest responses; perplexity takes
 the responses of lowest loss under shapley.model, prompted with train.template; ifd the highest
-instruction-following difficulty below 1 (Superfiltering) under the same model (shed.sampling).
+instruction-following difficulty below 1 (Superfiltering) under the same model (shed.sampling), at most
+shapley.chunk_tokens padded tokens a forward pass, after a memory estimate (shed.memory) that refuses in one
+line, before the model loads, what would not fit.
 With qocs and qwcs the cluster scores decide how many records each cluster gives and sample.within
 which: nearest the centroid (the paper's QOCS; QWCS draws uniformly), the highest record value
 (data/shapley/record_scores.csv, shapley.players records), the lowest loss, IFD's order, or blend (value and loss).
@@ -37,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shed import artifacts, dsir, sampling
+from shed import artifacts, dsir, memory, sampling
 from shed.clustering import members_by_distance
 from shed.config import Params
 from shed.fileio import ShedError
@@ -170,25 +172,32 @@ _LOSSES: dict[str, dict[str, float]] = {}
 
 def record_losses(params: Params, pool: list[dict], unconditional: bool = False) -> list[float]:
     """`losses.response_losses` of the pool under shapley.model (on shapley.device, in shapley.dtype), with the
-    recipe's template and max_length, train.micro_batch records per forward pass (what fits a training
-    step fits here, with no gradients); `unconditional`: each response without its instruction (IFD)."""
+    recipe's template and max_length, train.micro_batch records and at most shapley.chunk_tokens padded tokens
+    per forward pass (what fits a training step fits here, with no gradients); `unconditional`: each response
+    without its instruction (IFD). The peak memory is estimated before the model loads (`shed.memory`)."""
     from tqdm import tqdm
 
     from shed.losses import response_losses
-    from shed.models import load_causal_lm, max_positions
+    from shed.models import load_causal_lm, load_tokenizer, max_positions, resolve_device
+    from shed.training import longest_encoding
 
     cfg = params.shapley
     key = json.dumps([cfg.model, cfg.device, cfg.dtype, params.train.template, params.train.max_length,
-                      params.train.micro_batch, unconditional])
+                      params.train.micro_batch, cfg.chunk_tokens, unconditional])
     known = _LOSSES.setdefault(key, {})
     missing = [r for r in pool if r["id"] not in known]
     if missing:
+        device, shape = resolve_device(cfg.device), memory.read_shape(cfg.model)
+        limit = params.train.max_length or (shape.max_positions if shape else 0) or 0
+        memory.check("sample", cfg.model, shape, device, lambda n: memory.scoring_estimate(params, shape, device, n),
+                     limit, lambda: longest_encoding(missing, load_tokenizer(cfg.model), params.train.template, limit))
         model, tokenizer = load_causal_lm(cfg.model, cfg.device, cfg.dtype)
         max_length = params.train.max_length or max_positions(model) or 0
         label = "response alone" if unconditional else "perplexity"
         with tqdm(total=len(missing), desc=label, unit="record") as bar:
             losses = response_losses(model, tokenizer, missing, params.train.template, max_length,
-                                     params.train.micro_batch, progress=bar, unconditional=unconditional)
+                                     params.train.micro_batch, progress=bar, unconditional=unconditional,
+                                     max_tokens=cfg.chunk_tokens)
         cut = sum(loss == float("inf") for loss in losses)
         if cut:
             log.warning("%s: %d records keep no response token within %d tokens (train.max_length); they rank "

@@ -28,7 +28,7 @@ first goes through Adam's preconditioner). score = mean over runs of the summed 
 (token-weighted over the dev set as gold_loglik weighs it, or over the proxy's dev_neighbours),
 stderr over runs. One training pass per step: the credit pass's per-example gradients sum to the
 step's gradient, which the trainer applies. shapley.dev_every N > 1 takes the dev questions'
-gradients every N steps only and reuses them in between (held in memory, at most 4 GiB). Each
+gradients every N steps only and reuses them in between (held in memory). Each
 finished run is saved at once (data/shapley_jobs/inrun/<context>/run-NNNN.*), and the run in
 progress every shapley.checkpoint_seconds (run-NNNN.partial.*: adapter, optimizer, scheduler, RNG,
 credits so far), so a rerun after a crash, or with a larger k, redoes only the runs not finished
@@ -39,6 +39,13 @@ score is shapley.aggregate of its members'. shapley.method forward (shed.forward
 loss under the model minus its loss after a short fit on the dev set, losses kept per record in
 data/shapley_jobs/forward (shed.runstore) so that a killed or grown run scores only what is missing
 (docs/engine.md#every-record-valued-shapleyplayers-records).
+
+Memory (docs/engine.md#memory). A dev item is cut at shapley.dev_max_length tokens (0: the model's own limit;
+forward: at most train.max_length), logged, and counted in metrics/shapley.json (dev_max_length, dev_truncated,
+dev_tokens_cut, dev_tokens_max); dev passes and record losses take at most shapley.chunk_tokens padded tokens a
+pass. Before the model loads the method's peak is estimated from the model's config.json and safetensors
+headers (shed.memory), logged (memory_estimate_gb) and, when it exceeds the memory available, refused in one
+line naming the settings to lower, before anything is written.
 
 Outputs: data/shapley/scores.csv `cluster, proxy_id, size, score, stderr, credits`,
 data/shapley/record_scores.csv `id, cluster, score, stderr, tokens, loss` (each valued record's own score),
@@ -52,6 +59,7 @@ subset size in the estimator's order; inrun: each run's training loss per step):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -59,7 +67,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from shed import artifacts, curves, plots
+from shed import artifacts, curves, memory, plots
 from shed.config import Params
 from shed.embedding import embed_texts
 from shed.executors import JobSpec, run_jobs
@@ -158,8 +166,8 @@ def run_summary(summary, weights: np.ndarray) -> dict:
 
 
 def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_records: dict[int, dict],
-                near: np.ndarray | None):
-    """(result, subsets.jsonl lines, metrics) of the in-run method."""
+                near: np.ndarray | None, dev_cap: int | None):
+    """(result, subsets.jsonl lines, metrics) of the in-run method, dev items cut at `dev_cap` tokens."""
     from shed import inrun
     from shed.models import load_causal_lm, resolve_device
     from shed.training import LoraTrainer, pad_rows
@@ -172,12 +180,9 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
     model, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype)
     trainer = LoraTrainer(model, tokenizer, params.train)
     records = [proxy_records[c] for c in players]
-    dev_batch = pad_rows(inrun.dev_rows(tokenizer, dev, params.train.template), tokenizer.pad_token_id, trainer.device)
+    dev_batch = pad_rows(inrun.dev_rows(tokenizer, dev, params.train.template, dev_cap), tokenizer.pad_token_id,
+                         trainer.device)
     weights = inrun.token_weights(dev_batch)
-    # cosine needs each dev gradient's norm, so it holds them (refreshed every dev_every steps)
-    problem = inrun.held_dev_problem(trainer.model, len(dev), max(cfg.dev_every, 2 * (cfg.normalize == "cosine")))
-    if problem:  # before any run: not an out-of-memory kill at the first refresh
-        raise ShedError(f"params.yaml: shapley.dev_every: {problem}")
     setup = time.perf_counter() - t0
 
     store = RunStore(artifacts.INRUN_RUNS, inrun_context(params, [q["id"] for q in dev], players,
@@ -203,7 +208,8 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
     t1 = time.perf_counter()
     with tqdm(total=len(todo) * steps, desc="in-run credits", unit="step", disable=not todo) as bar:
         done = inrun.value_runs(trainer, records, players, dev_batch, credits, todo, direction=cfg.direction,
-                                dev_chunk=cfg.dev_chunk, dev_every=cfg.dev_every, normalize=cfg.normalize,
+                                dev_chunk=cfg.dev_chunk, dev_tokens=cfg.chunk_tokens, dev_every=cfg.dev_every,
+                                normalize=cfg.normalize,
                                 progress=bar, on_run=finished,
                                 checkpoints=lambda run: RunCheckpoint(store, run, cfg.checkpoint_seconds))
     wall = time.perf_counter() - t1
@@ -244,8 +250,9 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
 # --- method forward: two forward passes per player around a fit on the dev set ----------------------
 
 def value_forward(params: Params, dev: list[dict], players: list[int], player_records: dict[int, dict],
-                  near: np.ndarray | None):
-    """(result, subsets.jsonl lines, metrics, base losses) of the forward method."""
+                  near: np.ndarray | None, dev_cap: int | None):
+    """(result, subsets.jsonl lines, metrics, base losses) of the forward method, dev records cut at `dev_cap`
+    tokens (at most train.max_length)."""
     import dataclasses
 
     from shed import forward
@@ -273,7 +280,8 @@ def value_forward(params: Params, dev: list[dict], players: list[int], player_re
     t1 = time.perf_counter()
     with tqdm(total=todo, desc="forward losses", unit="record", disable=not todo) as bar:
         base, tuned, summaries = forward.value_forward(trainer, records, dev_records, runs, store,
-                                                       params.train.micro_batch, progress=bar)
+                                                       params.train.micro_batch, progress=bar,
+                                                       max_tokens=cfg.chunk_tokens, dev_max_length=dev_cap)
     wall = time.perf_counter() - t1
     mean, stderr = forward.scores(base, tuned)
     diffs = forward.differences(base, tuned)
@@ -298,8 +306,8 @@ def value_forward(params: Params, dev: list[dict], players: list[int], player_re
 # --- method retrain ---------------------------------------------------------------------------------
 
 def value_retrain(params: Params, dev: list[dict], players: list[int], proxy_records: dict[int, dict],
-                  near: np.ndarray | None):
-    """(result, subsets.jsonl lines, metrics) of the retraining method."""
+                  near: np.ndarray | None, dev_cap: int | None):
+    """(result, subsets.jsonl lines, metrics) of the retraining method, dev items cut at `dev_cap` tokens."""
     cfg = params.shapley
     # The estimators fix their subsets before seeing any value: evaluate them all (in parallel
     # where configured), then let the estimator read the recorded values in its own order.
@@ -307,8 +315,11 @@ def value_retrain(params: Params, dev: list[dict], players: list[int], proxy_rec
     log.info("Shapley (%s): %d proxies, k=%d, n=%d -> %d distinct fine-tune-and-score jobs",
              cfg.estimator, len(players), cfg.k, cfg.n, len(subsets))
     spec = JobSpec(model=cfg.model, device=cfg.device, dtype=cfg.dtype, train=params.train, value=cfg.value,
-                   dev=dev, dev_path=str(Path(artifacts.DEV).resolve()))
-    with JobStore(artifacts.JOBS, job_context(cfg.model, params.train, cfg.value, [q["id"] for q in dev])) as store:
+                   dev=dev, dev_path=str(Path(artifacts.DEV).resolve()), dev_max_length=dev_cap,
+                   chunk_tokens=cfg.chunk_tokens)
+    context = job_context(cfg.model, params.train, cfg.value, [q["id"] for q in dev],
+                          dev_cut=(cfg.dev_max_length, cfg.chunk_tokens))
+    with JobStore(artifacts.JOBS, context) as store:
         jobs = missing_jobs(subsets, proxy_records, store, params.train.seed, need_questions=bool(cfg.dev_neighbours))
         stats = run_and_record(spec, jobs, store, cfg.workers, cfg.executor)
     reused = len(subsets) - stats["jobs_run"]
@@ -371,6 +382,63 @@ def length_correlation(scores: np.ndarray, tokens: np.ndarray) -> float | None:
 METHODS = {"retrain": value_retrain, "inrun": value_inrun, "forward": value_forward}
 
 
+def dev_cut(params: Params, tokenizer, dev: list[dict], limit: int | None) -> memory.Cut:
+    """How the dev items fare at their cap, logged when it cuts any: shapley.dev_max_length, 0 for the model's
+    own `limit` (None: unknown, uncut); method forward fits and scores them as training records, so at most
+    train.max_length too. An item's tokens are its scored row (`inrun.dev_rows`: prompt and response, or question
+    and answer) or, for forward, its training encoding."""
+    from shed import forward, inrun
+    from shed.training import encode_record
+
+    cfg, train = params.shapley, params.train
+    if cfg.dev_max_length and limit and cfg.dev_max_length > limit:
+        raise ShedError(f"params.yaml: shapley.dev_max_length: {cfg.dev_max_length} exceeds the model's own limit of "
+                        f"{limit} tokens (max_position_embeddings)")
+    cap = cfg.dev_max_length or limit
+    if cfg.method == "forward":
+        cap = min([n for n in (cap, train.max_length or limit) if n], default=None)
+        lengths = [len(encode_record(r, tokenizer, train.template, None)[0]) for r in forward.dev_as_records(dev)]
+    else:
+        lengths = [len(ids) for ids, _ in inrun.dev_rows(tokenizer, dev, train.template)]
+    cut = memory.Cut.of(lengths, cap or 0)
+    setting = "shapley.dev_max_length" if cap == (cfg.dev_max_length or limit) else "train.max_length"
+    if cut.cut:
+        log.warning("shapley: %s", cut.describe(f"dev items ({artifacts.DEV})", setting))
+    return cut
+
+
+def check_memory(params: Params, shape: memory.ModelShape | None, cut: memory.Cut, records: list[dict],
+                 tokenizer) -> memory.Estimate | None:
+    """The method's estimated peak (`shed.memory.check`), logged; a ShedError naming the settings to lower when it
+    exceeds the memory available on shapley.device. Training records are taken at train.max_length (or the
+    model's limit), unless that does not fit: then at the longest of `records` as encoded."""
+    from shed.models import resolve_device
+    from shed.training import longest_encoding
+
+    cfg, train = params.shapley, params.train
+    device = resolve_device(cfg.device)
+    limit = train.max_length or (shape.max_positions if shape else 0) or 0
+    if cfg.method == "inrun":
+        def build(n: int) -> memory.Estimate:
+            return memory.inrun_estimate(params, shape, device, cut.lengths, n)
+    elif cfg.method == "forward":
+        def build(n: int) -> memory.Estimate:
+            return memory.forward_estimate(params, shape, device, cut.tokens_max, n)
+    elif cfg.executor == "ray":
+        log.info("shapley: Ray actors run where Ray places them: peak memory not checked here")
+        return None
+    else:
+        import torch
+
+        gpus = torch.cuda.device_count() if device == "cuda" else 0
+        copies = math.ceil(cfg.workers / gpus) if gpus else cfg.workers  # worker processes on one device
+
+        def build(n: int) -> memory.Estimate:
+            return memory.retrain_estimate(params, shape, device, cut.lengths, n, copies)
+    return memory.check("shapley", cfg.model, shape, device, build, limit,
+                        lambda: longest_encoding(records, tokenizer, train.template, limit))
+
+
 def main(params: Params) -> None:
     from shed.models import load_tokenizer
     from shed.training import encode_record
@@ -400,14 +468,18 @@ def main(params: Params) -> None:
     if cfg.dev_neighbours > len(dev):
         raise ShedError(f"params.yaml: shapley.dev_neighbours: {cfg.dev_neighbours} is more than the {len(dev)} "
                         f"questions in {artifacts.DEV}")
+    tokenizer = load_tokenizer(cfg.model)
+    shape = memory.read_shape(cfg.model)
+    cut = dev_cut(params, tokenizer, dev, shape.max_positions if shape else None)
+    valued = [player_records[p] for p in players]
+    # Before any model loads: a run that cannot fit stops now, not at an out-of-memory kill mid-run.
+    estimate = check_memory(params, shape, cut, valued, tokenizer)
     # Before any fine-tune: a missing embedding or embedding model stops the run now, not after the jobs.
     near = nearest_questions(params, dev, [player_records[p]["id"] for p in players]) \
         if cfg.dev_neighbours and cfg.method != "forward" else None
 
-    result, lines, method_metrics, losses = METHODS[cfg.method](params, dev, players, player_records, near)
+    result, lines, method_metrics, losses = METHODS[cfg.method](params, dev, players, player_records, near, cut.cap)
 
-    tokenizer = load_tokenizer(cfg.model)
-    valued = [player_records[p] for p in players]
     tokens = np.array([sum(label != -100 for label in encode_record(r, tokenizer, params.train.template,
                                                                    params.train.max_length)[1][1:]) for r in valued])
     values = np.array([result.values[p] for p in players], dtype=float)
@@ -442,7 +514,9 @@ def main(params: Params) -> None:
     seconds = round(time.perf_counter() - start, 1)
     artifacts.write_metrics("shapley", {
         "method": cfg.method, "players": cfg.players, "records_valued": len(players), **method_metrics,
-        "value": cfg.value, "dev_neighbours": cfg.dev_neighbours, "score_mean": float(scores["score"].mean()),
+        "value": cfg.value, "dev_neighbours": cfg.dev_neighbours, **cut.metrics(),
+        "memory_estimate_gb": round(estimate.total / memory.GB, 2) if estimate else None,
+        "score_mean": float(scores["score"].mean()),
         "stderr_mean": float(np.nanmean(scores["stderr"])) if cfg.k > 1 or cfg.players == "records" else None,
         "rank_stability": rank_corr[-1] if rank_corr else None,
         # Spearman(score, response tokens) of the valued records: a score that only measured length would be near +-1.
