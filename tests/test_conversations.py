@@ -75,3 +75,10 @@ def test_a_conversation_pool_goes_from_prepare_to_sample_with_every_turn(tmp_pat
     assert len(curated) == 2  # 10% of 16
     for line in curated:
         assert sum(all(text in line for _, text in turns) for turns in conversations) == 1
+    # sample.method full: the curated rows are the input rows, JSON-equal (every field, every turn).
+    params["sample"]["method"] = "full"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_stage(tmp_path, "sample")
+    given = [json.loads(line) for line in (tmp_path / "pool.jsonl").read_text().splitlines()]
+    curated = [json.loads(line) for line in (tmp_path / artifacts.DATASET).read_text().splitlines()]
+    assert sorted(curated, key=json.dumps) == sorted(given, key=json.dumps) and len(curated) == len(given)
