@@ -151,10 +151,11 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         part, size = max(((k, v) for k, v in r["estimate_parts_gb"].items() if k != "runtime"), key=lambda kv: kv[1])
-        peak, ratio, seconds = ((f"{r['rss_gb']:.2f} GB", r["measured_over_estimate"], r["seconds"]) if "rss_gb" in r
-                                else ("estimated only", "", ""))
+        peak, ratio, seconds = ((f"{r['rss_gb']:.2f} GB", f"{r['measured_over_estimate']:.2f}", f"{r['seconds']:,.0f}")
+                                if "rss_gb" in r else ("estimated only", "", ""))
+        chunk = f"{r['chunk_tokens']:,}" if r["chunk_tokens"] else "none"
         lines.append(f"| {r['model']} | {r['dev']} | {r['response']:,} | {r['dev_tokens_max']:,} | {r['dev_chunk']} / "
-                     f"{r['chunk_tokens'] or 'none'} / {r['micro_batch'] or 16} | {r['estimate_gb']:.2f} GB | {peak} | "
+                     f"{chunk} / {r['micro_batch'] or 16} | {r['estimate_gb']:.2f} GB | {peak} | "
                      f"{ratio} | {part} {size:.2f} GB | {seconds} |")
     return "\n".join(lines) + "\n"
 

@@ -120,7 +120,7 @@ def test_the_shape_read_from_config_and_header_is_the_loaded_models(tmp_path):
     arithmetic = memory.shape_from_config(json.loads((tmp_path / "config.json").read_text()))
     assert arithmetic.parameters == shape.parameters
     assert arithmetic.lora_parameters(4, cfg.lora.target_modules) == trainable
-    assert memory.read_shape(str(tmp_path / "nowhere.gguf")) is None
+    assert memory.read_shape(str(tmp_path / "nowhere.gguf")) is None and memory.read_shape("./no_such_model") is None
 
 
 def test_a_refusal_is_one_line_naming_the_estimate_and_the_settings_that_shrink_its_largest_parts():

@@ -166,11 +166,16 @@ def _model_file(name_or_path: str, filename: str) -> Path | None:
     path = Path(name_or_path)
     if path.is_dir():
         return path / filename if (path / filename).is_file() else None
-    if path.suffix == ".gguf" or path.exists() or name_or_path.count("/") != 1:
+    # Not a hub id (as models.load_causal_lm tells them): a file, or a local path that is not there.
+    if path.suffix == ".gguf" or path.exists() or name_or_path.startswith((".", "/", "~")) \
+            or name_or_path.count("/") != 1:
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(name_or_path, filename)
+    try:
+        found = try_to_load_from_cache(name_or_path, filename)
+    except ValueError:  # not a valid hub id: the model loader says so
+        return None
     return Path(found) if isinstance(found, str) else None
 
 
