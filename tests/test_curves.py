@@ -109,3 +109,44 @@ def test_the_finetune_stage_logs_one_row_per_optimizer_step_as_it_trains(tmp_pat
     assert [int(r["step"]) for r in loss] == list(range(steps)) and all(float(r["loss"]) > 0 for r in loss)
     assert len(rows(artifacts.FINETUNE_CURVE + "/lr.tsv")) == steps
     assert not Path("dvclive/finetune/metrics.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["forward", "inrun"])
+def test_the_shapley_stage_logs_each_runs_loss_per_optimizer_step_as_it_trains(ws, monkeypatch, one_thread, method):
+    """Each run's fit writes `run-<r>/loss.tsv` a row per optimizer step as the step happens; a rerun that keeps
+    every run writes the same rows at once from what it kept."""
+    from helpers import write_stage_params
+
+    from shed import artifacts
+    from shed.config import load_params
+    from shed.stages import shapley
+
+    write_stage_params(ws, epochs=2, method=method, k=2)
+    monkeypatch.chdir(ws)
+    live_dir = Path(artifacts.SHAPLEY_CURVES)
+    seen: dict[str, list[tuple[int, int]]] = {}  # run -> (step, rows on disk when that step's callback returns)
+    after_step = curves.StepCurve.after_step
+
+    def spy(self, step, loss, lr):
+        after_step(self, step, loss, lr)
+        seen.setdefault(self.prefix, []).append((step, len(rows(live_dir / f"{self.prefix}loss.tsv"))))
+
+    monkeypatch.setattr(curves.StepCurve, "after_step", spy)
+    shapley.main(load_params())
+    assert sorted(seen) == ["run-0/", "run-1/"]
+    written = {}
+    for prefix, steps in seen.items():
+        assert len(steps) > 1 and steps == [(step, step + 1) for step in range(len(steps))]
+        loss = rows(live_dir / f"{prefix}loss.tsv")
+        assert [int(r["step"]) for r in loss] == list(range(len(steps))) and all(float(r["loss"]) > 0 for r in loss)
+        assert not (live_dir / f"{prefix}lr.tsv").exists()
+        written[prefix] = (live_dir / f"{prefix}loss.tsv").read_bytes()
+    if method == "forward":  # the dev loss before and after each fit stays beside it
+        assert [r["step"] for r in rows(live_dir / "run-1/dev_loss.tsv")] == ["0", "1"]
+    assert not (live_dir.parent.parent / "metrics.json").exists()
+
+    seen.clear()
+    shapley.main(load_params())  # every run kept: nothing trains, the curves are rewritten whole
+    assert seen == {}
+    assert {p: (live_dir / f"{p}loss.tsv").read_bytes() for p in written} == written

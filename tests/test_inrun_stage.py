@@ -257,15 +257,23 @@ def test_a_credited_fit_takes_one_pass_per_step_and_trains_the_plain_fits_adapte
 
 @pytest.mark.parametrize("direction, dev_every, stop_at", [("sgd", 1, 2), ("adam", 1, 3), ("sgd", 4, 3),
                                                              ("sgd", 4, 4)])
-def test_a_run_killed_mid_run_resumes_from_its_checkpoint_bit_for_bit(trainer, dev, direction, dev_every, stop_at):
+def test_a_run_killed_mid_run_resumes_from_its_checkpoint_bit_for_bit(trainer, dev, direction, dev_every, stop_at,
+                                                                     tmp_path):
     """value_runs killed after `stop_at` of run 1's 6 steps, resumed by a fresh trainer and accumulator from the
-    saved state (through safetensors and JSON): the uninterrupted run's credits, summary and adapter, bit for
-    bit. dev_every 4 stopped at 3 carries the held dev gradients; stopped at 4 it need not (step 4 refreshes)."""
+    saved state (through safetensors and JSON): the uninterrupted run's credits, summary, adapter and loss curve,
+    bit for bit. dev_every 4 stopped at 3 carries the held dev gradients; stopped at 4 it need not (step 4
+    refreshes)."""
     from test_trainer import Kept, Killed
 
+    from shed import curves
+
+    def curve(name: str) -> Path:
+        return tmp_path / name / "plots/metrics"
+
     whole = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=2)
-    (expected,) = inrun.value_runs(trainer, RECORDS, PLAYERS, dev, whole, [1], direction=direction,
-                                   dev_every=dev_every)
+    with curves.live_steps(str(curve("whole"))) as live:
+        (expected,) = inrun.value_runs(trainer, RECORDS, PLAYERS, dev, whole, [1], direction=direction,
+                                       dev_every=dev_every, curves=lambda run: curves.StepCurve(live, f"run-{run}/"))
     adapter = lora_state(trainer.model)
 
     kept = Kept(stop_at=stop_at)
@@ -279,8 +287,14 @@ def test_a_run_killed_mid_run_resumes_from_its_checkpoint_bit_for_bit(trainer, d
     torch.manual_seed(99)
     fresh = copy.deepcopy(trainer)
     resumed = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=2)
-    (summary,) = inrun.value_runs(fresh, RECORDS, PLAYERS, dev, resumed, [1], direction=direction,
-                                  dev_every=dev_every, checkpoints=lambda run: Kept(state=kept.state))
+    with curves.live_steps(str(curve("resumed"))) as live:
+        (summary,) = inrun.value_runs(fresh, RECORDS, PLAYERS, dev, resumed, [1], direction=direction,
+                                      dev_every=dev_every, checkpoints=lambda run: Kept(state=kept.state),
+                                      curves=lambda run: curves.StepCurve(live, f"run-{run}/", lr=False))
+    # The restored steps' rows first, then the live ones: the uninterrupted run's loss curve.
+    loss = (curve("resumed") / "run-1/loss.tsv").read_text()
+    assert loss == (curve("whole") / "run-1/loss.tsv").read_text() and len(loss.splitlines()) == 1 + 6
+    assert not (curve("resumed") / "run-1/lr.tsv").exists()
     assert summary.resumed_from == stop_at and expected.resumed_from == 0
     assert np.array_equal(resumed.totals, whole.totals) and np.array_equal(resumed.steps, whole.steps)
     for field in ("dev_before", "dev_after", "first_order"):

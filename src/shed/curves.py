@@ -1,10 +1,10 @@
 """Training curves with dvclive: per-step series a stage writes as DVC plots (`dvc plots show`/`diff`).
 
 Two ways in. `live_steps` writes the series in place as the steps happen (one TSV row per `log_metric`,
-`next_step()` after each optimizer step), so a long fine-tune's curve can be watched while it runs (`dvc plots
-show`, the VS Code extension); a crashed run leaves its series as far as they got, and DVC records nothing of
-an unfinished stage. `live_curves` writes series known only at a stage's end (the valuation's) into a scratch
-directory and moves the finished curves into place, so a crash leaves the previous curves whole. Neither
+`next_step()` after each optimizer step), so a long fine-tune's or in-run/forward valuation's loss curve can be
+watched while it runs (`dvc plots show`, the VS Code extension); a crashed run leaves its series as far as they
+got, and DVC records nothing of an unfinished stage. `live_curves` writes series known only at a stage's end
+(the retraining valuation's) into a scratch directory and moves the finished curves into place, so a crash leaves the previous curves whole. Neither
 writes timestamps, so a rerun writes the same bytes.
 """
 
@@ -74,16 +74,27 @@ def live_curves(dest: str) -> Iterator:
 
 
 class StepCurve:
-    """A `LoraTrainer.fit` callback logging each optimizer step's training loss and learning rate as the step
-    happens (`live.next_step()` after each: step numbers count from 0, as fit's do)."""
+    """A `LoraTrainer.fit` callback logging each optimizer step's training loss (`<prefix>loss`) and, with `lr`,
+    its learning rate, as the step happens, at the fit's own step number (from 0). `resumed(losses)` logs at once
+    the steps taken before (a fit resumed from a checkpoint, a run kept from an earlier stage run): loss only, their
+    learning rates are not kept."""
 
-    def __init__(self, live):
-        self.live = live
+    def __init__(self, live, prefix: str = "", lr: bool = True):
+        self.live, self.prefix, self.lr = live, prefix, lr
+
+    def _loss(self, step: int, loss: float) -> None:
+        self.live.step = step
+        self.live.log_metric(f"{self.prefix}loss", round(loss, 6))
+
+    def resumed(self, losses: list[float]) -> None:
+        for step, loss in enumerate(losses):
+            self._loss(step, loss)
 
     def before_step(self, step: int, batches, lr: float) -> None:
         pass
 
     def after_step(self, step: int, loss: float, lr: float) -> None:
-        self.live.log_metric("loss", round(loss, 6))
-        self.live.log_metric("lr", lr)
+        self._loss(step, loss)
+        if self.lr:
+            self.live.log_metric(f"{self.prefix}lr", lr)
         self.live.next_step()

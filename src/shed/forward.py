@@ -23,8 +23,8 @@ kept, so scoring new records needs no refit. Pure: no file I/O here.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -49,6 +49,8 @@ class ForwardRun:
     dev_after: float
     train_loss: float
     seconds: float  # the fit, with the dev losses around it
+    losses: list[float] = field(default_factory=list)  # the fit's loss at each step, to 6 places (its curve;
+    #                                                    none in fits kept before curves were)
 
 
 class LossBook(Protocol):
@@ -126,10 +128,13 @@ def needed(records: Sequence[dict], book: LossBook, runs: Sequence[int]) -> int:
 
 def value_forward(trainer, records: Sequence[dict], dev_records: list[dict], runs: Sequence[int], book: LossBook,
                   batch_size: int, chunk: int = 2048, progress=None, *, max_tokens: int = 0,
-                  dev_max_length: int | None = None) -> tuple[np.ndarray, np.ndarray, list[ForwardRun]]:
+                  dev_max_length: int | None = None, curves: Callable[[int], object] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, list[ForwardRun]]:
     """(base losses, tuned losses runs x records, each run's summary), by `book` where it knows them. Losses
     are taken `batch_size` records and at most `max_tokens` padded tokens a pass (0: no bound); the dev records
-    are fitted and scored cut at `dev_max_length` as well as the recipe's max_length (`LoraTrainer.cut_at`)."""
+    are fitted and scored cut at `dev_max_length` as well as the recipe's max_length (`LoraTrainer.cut_at`).
+    `curves(r)`, if given, is run r's fit callback (`curves.StepCurve`): it sees each step of the dev fit as it
+    happens, or, for a fit the book kept, its steps' losses at once (`resumed`)."""
     trainer.reset(trainer.cfg.seed)  # LoRA B = 0: the base model
     base = _fill(trainer, BASE, records, book, batch_size, chunk, progress, max_tokens)
     tuned, summaries = [], []
@@ -141,13 +146,16 @@ def value_forward(trainer, records: Sequence[dict], dev_records: list[dict], run
             trainer.reset(seed)
             with trainer.cut_at(dev_max_length):
                 before = _mean_loss(trainer, dev_records, batch_size, max_tokens)
-                fit = trainer.fit(dev_records, seed=seed)
+                fit = trainer.fit(dev_records, seed=seed, callback=curves(run) if curves is not None else None)
                 after = _mean_loss(trainer, dev_records, batch_size, max_tokens)
-            summary = ForwardRun(run, seed, before, after, float(fit["loss"]), time.perf_counter() - start)
+            summary = ForwardRun(run, seed, before, after, float(fit["loss"]), time.perf_counter() - start,
+                                 [round(x, 6) for x in fit["losses"]])
             book.add_fit(summary, adapter_state(trainer))
         else:
             summary, state = kept
             load_adapter(trainer, state)
+            if curves is not None:
+                curves(run).resumed(summary.losses)
         tuned.append(_fill(trainer, run_key(run), records, book, batch_size, chunk, progress, max_tokens))
         summaries.append(summary)
     return base, np.stack(tuned), summaries

@@ -556,18 +556,21 @@ class CreditCallback:
 
     `state()` / `load_state(state)` carry it through a mid-run checkpoint (`LoraTrainer.fit`): this
     run's credits so far, the first-order sums, the dev losses before the run, the Adam copy, and the
-    held dev gradients when the next step reuses them."""
+    held dev gradients when the next step reuses them.
+
+    `curve`, if given, is another fit callback that only watches (`curves.StepCurve`): it sees each step's
+    `after_step` and, on a resumed fit, the restored steps' losses (`resumed`)."""
 
     def __init__(self, model, dev_batch: Batch, credits: InRunCredits, run: int,
                  step_players: list[list[list[Player]]], max_grad_norm: float, *,
                  step_rows: list[list[list[list[int]]]] | None = None, dev_chunk: int = 0, dev_tokens: int = 0,
                  adam: tuple[float, float] | None = None, dev_every: int = 1, normalize: str = "none",
-                 peak_lr: float = 1.0):
+                 peak_lr: float = 1.0, curve=None):
         if dev_every < 1:
             raise ValueError(f"dev_every must be at least 1, not {dev_every}")
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {normalize!r}")
-        self.normalize, self.peak_lr = normalize, peak_lr
+        self.normalize, self.peak_lr, self.curve = normalize, peak_lr, curve
         self.model, self.dev_batch, self.credits, self.run = model, dev_batch, credits, run
         self.step_players, self.step_rows = step_players, step_rows
         self.max_grad_norm, self.dev_chunk, self.dev_tokens = max_grad_norm, dev_chunk, dev_tokens
@@ -674,6 +677,12 @@ class CreditCallback:
                 and abs(loss - self.expected_loss) > 1e-2 * max(1.0, abs(self.expected_loss)):
             self.loss_mismatch = (step, loss, self.expected_loss)
         self.expected_loss = None
+        if self.curve is not None:
+            self.curve.after_step(step, loss, lr)
+
+    def resumed(self, losses: list[float]) -> None:
+        if self.curve is not None:
+            self.curve.resumed(losses)
 
     def state(self) -> dict:
         """{"tensors": name -> tensor, "meta": JSON-able}, between two steps (see the class docstring)."""
@@ -735,7 +744,8 @@ def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batc
                runs: Sequence[int], *, direction: str = "sgd", dev_chunk: int = 0, dev_tokens: int = 0,
                dev_every: int = 1, normalize: str = "none", progress=None,
                on_run: Callable[[RunSummary], None] | None = None,
-               checkpoints: Callable[[int], object] | None = None) -> list[RunSummary]:
+               checkpoints: Callable[[int], object] | None = None,
+               curves: Callable[[int], object] | None = None) -> list[RunSummary]:
     """In-run valuation: for each run r in `runs`, one `trainer.fit` on all `records` (the proxies;
     records[i] is players[i]'s) with seed `run_seed(trainer.cfg.seed, r)`, credited step by step into
     `credits` run r (cleared first). direction: "sgd" (the plain gradient, default) or "adam" (Adam's
@@ -744,7 +754,9 @@ def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batc
     (`NORMALIZATIONS`); see `CreditCallback`.
     `checkpoints(r)`, if given, is run r's mid-run checkpoint (`training.Checkpoint`): a run it holds a
     state of resumes there. `on_run(summary)` is called after each completed run (the stage saves the
-    run there). `progress`: a tqdm-like bar, updated once per step. No file I/O."""
+    run there). `curves(r)`, if given, is run r's watching fit callback (`CreditCallback`'s curve): the stage
+    logs the run's loss curve there as each step happens. `progress`: a tqdm-like bar, updated once per step.
+    No file I/O."""
     if len(records) != len(players):
         raise ValueError("records and players must pair up")
     if direction not in DIRECTIONS:
@@ -760,7 +772,8 @@ def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batc
         callback = CreditCallback(trainer.model, dev_batch, credits, run, step_players, trainer.cfg.max_grad_norm,
                                   step_rows=step_rows, dev_chunk=dev_chunk, dev_tokens=dev_tokens, adam=adam,
                                   dev_every=dev_every,
-                                  normalize=normalize, peak_lr=trainer.cfg.lr)
+                                  normalize=normalize, peak_lr=trainer.cfg.lr,
+                                  curve=curves(run) if curves is not None else None)
         if progress is not None and hasattr(progress, "set_postfix"):
             progress.set_postfix(run=run)
         fit = trainer.fit(records, seed=seed, progress=progress, callback=callback,

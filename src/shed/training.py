@@ -284,7 +284,8 @@ class LoraTrainer:
         `{"tensors": {...}, "meta": {...}}` holding the adapter, AdamW's state, the scheduler's, the
         GradScaler's, the torch RNG states (CPU, and the device's on CUDA), the losses so far, the
         next step's index and, from `callback.state()`, the callback's own (restored by
-        `callback.load_state(state)`). A resumed fit ends as the uninterrupted one would, bit for bit.
+        `callback.load_state(state)`). A resumed fit ends as the uninterrupted one would, bit for bit; a
+        callback with `resumed(losses)` is given the restored steps' losses (step 0 on) before the first new step.
         Returns {"steps", "loss" (mean over the last epoch), "seconds" (this call's and the resumed
         state's), "resumed_from" (the first step this call took)}.
         """
@@ -312,6 +313,8 @@ class LoraTrainer:
                                                    callback)
             if progress is not None and first:
                 progress.update(first)
+            if hasattr(callback, "resumed"):
+                callback.resumed(list(losses))
         self.model.train()
         for step in range(first, len(steps)):
             batches = [self._batch([encoded[i] for i in rows]) for rows in steps[step]]

@@ -53,7 +53,12 @@ data/shapley/subsets.jsonl (retrain: each evaluated subset and its value; inrun:
 its seed, steps, dev log-likelihood before and after and the credits' first-order prediction of the
 change), metrics/shapley.json, plots/shapley_scores.csv, plots/shapley.png, plots/convergence.png, and
 the valuation's curves with dvclive in dvclive/shapley/plots/metrics (retrain: each job's dev value and
-subset size in the estimator's order; inrun: each run's training loss per step): `dvc plots show`.
+subset size in the estimator's order, written at the end; inrun: each run's training loss `run-<r>/loss` per
+step; forward: the same of each run's dev fit, and its dev loss before (step 0) and after (1) it,
+`run-<r>/dev_loss`): `dvc plots show`. inrun's and forward's loss rows are written as each optimizer step
+happens (`curves.live_steps`), so the curves can be watched while the stage runs; a run kept from an earlier
+stage run, or resumed from its mid-run checkpoint, has its earlier steps' rows written at once from what was
+kept, so every curve ends complete.
 """
 
 from __future__ import annotations
@@ -156,6 +161,11 @@ def nearest_questions(params: Params, dev: list[dict], proxy_ids: list[str]) -> 
 
 # --- method inrun -----------------------------------------------------------------------------------
 
+def run_curve(live, run: int) -> curves.StepCurve:
+    """Run `run`'s training-loss curve (`run-<r>/loss`, one row per optimizer step) in `live`."""
+    return curves.StepCurve(live, f"run-{run}/", lr=False)
+
+
 def run_summary(summary, weights: np.ndarray) -> dict:
     """A finished run in JSON: the dev log-likelihood (as gold_loglik scores the whole dev set) before
     and after it, and the credits' first-order prediction of the change (their token-weighted sum)."""
@@ -206,12 +216,16 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
         store.drop_partial(summary.run)
 
     t1 = time.perf_counter()
-    with tqdm(total=len(todo) * steps, desc="in-run credits", unit="step", disable=not todo) as bar:
+    with curves.live_steps(artifacts.SHAPLEY_CURVES) as live, \
+            tqdm(total=len(todo) * steps, desc="in-run credits", unit="step", disable=not todo) as bar:
+        for run in sorted(summaries):  # kept runs' curves at once (runs saved before curves have none)
+            run_curve(live, run).resumed(summaries[run].get("losses", []))
         done = inrun.value_runs(trainer, records, players, dev_batch, credits, todo, direction=cfg.direction,
                                 dev_chunk=cfg.dev_chunk, dev_tokens=cfg.chunk_tokens, dev_every=cfg.dev_every,
                                 normalize=cfg.normalize,
                                 progress=bar, on_run=finished,
-                                checkpoints=lambda run: RunCheckpoint(store, run, cfg.checkpoint_seconds))
+                                checkpoints=lambda run: RunCheckpoint(store, run, cfg.checkpoint_seconds),
+                                curves=lambda run: run_curve(live, run))
     wall = time.perf_counter() - t1
 
     if near is not None:
@@ -219,11 +233,6 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
         result = local_values(credits.vector_result(), dict(zip(players, near)))
     else:
         result = credits.result(weights)
-    with curves.live_curves(artifacts.SHAPLEY_CURVES) as live:
-        for r in range(cfg.k):
-            for step, loss in enumerate(summaries[r].get("losses", [])):  # runs saved before curves have none
-                live.step = step
-                live.log_metric(f"run-{r}/loss", loss)
     lines = [{k: v for k, v in summaries[r].items() if not k.startswith("seconds") and k != "losses"}
              for r in range(cfg.k)]
     steps_run = sum(s.steps - s.resumed_from for s in done)
@@ -278,11 +287,17 @@ def value_forward(params: Params, dev: list[dict], players: list[int], player_re
              "compute (the rest kept in %s)", len(records), len(dev_records), recipe.epochs, cfg.k, todo,
              len(records) * (cfg.k + 1), store.dir.parent)
     t1 = time.perf_counter()
-    with tqdm(total=todo, desc="forward losses", unit="record", disable=not todo) as bar:
+    with curves.live_steps(artifacts.SHAPLEY_CURVES) as live, \
+            tqdm(total=todo, desc="forward losses", unit="record", disable=not todo) as bar:
         base, tuned, summaries = forward.value_forward(trainer, records, dev_records, runs, store,
                                                        params.train.micro_batch, progress=bar,
-                                                       max_tokens=cfg.chunk_tokens, dev_max_length=dev_cap)
-    wall = time.perf_counter() - t1
+                                                       max_tokens=cfg.chunk_tokens, dev_max_length=dev_cap,
+                                                       curves=lambda run: run_curve(live, run))
+        wall = time.perf_counter() - t1
+        for r in summaries:  # each run's dev loss before (step 0) and after (step 1) its fit
+            for step, loss in enumerate((r.dev_before, r.dev_after)):
+                live.step = step
+                live.log_metric(f"run-{r.run}/dev_loss", loss)
     mean, stderr = forward.scores(base, tuned)
     diffs = forward.differences(base, tuned)
     result = ShapleyResult(values=dict(zip(players, mean.tolist())), stderr=dict(zip(players, stderr.tolist())),
@@ -291,11 +306,6 @@ def value_forward(params: Params, dev: list[dict], players: list[int], player_re
                                       for r in range(len(diffs))] if cfg.k > 1 else [])
     lines = [{"run": r.run, "seed": r.seed, "dev_loss_before": r.dev_before, "dev_loss_after": r.dev_after,
               "train_loss": r.train_loss} for r in summaries]
-    with curves.live_curves(artifacts.SHAPLEY_CURVES) as live:  # each run's dev loss before (0) and after (1) its fit
-        for r in summaries:
-            for step, loss in enumerate((r.dev_before, r.dev_after)):
-                live.step = step
-                live.log_metric(f"run-{r.run}/dev_loss", loss)
     metrics = {"runs": cfg.k, "losses_computed": todo, "dev_epochs": recipe.epochs, "device": device,
                "dtype": cfg.dtype, "v_empty": -summaries[0].dev_before,
                "v_full": float(np.mean([-r.dev_after for r in summaries])),
