@@ -115,7 +115,7 @@ def test_no_sample_method_takes_a_near_duplicate(ws, monkeypatch):
     for method in sample.SAMPLERS:
         params.sample.method, params.sample.subset_size = method, 0.5
         sample.main(params)
-        chosen = [json.loads(line)["id"] for line in open("data/curated/dataset.jsonl", encoding="utf-8")]
+        chosen = [json.loads(line)["id"] for line in open("data/curated/records.jsonl", encoding="utf-8")]
         assert not set(chosen) & set(duplicates["id"]), method
         assert len(chosen) == round((len(pool) - len(duplicates)) * (1 if method == "full" else 0.5)), method
         manifest = json.loads(open("data/curated/manifest.json", encoding="utf-8").read())
