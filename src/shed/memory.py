@@ -240,7 +240,7 @@ class Estimate:
         return self.copies * sum(p.bytes for p in self.parts)
 
     def summary(self) -> str:
-        """"2.31 GB (dev pass 1.20, weights 0.54, ...)", per copy when there are several."""
+        """The estimate in one line, its parts in GB: "2.31 GB (dev pass 1.20, weights 0.54, ...)"."""
         parts = ", ".join(f"{p.what} {p.bytes / GB:.2f}" for p in self.parts)
         per = f" = {self.copies} x" if self.copies > 1 else ""
         return f"{self.total / GB:.2f} GB{per} ({parts})"
