@@ -40,8 +40,10 @@ def run_own_code(ws, *cmd):
 
 # prompts.py also renders the embedded pool's pretraining text (prepare, base); `dvc status` names
 # the stages whose own deps changed, not those downstream of them.
-# sample reads training.py too: the perplexity baseline tokenises records as the trainer does.
-@pytest.mark.parametrize("module, changed", [("prompts.py", {"prepare", "base", "shapley", "sample", "finetune"}),
+# sample reads training.py too: the perplexity baseline tokenises records as the trainer does; evaluate renders
+# prompts.py's spans for evaluate.heldout.
+@pytest.mark.parametrize("module, changed", [("prompts.py", {"prepare", "base", "shapley", "sample", "finetune",
+                                                            "evaluate"}),
                                              ("training.py", {"shapley", "sample", "finetune"})])
 def test_editing_training_code_marks_shapley_and_finetune_changed_and_reruns_every_job(copy, module, changed):
     assert changed_stages(copy) == set()
