@@ -97,9 +97,8 @@ def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], 
         truth = read_jsonl(artifacts.TRUTH)
         out["harm_in_bad_clusters"] = harm_in_bad_clusters(assignments, truth)
         for valuation in valuations:
-            for name, value in tables.VALUATIONS[valuation].items():
-                tables.set_dotted(raw, name, value)
-            seconds = tables.run_stage("shapley", raw)
+            vraw = tables.with_valuation(raw, valuation)
+            seconds = tables.run_stage("shapley", vraw)
             value = auroc(pd.read_csv("data/shapley/scores.csv"), assignments, truth)
             out["valuations"][valuation] = {"auroc": value, "shapley_s": seconds}
             out["seconds"]["shapley" if len(valuations) == 1 else f"shapley/{valuation}"] = seconds
@@ -108,7 +107,7 @@ def one_seed(seed: int, base_raw: dict, methods: list[str], sizes: list[float], 
             if valuation == valuations[-1]:  # the rest read no scores
                 runs += [(None, m, s) for m in methods if not tables.scored(m) for s in sizes] + [(None, "full", 1.0)]
             for v, method, size in runs:
-                metrics, t = finetune_and_score(raw, method, size, with_base="base" not in out["acc"])
+                metrics, t = finetune_and_score(vraw, method, size, with_base="base" not in out["acc"])
                 task = next(iter(metrics["finetuned"]))
                 tag = f"/{v}" if v is not None and len(valuations) > 1 else ""
                 name = f"{method}{tag}@{size:g}" if method != "full" else "full"

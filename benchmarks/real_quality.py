@@ -283,9 +283,8 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                 for valuation in args.valuations:
                     key = f"{protocol}/{dev}" + (f"/{args.family}" if args.family != "loss" else "") \
                         + (f"/{valuation}" if len(args.valuations) > 1 else "")
-                    for name, value in VALUATIONS[valuation].items():
-                        tables.set_dotted(raw, name, value)
-                    valuation_s = tables.run_stage("shapley", raw)
+                    vraw = tables.with_valuation(raw, valuation)
+                    valuation_s = tables.run_stage("shapley", vraw)
                     scores = artifacts.read_scores()
                     score_of = {int(c): float(s) for c, s in zip(scores["cluster"], scores["score"])}
                     proxy_auroc, proxy_rank = proxy_reading(
@@ -316,18 +315,18 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                             if args.finetune:  # the reference subset as the curated dataset, tuned like the others
                                 origins = artifacts.read_rows(chosen)
                                 digest = artifacts.write_curated([origins[i] for i in chosen], {"method": method})
-                                got["acc"], got["tune_s"] = finetune_and_score(raw, digest, tuned, "base" not in tuned)
+                                got["acc"], got["tune_s"] = finetune_and_score(vraw, digest, tuned, "base" not in tuned)
                             selections[cache_key] = got
                         else:
-                            tables.set_method(raw, method)
-                            tables.set_dotted(raw, "sample.subset_size", 1.0 if method == "full" else args.subset)
-                            seconds = tables.run_stage("sample", raw)
+                            tables.set_method(vraw, method)
+                            tables.set_dotted(vraw, "sample.subset_size", 1.0 if method == "full" else args.subset)
+                            seconds = tables.run_stage("sample", vraw)
                             chosen = artifacts.read_curated_ids()
                             got = {"harmful_share": harmful_share(chosen, harmful), "selection_s": round(seconds, 2)}
                             got["kind_share"] = harm.kind_shares(chosen, kind_of)
                             if args.finetune:
                                 digest = json.loads(Path(artifacts.MANIFEST).read_text())["sha256"]
-                                got["acc"], got["tune_s"] = finetune_and_score(raw, digest, tuned, "base" not in tuned)
+                                got["acc"], got["tune_s"] = finetune_and_score(vraw, digest, tuned, "base" not in tuned)
                             if cache_key is not None:
                                 selections[cache_key] = got
                         if method != "full":

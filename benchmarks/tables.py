@@ -112,7 +112,18 @@ VALUATIONS = {
     "retrain": {"shapley.method": "retrain", "shapley.players": "proxies"},
     "forward": {"shapley.method": "forward", "shapley.players": "records"},
     "inrun-records": {"shapley.method": "inrun", "shapley.players": "records", "shapley.normalize": "cosine"},
+    "inrun-warmup": {"shapley.method": "inrun", "shapley.players": "records", "shapley.normalize": "cosine",
+                     "shapley.warmup": 0.1},
 }
+
+
+def with_valuation(raw: dict, valuation: str) -> dict:
+    """A copy of the params `raw` with `VALUATIONS[valuation]` set: each valuation of a run starts from the same
+    params, whatever valuation ran before it in the workspace."""
+    out = json.loads(json.dumps(raw))
+    for name, value in VALUATIONS[valuation].items():
+        set_dotted(out, name, value)
+    return out
 
 
 def set_method(raw: dict, method: str) -> None:

@@ -235,6 +235,37 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in inrun.lora_parameters(model)}
 
 
+def test_a_warm_up_fit_starts_the_credited_run_from_a_model_that_is_learning(trainer, dev):
+    """warmup 0.4: 2 of the 5 records, a seeded sample per run, fit first and not credited; the credited run trains on
+    from that adapter (its dev losses before are the warmed-up model's, not the base's) and ends where a plain warm-up
+    fit followed by a fit without reset ends. Every record is still credited; the same run twice, bit for bit."""
+    seed = inrun.run_seed(TRAIN.seed, 0)
+    warm = inrun.warmup_records(RECORDS, 0.4, seed)
+    assert len(warm) == 2 and warm == inrun.warmup_records(RECORDS, 0.4, seed)
+    assert warm != inrun.warmup_records(RECORDS, 0.4, seed + 1) and inrun.warmup_records(RECORDS, 0.0, seed) == []
+    trainer.reset(seed)
+    base = inrun.dev_losses(trainer.model, dev)
+    trainer.fit(warm, seed=seed)
+    warmed = inrun.dev_losses(trainer.model, dev)
+    trainer.fit(RECORDS, seed=seed, reset=False)
+    plain = lora_state(trainer.model)
+
+    runs = []
+    for _ in range(2):
+        credits = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=1)
+        (summary,) = inrun.value_runs(trainer, RECORDS, PLAYERS, dev, credits, [0], warmup=0.4)
+        runs.append((credits, summary, lora_state(trainer.model)))
+    (credits, summary, adapter), (again, _, _) = runs
+    assert np.array_equal(credits.totals, again.totals)
+    assert np.allclose(summary.dev_before, warmed, rtol=1e-12) and not np.allclose(summary.dev_before, base)
+    scale = max(float(v.abs().max()) for v in plain.values())
+    assert all(torch.allclose(adapter[n], plain[n], rtol=0, atol=1e-6 * scale) for n in plain)
+    assert summary.steps == 6 and np.abs(credits.totals[0]).sum(1).min() > 0  # every record credited
+    cold = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=1)
+    inrun.value_runs(trainer, RECORDS, PLAYERS, dev, cold, [0])
+    assert not np.allclose(cold.totals, credits.totals)
+
+
 def test_a_credited_fit_takes_one_pass_per_step_and_trains_the_plain_fits_adapter(trainer, dev, monkeypatch):
     """The credit pass's per-example gradients sum to the step's gradient, which the trainer applies instead
     of its own backward: the adapter is the plain fit's up to float32 rounding (Hugging Face's loss takes
@@ -255,14 +286,15 @@ def test_a_credited_fit_takes_one_pass_per_step_and_trains_the_plain_fits_adapte
     assert len(passes) == 6 and all(torch.equal(v, plain[n]) for n, v in lora_state(trainer.model).items())
 
 
-@pytest.mark.parametrize("direction, dev_every, stop_at", [("sgd", 1, 2), ("adam", 1, 3), ("sgd", 4, 3),
-                                                             ("sgd", 4, 4)])
+@pytest.mark.parametrize("direction, dev_every, stop_at, warmup", [("sgd", 1, 2, 0.0), ("adam", 1, 3, 0.0),
+                                                                     ("sgd", 4, 3, 0.0), ("sgd", 4, 4, 0.0),
+                                                                     ("sgd", 4, 3, 0.4)])
 def test_a_run_killed_mid_run_resumes_from_its_checkpoint_bit_for_bit(trainer, dev, direction, dev_every, stop_at,
-                                                                     tmp_path):
+                                                                     warmup, tmp_path):
     """value_runs killed after `stop_at` of run 1's 6 steps, resumed by a fresh trainer and accumulator from the
     saved state (through safetensors and JSON): the uninterrupted run's credits, summary, adapter and loss curve,
     bit for bit. dev_every 4 stopped at 3 carries the held dev gradients; stopped at 4 it need not (step 4
-    refreshes)."""
+    refreshes); with a warm-up the resumed run redoes it and the checkpoint's adapter replaces it."""
     from test_trainer import Kept, Killed
 
     from shed import curves
@@ -273,14 +305,14 @@ def test_a_run_killed_mid_run_resumes_from_its_checkpoint_bit_for_bit(trainer, d
     whole = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=2)
     with curves.live_steps(str(curve("whole"))) as live:
         (expected,) = inrun.value_runs(trainer, RECORDS, PLAYERS, dev, whole, [1], direction=direction,
-                                       dev_every=dev_every, curves=lambda run: curves.StepCurve(live, f"run-{run}/"))
+                                       dev_every=dev_every, warmup=warmup, curves=lambda run: curves.StepCurve(live, f"run-{run}/"))
     adapter = lora_state(trainer.model)
 
     kept = Kept(stop_at=stop_at)
     killed = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=2)
     with pytest.raises(Killed):
         inrun.value_runs(trainer, RECORDS, PLAYERS, dev, killed, [1], direction=direction, dev_every=dev_every,
-                         checkpoints=lambda run: kept)
+                         warmup=warmup, checkpoints=lambda run: kept)
     held = any(k.startswith("callback/dev_grads/") for k in kept.state["tensors"])
     assert held == (dev_every > 1 and stop_at % dev_every != 0)
 
@@ -289,7 +321,7 @@ def test_a_run_killed_mid_run_resumes_from_its_checkpoint_bit_for_bit(trainer, d
     resumed = inrun.InRunCredits(PLAYERS, len(QUESTIONS), runs=2)
     with curves.live_steps(str(curve("resumed"))) as live:
         (summary,) = inrun.value_runs(fresh, RECORDS, PLAYERS, dev, resumed, [1], direction=direction,
-                                      dev_every=dev_every, checkpoints=lambda run: Kept(state=kept.state),
+                                      dev_every=dev_every, warmup=warmup, checkpoints=lambda run: Kept(state=kept.state),
                                       curves=lambda run: curves.StepCurve(live, f"run-{run}/", lr=False))
     # The restored steps' rows first, then the live ones: the uninterrupted run's loss curve.
     loss = (curve("resumed") / "run-1/loss.tsv").read_text()
@@ -371,6 +403,16 @@ def test_inrun_takes_only_the_loglik_value(tmp_path):
             load_params(path)
     path.write_text("shapley:\n  method: inrun\n")
     assert load_params(path).shapley.method == "inrun"
+
+
+def test_a_warm_up_is_the_inrun_methods_alone(tmp_path):
+    path = tmp_path / "params.yaml"
+    for method in ("retrain", "forward"):
+        path.write_text(f"shapley:\n  method: {method}\n  players: records\n  warmup: 0.1\n")
+        with pytest.raises(ShedError, match=f"shapley.warmup: the warm-up fit is method inrun's; method {method}"):
+            load_params(path)
+    path.write_text("shapley:\n  method: inrun\n  warmup: 0.1\n")
+    assert load_params(path).shapley.warmup == 0.1
 
 
 def test_switching_method_reruns_the_shapley_stage_onward_only():

@@ -235,6 +235,10 @@ class ShapleyConfig:
     dev_every: int = param(1, "method inrun: steps between refreshes of the dev questions' gradients; 1: every "
                            "step (the exact first-order credit); N > 1 holds them (n_dev x LoRA parameters x 4 bytes) "
                            "and reuses them for N steps, TracIn-checkpoint style", ge=1)
+    warmup: float = param(0.0, "method inrun: share of the valued records (a seeded sample per run) the adapter is "
+                          "first fit on, uncredited; the credited run then starts from that adapter (LESS's "
+                          "warm-up: credits from a model that is learning, not from LoRA's B = 0 start)",
+                          ge=0, lt=1, zero="no warm-up")
     checkpoint_seconds: int = param(300, "method inrun: seconds between checkpoints of the run in progress (a "
                                     "killed stage resumes there); the scores do not depend on it",
                                     ge=0, zero="after every step")
@@ -243,6 +247,8 @@ class ShapleyConfig:
         if self.method == "inrun" and self.value != "loglik":
             yield "value", (f"method inrun credits the gradient of the dev loss, so only value loglik; "
                             f"got {self.value}")
+        if self.warmup and self.method != "inrun":
+            yield "warmup", f"the warm-up fit is method inrun's; method {self.method} takes none (set it to 0)"
         if self.method == "forward" and self.value != "loglik":
             yield "value", f"method forward compares losses, so only value loglik; got {self.value}"
         if self.players == "records" and self.method == "retrain":

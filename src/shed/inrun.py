@@ -740,9 +740,18 @@ def adam_settings(trainer) -> tuple[float, float]:
     return float(group["betas"][1]), float(group["eps"])
 
 
+def warmup_records(records: list[dict], share: float, seed: int) -> list[dict]:
+    """The warm-up fit's records: a seeded sample of `share` of `records` (at least one), in their order."""
+    if not share:
+        return []
+    count = min(len(records), max(1, round(share * len(records))))
+    picked = np.random.default_rng(seed).choice(len(records), size=count, replace=False)
+    return [records[i] for i in sorted(picked.tolist())]
+
+
 def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batch: Batch, credits: InRunCredits,
                runs: Sequence[int], *, direction: str = "sgd", dev_chunk: int = 0, dev_tokens: int = 0,
-               dev_every: int = 1, normalize: str = "none", progress=None,
+               dev_every: int = 1, normalize: str = "none", warmup: float = 0.0, progress=None,
                on_run: Callable[[RunSummary], None] | None = None,
                checkpoints: Callable[[int], object] | None = None,
                curves: Callable[[int], object] | None = None) -> list[RunSummary]:
@@ -751,7 +760,9 @@ def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batc
     `credits` run r (cleared first). direction: "sgd" (the plain gradient, default) or "adam" (Adam's
     preconditioned one); dev_chunk, dev_tokens: dev items and padded tokens per dev pass (`dev_chunks`);
     dev_every: steps between refreshes of the dev gradients; normalize: none, tokens or cosine
-    (`NORMALIZATIONS`); see `CreditCallback`.
+    (`NORMALIZATIONS`); see `CreditCallback`. warmup: share of `records` (`warmup_records`, seeded by the run) the
+    adapter is first fit on, uncredited; the credited fit then trains on from that adapter, and its dev losses
+    before (`RunSummary.dev_before`) are the warmed-up model's.
     `checkpoints(r)`, if given, is run r's mid-run checkpoint (`training.Checkpoint`): a run it holds a
     state of resumes there. `on_run(summary)` is called after each completed run (the stage saves the
     run there). `curves(r)`, if given, is run r's watching fit callback (`CreditCallback`'s curve): the stage
@@ -776,8 +787,13 @@ def value_runs(trainer, records: list[dict], players: Sequence[Player], dev_batc
                                   curve=curves(run) if curves is not None else None)
         if progress is not None and hasattr(progress, "set_postfix"):
             progress.set_postfix(run=run)
+        warm = warmup_records(records, warmup, seed)
+        if warm:
+            # Redone on a resumed run too (it is short and seeded): the checkpoint then restores the adapter.
+            steps = trainer.fit(warm, seed=seed)["steps"]
+            log.info("in-run run %d: warm-up fit on %d records (%d steps), not credited", run, len(warm), steps)
         fit = trainer.fit(records, seed=seed, progress=progress, callback=callback,
-                          checkpoint=checkpoints(run) if checkpoints is not None else None)
+                          checkpoint=checkpoints(run) if checkpoints is not None else None, reset=not warm)
         if fit["resumed_from"]:
             log.info("in-run run %d resumed from its mid-run checkpoint at step %d of %d", run, fit["resumed_from"],
                      fit["steps"])

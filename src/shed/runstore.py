@@ -46,7 +46,8 @@ def inrun_context(params: Params, dev_ids: list[str], players: list[int], proxy_
                        "players": [[c, p] for c, p in zip(players, proxy_ids)], "device": device.split(":")[0],
                        "dtype": cfg.dtype, "dev_chunk": cfg.dev_chunk, "seeds": "train.seed + run",
                        "direction": cfg.direction, "dev_every": cfg.dev_every,
-                       **({"normalize": cfg.normalize} if cfg.normalize != "none" else {})}, sort_keys=True)
+                       **({"normalize": cfg.normalize} if cfg.normalize != "none" else {}),
+                       **({"warmup": cfg.warmup} if cfg.warmup else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -266,9 +266,10 @@ class LoraTrainer:
         """The adapter's parameters by name, in model order (what the optimizer trains)."""
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def fit(self, records: list[dict], seed: int, progress=None, callback=None, checkpoint: Checkpoint | None = None
-            ) -> dict:
-        """Reset the adapter from `seed` and train it on `records`. Empty records: the base model.
+    def fit(self, records: list[dict], seed: int, progress=None, callback=None, checkpoint: Checkpoint | None = None,
+            reset: bool = True) -> dict:
+        """Reset the adapter from `seed` and train it on `records`. Empty records: the base model. `reset=False`
+        trains on from the adapter as it is (after a warm-up fit), with a fresh optimizer and schedule.
 
         `callback.before_step(step, batches, lr)`, if given, sees each step's micro-batches (tensors)
         and learning rate with the model still at the parameters the step's gradients are taken at;
@@ -290,7 +291,10 @@ class LoraTrainer:
         state's), "resumed_from" (the first step this call took)}.
         """
         start = time.perf_counter()
-        self.reset(seed)
+        if reset:
+            self.reset(seed)
+        else:
+            torch.manual_seed(seed)  # the data-dependent draws (dropout) as a reset fit's
         self.model.eval()
         if not records:
             return {"steps": 0, "loss": float("nan"), "losses": [], "seconds": 0.0, "resumed_from": 0}

@@ -222,7 +222,7 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
             run_curve(live, run).resumed(summaries[run].get("losses", []))
         done = inrun.value_runs(trainer, records, players, dev_batch, credits, todo, direction=cfg.direction,
                                 dev_chunk=cfg.dev_chunk, dev_tokens=cfg.chunk_tokens, dev_every=cfg.dev_every,
-                                normalize=cfg.normalize,
+                                normalize=cfg.normalize, warmup=cfg.warmup,
                                 progress=bar, on_run=finished,
                                 checkpoints=lambda run: RunCheckpoint(store, run, cfg.checkpoint_seconds),
                                 curves=lambda run: run_curve(live, run))
@@ -240,7 +240,8 @@ def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_recor
         "runs": cfg.k, "runs_reused": cfg.k - len(todo), "runs_run": len(todo), "steps": steps,
         "steps_run": steps_run,
         "resumed": [{"run": s.run, "from_step": s.resumed_from} for s in done if s.resumed_from],
-        "direction": cfg.direction, "dev_every": cfg.dev_every, "normalize": cfg.normalize, "device": device,
+        "direction": cfg.direction, "dev_every": cfg.dev_every, "normalize": cfg.normalize, "warmup": cfg.warmup,
+        "device": device,
         "dtype": cfg.dtype,
         "v_empty": lines[0]["v_before"], "v_full": float(np.mean([s["v_after"] for s in lines])),
         "first_order": float(np.mean([s["first_order"] for s in lines])),
