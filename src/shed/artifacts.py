@@ -90,7 +90,8 @@ PARAMS = {
     # dev questions are embedded like the records (shapley.dev_neighbours)
     "shapley": ["shapley", "train", "embed.model", "embed.fields", "embed.max_seq_length"],
     # perplexity scores the pool with the value model, prompted and cut as the recipe trains
-    "sample": ["sample", "shapley.model", "shapley.device", "shapley.dtype", "shapley.chunk_tokens", "train.template",
+    "sample": ["sample", "shapley.model", "shapley.device", "shapley.dtype", "shapley.chunk_tokens",
+               "shapley.shard_records", "train.template",
                "train.max_length", "train.batch_size", "train.micro_batch_size"],
     "finetune": ["finetune", "train"],
     "evaluate": ["evaluate", "finetune.model", "finetune.device", "finetune.dtype", "train.template"],

@@ -210,9 +210,14 @@ class ShapleyConfig:
                        choices=("loglik", "choice_logprob", "accuracy"))
     dev_neighbours: int = param(16, "m: each proxy valued on its m nearest dev questions (paper: 0, one game)",
                                 ge=0, zero="whole dev set")
-    workers: int = param(1, "concurrent jobs: worker processes (on GPUs round robin: cuda:0, cuda:1, ...), "
-                         "or Ray actors", ge=1)
-    executor: str = param("local", f"where jobs run (ray: {install_hint('ray')})", choices=("local", "ray"))
+    workers: int = param(1, "concurrent workers, each with its own model: worker processes (on GPUs round robin: "
+                         "cuda:0, cuda:1, ...) or Ray actors; they run retrain's jobs and score record losses "
+                         "(forward, sample's perplexity and ifd) shard by shard, with the same results as one", ge=1)
+    executor: str = param("local", f"where workers run (ray: {install_hint('ray')})", choices=("local", "ray"))
+    shard_records: int = param(512, "records per shard of a record-loss pass (forward; sample's perplexity and ifd): "
+                               "what a worker scores at once and the forward store keeps as one chunk (a killed "
+                               "stage scores a finished shard never again); scores do not depend on it beyond "
+                               "float rounding", ge=1)
     device: str = param("auto", "auto, cpu, cuda, cuda:<i>, ...")
     dtype: str = param("auto", "model weights' dtype (auto: bf16 on GPU, fp32 on CPU)", choices=DTYPES)
     direction: str = param("sgd", "method inrun: the update direction credited: sgd (lr x clip x gradient, "

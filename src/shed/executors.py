@@ -1,9 +1,10 @@
-"""Running fine-tune-and-score jobs: in-process, in worker processes, or as Ray actors.
+"""Running jobs on workers: in-process, in worker processes, or as Ray actors.
 
-A job is (key, proxy records, seed) and a `JobSpec` says how to run it (model, recipe, value);
-its value depends on nothing else, so any executor gives the same values as any other. Each worker
-loads the model, tokenizer and dev set once and then runs many jobs (the authors started a fresh
-process per job, reloading a 7B model each time); several workers may share a GPU.
+A spec says what a worker loads once and `spec.runner(device, threads)` builds it: a `JobSpec` runs
+fine-tune-and-score jobs (key, proxy records, seed) with a model, recipe and value; shed.shards' `ScoreSpec`
+scores shards of records. A job's result depends on nothing but the job and the spec, so any executor gives
+the same results as any other. Each worker loads the model, tokenizer and dev set once and then runs many jobs
+(the authors started a fresh process per job, reloading a 7B model each time); several workers may share a GPU.
 Executors yield results as jobs finish, so the caller records each one the moment it completes.
 """
 
@@ -32,6 +33,11 @@ class JobSpec:
     dev_path: str  # the same questions as a file (lm-eval reads files)
     dev_max_length: int | None = None  # tokens a dev item is cut at (shapley.dev_max_length resolved; None: uncut)
     chunk_tokens: int = 0  # padded tokens per pass of the dev score (shapley.chunk_tokens; 0: no bound)
+
+    def runner(self, device: str, threads: int = 0) -> JobRunner:
+        """A worker's runner: the executors build one per worker from any spec with this method (shed.shards'
+        ScoreSpec too)."""
+        return JobRunner(self, device, threads)
 
 
 class JobRunner:
@@ -105,18 +111,28 @@ def worker_devices(device: str, workers: int) -> list[str]:
     return [device] * workers
 
 
+def workers_on_device(device: str, workers: int) -> int:
+    """How many of `workers` local workers share one device (`worker_devices`): each holds its own model there."""
+    import torch
+
+    from shed.models import resolve_device
+
+    gpus = torch.cuda.device_count() if resolve_device(device) == "cuda" else 0
+    return math.ceil(workers / gpus) if gpus else workers
+
+
 def threads_per_worker(workers: int) -> int:
     """Split the CPU cores between CPU workers so they do not oversubscribe each other."""
     return max(1, (os.cpu_count() or 1) // workers)
 
 
 def run_local(spec: JobSpec, jobs: list[dict], workers: int = 1) -> Iterator[dict]:
-    runner = JobRunner(spec, worker_devices(spec.device, 1)[0])
+    runner = spec.runner(worker_devices(spec.device, 1)[0])
     for job in jobs:
         yield runner.run(job)
 
 
-_RUNNER: JobRunner | None = None  # the worker process's runner, loaded once by _init_worker
+_RUNNER = None  # the worker process's runner, loaded once by _init_worker
 
 
 def _init_worker(spec: JobSpec, devices: list[str], threads: int, slots) -> None:
@@ -124,7 +140,7 @@ def _init_worker(spec: JobSpec, devices: list[str], threads: int, slots) -> None
     slot = slots.get()  # which device this process runs on (GPUs may host several workers)
     # CPU threads split between the workers on any device: several workers per GPU would otherwise each
     # start a thread per core for their CPU-side work.
-    _RUNNER = JobRunner(spec, devices[slot], threads)
+    _RUNNER = spec.runner(devices[slot], threads)
 
 
 def _run_in_worker(job: dict) -> dict:
@@ -156,6 +172,7 @@ def run_ray(spec: JobSpec, jobs: list[dict], workers: int) -> Iterator[dict]:
     actors onto each GPU (as `worker_devices` does locally) and every actor fits."""
     try:
         import ray
+        from ray.util import ActorPool
     except ImportError:
         raise ShedError(f"shapley.executor: ray needs Ray ({install_hint('ray')})") from None
     import torch
@@ -166,23 +183,25 @@ def run_ray(spec: JobSpec, jobs: list[dict], workers: int) -> Iterator[dict]:
     cluster_gpus = cluster_gpus or (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     gpus = 1 / math.ceil(workers / cluster_gpus) if cluster_gpus else 0
     threads = threads_per_worker(workers)
-    actor = ray.remote(num_gpus=gpus, num_cpus=1)(JobRunner)
+    actor = ray.remote(num_gpus=gpus, num_cpus=1)(RayWorker)
     device = "cuda" if gpus else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES: each actor sees its own GPU as cuda
     actors = [actor.remote(spec, device, 0 if gpus else threads) for _ in range(workers)]
-    queue = list(reversed(jobs))
-    running = {}
-    for a in actors:
-        if queue:
-            running[a.run.remote(queue.pop())] = a
-    while running:
-        done, _ = ray.wait(list(running), num_returns=1)
-        a = running.pop(done[0])
-        result = ray.get(done[0])
-        if queue:
-            running[a.run.remote(queue.pop())] = a
-        yield result
-    for a in actors:
-        ray.kill(a)
+    try:
+        # Ray's own scheduling: each job goes to the next idle actor, results come back as they finish.
+        yield from ActorPool(actors).map_unordered(lambda a, job: a.run.remote(job), jobs)
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+class RayWorker:
+    """A Ray actor holding one worker's runner (`spec.runner`), loaded once."""
+
+    def __init__(self, spec, device: str, threads: int):
+        self.runner = spec.runner(device, threads)
+
+    def run(self, job: dict) -> dict:
+        return self.runner.run(job)
 
 
 EXECUTORS = {"local": run_local, "processes": run_processes, "ray": run_ray}

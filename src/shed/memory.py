@@ -385,16 +385,19 @@ def forward_estimate(params: Params, shape: ModelShape, device: str, longest_dev
     return Estimate(tuple(parts), passes)
 
 
-def scoring_estimate(params: Params, shape: ModelShape, device: str, longest_record: int) -> Estimate:
-    """Record losses without an adapter (sample's perplexity and IFD): the weights and a chunk of
-    train.micro_batch records of at most `longest_record` tokens, shapley.chunk_tokens a chunk."""
+def scoring_estimate(params: Params, shape: ModelShape, device: str, longest_record: int, workers: int = 1
+                     ) -> Estimate:
+    """Record losses without an adapter (sample's perplexity and IFD), per worker (`workers` on this device): the
+    weights and a chunk of train.micro_batch records of at most `longest_record` tokens, shapley.chunk_tokens a
+    chunk."""
     cfg, train = params.shapley, params.train
     scored = worst_chunk(train.micro_batch, longest_record, cfg.chunk_tokens)
     return Estimate(tuple(_common(shape, dtype_bytes(cfg.dtype, device))),
                     (Part("record losses", score_pass_bytes(shape, *scored, 4),
                           (_knob("shapley.chunk_tokens", cfg.chunk_tokens, "no bound: set one"),
                            _knob("train.micro_batch_size", train.micro_batch_size, f"{train.batch_size}"),
-                           _knob("train.max_length", train.max_length, f"{shape.max_positions}"))),))
+                           _knob("train.max_length", train.max_length, f"{shape.max_positions}"))),),
+                    workers, _knob("shapley.workers", cfg.workers))
 
 
 def finetune_estimate(params: Params, shape: ModelShape, device: str, longest_record: int) -> Estimate:

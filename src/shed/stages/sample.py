@@ -9,8 +9,9 @@ Baselines: dsir resamples the pool toward the dev questions' n-gram distribution
 cluster_uniform weights every cluster equally; length takes the longest responses; perplexity takes
 the responses of lowest loss under shapley.model, prompted with train.template; ifd the highest
 instruction-following difficulty below 1 (Superfiltering) under the same model (shed.sampling), at most
-shapley.chunk_tokens padded tokens a forward pass, after a memory estimate (shed.memory) that refuses in one
-line, before the model loads, what would not fit.
+shapley.chunk_tokens padded tokens a forward pass, in shards of shapley.shard_records records spread over
+shapley.workers workers (shapley.executor; shed.shards: the same losses at any worker count), after a memory
+estimate (shed.memory) that refuses in one line, before a model loads, what would not fit.
 With qocs and qwcs the cluster scores decide how many records each cluster gives and sample.within
 which: nearest the centroid (the paper's QOCS; QWCS draws uniformly), the highest record value
 (data/shapley/record_scores.csv, shapley.players records), the lowest loss, IFD's order, or blend (value and loss).
@@ -170,40 +171,50 @@ def needs(cfg) -> set[str]:
 _LOSSES: dict[str, dict[str, float]] = {}
 
 
-def record_losses(params: Params, pool: list[dict], unconditional: bool = False) -> list[float]:
+def record_losses(params: Params, pool: list[dict], kinds: tuple[bool, ...] = (False,)) -> list[list[float]]:
     """`losses.response_losses` of the pool under shapley.model (on shapley.device, in shapley.dtype), with the
     recipe's template and max_length, train.micro_batch records and at most shapley.chunk_tokens padded tokens
-    per forward pass (what fits a training step fits here, with no gradients); `unconditional`: each response
-    without its instruction (IFD). The peak memory is estimated before the model loads (`shed.memory`)."""
+    per forward pass (what fits a training step fits here, with no gradients): one list per kind, False each
+    response given its prompt, True each response alone (IFD's denominator). Shards of shapley.shard_records
+    records go to shapley.workers workers (shapley.executor; `shed.shards`: the same losses at any worker count),
+    every kind in one pass. The peak memory is estimated before a model loads (`shed.memory`)."""
     from tqdm import tqdm
 
-    from shed.losses import response_losses
-    from shed.models import load_causal_lm, load_tokenizer, max_positions, resolve_device
+    from shed import shards
+    from shed.executors import workers_on_device
+    from shed.models import load_tokenizer, resolve_device
     from shed.training import longest_encoding
 
     cfg = params.shapley
-    key = json.dumps([cfg.model, cfg.device, cfg.dtype, params.train.template, params.train.max_length,
-                      params.train.micro_batch, cfg.chunk_tokens, unconditional])
-    known = _LOSSES.setdefault(key, {})
-    missing = [r for r in pool if r["id"] not in known]
-    if missing:
+    known = {kind: _LOSSES.setdefault(json.dumps([cfg.model, cfg.device, cfg.dtype, params.train.template,
+                                                   params.train.max_length, params.train.micro_batch,
+                                                   cfg.chunk_tokens, cfg.shard_records, kind]), {})
+             for kind in kinds}
+    missing = {kind: [r for r in pool if r["id"] not in known[kind]] for kind in kinds}
+    tasks = [task for kind in kinds for task in shards.tasks({None: missing[kind]}, cfg.shard_records, kind)]
+    if tasks:
         device, shape = resolve_device(cfg.device), memory.read_shape(cfg.model)
         limit = params.train.max_length or (shape.max_positions if shape else 0) or 0
-        memory.check("sample", cfg.model, shape, device, lambda n: memory.scoring_estimate(params, shape, device, n),
-                     limit, lambda: longest_encoding(missing, load_tokenizer(cfg.model), params.train.template, limit))
-        model, tokenizer = load_causal_lm(cfg.model, cfg.device, cfg.dtype)
-        max_length = params.train.max_length or max_positions(model) or 0
-        label = "response alone" if unconditional else "perplexity"
-        with tqdm(total=len(missing), desc=label, unit="record") as bar:
-            losses = response_losses(model, tokenizer, missing, params.train.template, max_length,
-                                     params.train.micro_batch, progress=bar, unconditional=unconditional,
-                                     max_tokens=cfg.chunk_tokens)
-        cut = sum(loss == float("inf") for loss in losses)
-        if cut:
-            log.warning("%s: %d records keep no response token within %d tokens (train.max_length); they rank "
-                        "last", label, cut, max_length)
-        known.update((r["id"], loss) for r, loss in zip(missing, losses))
-    return [known[r["id"]] for r in pool]
+        if cfg.executor == "ray":
+            log.info("sample: Ray actors run where Ray places them: peak memory not checked here")
+        else:
+            records = [r for kind in kinds for r in missing[kind]]
+            copies = workers_on_device(device, cfg.workers)
+            memory.check("sample", cfg.model, shape, device,
+                         lambda n: memory.scoring_estimate(params, shape, device, n, copies), limit,
+                         lambda: longest_encoding(records, load_tokenizer(cfg.model), params.train.template, limit))
+        spec = shards.ScoreSpec(cfg.model, cfg.device, cfg.dtype, params.train, cfg.chunk_tokens)
+        cut = dict.fromkeys(kinds, 0)
+        with tqdm(total=sum(len(t["records"]) for t in tasks), desc="record losses", unit="record") as bar:
+            for result in shards.score(spec, tasks, cfg.workers, cfg.executor, bar):
+                known[result["unconditional"]].update(zip(result["ids"], result["losses"]))
+                cut[result["unconditional"]] += sum(loss == float("inf") for loss in result["losses"])
+                limit = result["max_length"]
+        for kind, count in cut.items():
+            if count:
+                log.warning("%s: %d records keep no response token within %d tokens (train.max_length); they "
+                            "rank last", "response alone" if kind else "perplexity", count, limit)
+    return [[known[kind][r["id"]] for r in pool] for kind in kinds]
 
 
 def read_inputs(params: Params) -> Inputs:
@@ -217,6 +228,7 @@ def read_inputs(params: Params) -> Inputs:
     inputs.dev = artifacts.read_dev() if "dev" in want else None
     table = artifacts.read_record_scores() if "record_scores" in want or (
         "losses" in want and Path(artifacts.RECORD_SCORES).is_file()) else None
+    kinds = []  # the losses to compute: each response given its prompt (False), alone (True, IFD's denominator)
     if "losses" in want:
         # The forward valuation's base losses are this very signal (same model, template and cut): reuse them.
         known = {} if table is None else dict(zip(table["id"].astype(str), table["loss"].astype(float)))
@@ -225,11 +237,15 @@ def read_inputs(params: Params) -> Inputs:
                      artifacts.RECORD_SCORES)
             inputs.losses = [known[r["id"]] for r in inputs.pool]
         else:
-            inputs.losses = record_losses(params, inputs.pool)
+            kinds.append(False)
+    if "ifd" in want:
+        kinds.append(True)
+    scored = dict(zip(kinds, record_losses(params, inputs.pool, tuple(kinds)))) if kinds else {}
+    inputs.losses = scored.get(False, inputs.losses)
     if "ifd" in want:
         from shed.losses import ifd
 
-        inputs.ifd = ifd(inputs.losses, record_losses(params, inputs.pool, unconditional=True))
+        inputs.ifd = ifd(inputs.losses, scored[True])
     if "record_scores" in want:
         inputs.record_scores = dict(zip(table["id"].astype(str), table["score"].astype(float)))
     return inputs

@@ -1,0 +1,99 @@
+"""Data-parallel record scoring (shed.shards): fixed shards, one model per worker, the same losses at any worker
+count; the sample stage's perplexity losses on 1 and 2 workers (processes, Ray) bit for bit."""
+
+import dataclasses
+
+import pytest
+from helpers import tiny_random_lm
+
+from shed import shards
+from shed.config import LoraConfig, TrainConfig
+from shed.losses import response_losses
+from shed.synthetic import generate_pool
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+TRAIN = TrainConfig(template="qa", batch_size=4, max_length=96, lora=LoraConfig(r=4, alpha=8))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A seeded tiny Llama saved as a model directory (workers load it by path)."""
+    model, tokenizer = tiny_random_lm()
+    out = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def records():
+    return generate_pool(40, 0.25, 0)[0]
+
+
+def test_shards_cut_each_states_records_in_pool_order_at_a_fixed_size():
+    rows = [{"id": str(i)} for i in range(5)]
+    tasks = shards.tasks({"base": rows, "run-0000": rows[:2]}, 2)
+    assert [t["key"] for t in tasks] == ["base.shard-000000", "base.shard-000001", "base.shard-000002",
+                                         "run-0000.shard-000000"]
+    assert [[r["id"] for r in t["records"]] for t in tasks] == [["0", "1"], ["2", "3"], ["4"], ["0", "1"]]
+    assert {t["unconditional"] for t in tasks} == {False}
+    assert shards.tasks({None: rows}, 8, unconditional=True)[0]["key"] == "model.alone.shard-000000"
+
+
+def test_a_shards_losses_are_its_own_response_losses_in_whatever_order_shards_run(model_dir, records):
+    spec = shards.ScoreSpec(model_dir, "cpu", "auto", TRAIN, max_tokens=300)
+    tasks = shards.tasks({None: records}, 16, unconditional=True)
+    runner = spec.runner("cpu")
+    results = {r["key"]: r for r in shards.score(spec, tasks, runner=runner)}
+    backwards = {r["key"]: r for r in shards.score(spec, tasks[::-1], runner=runner)}
+    assert {k: (r["ids"], r["losses"]) for k, r in results.items()} == \
+        {k: (r["ids"], r["losses"]) for k, r in backwards.items()}
+    for task in tasks:
+        expected = response_losses(runner.model, runner.tokenizer, task["records"], "qa", 96, 4, unconditional=True,
+                                   max_tokens=300)
+        assert results[task["key"]]["losses"] == expected
+        assert results[task["key"]]["ids"] == [r["id"] for r in task["records"]]
+
+
+def test_an_adapter_state_scores_as_the_trainer_that_fitted_it(model_dir, records):
+    """A worker given a run's adapter (safetensors bytes) scores exactly as the trainer holding it, and BASE as
+    LoRA's B = 0 start."""
+    from safetensors.torch import save
+
+    from shed import forward
+    from shed.models import load_causal_lm
+    from shed.training import LoraTrainer
+
+    model, tokenizer = load_causal_lm(model_dir, "cpu", "auto")
+    trainer = LoraTrainer(model, tokenizer, dataclasses.replace(TRAIN, epochs=2, lr=0.01))
+    trainer.reset(TRAIN.seed)
+    base = response_losses(trainer.model, tokenizer, records, "qa", 96, 4)
+    trainer.fit(records[:8], seed=1)
+    tuned = response_losses(trainer.model, tokenizer, records, "qa", 96, 4)
+    assert base != tuned
+    spec = shards.ScoreSpec(model_dir, "cpu", "auto", TRAIN, lora=True,
+                            adapters={"run-0001": save(forward.adapter_state(trainer))})
+    tasks = shards.tasks({"run-0001": records, shards.BASE: records}, 64)
+    out = {r["state"]: r["losses"] for r in shards.score(spec, tasks, runner=spec.runner("cpu"))}
+    assert out == {"run-0001": tuned, shards.BASE: base}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_sample_losses_on_two_workers_are_one_workers_bit_for_bit(model_dir, records, executor, monkeypatch):
+    """sample's perplexity and IFD losses (`record_losses`) in 3 shards: 2 worker processes, or 2 Ray actors, give
+    the floats of 1 worker in this process."""
+    if executor == "ray":
+        pytest.importorskip("ray")
+    from shed.config import Params
+    from shed.stages import sample
+
+    def losses(workers: int, executor: str) -> list[list[float]]:
+        monkeypatch.setattr(sample, "_LOSSES", {})  # no losses kept from the other run
+        params = Params()
+        params.train = TRAIN
+        params.shapley = dataclasses.replace(params.shapley, model=model_dir, device="cpu", workers=workers,
+                                             executor=executor, shard_records=16)
+        return sample.record_losses(params, records, (False, True))  # one pass: 6 shards, each kind's 3
+
+    assert losses(2, executor) == losses(1, "local")
