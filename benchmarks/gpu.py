@@ -27,6 +27,7 @@ one run (shapley.method inrun, k = 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -190,10 +191,22 @@ def inrun_seconds(spec, records: list[dict], dev: list[dict]) -> float:
     return round(time.perf_counter() - start, 1)
 
 
+@contextlib.contextmanager
+def loglik_spec(model: str, device: str, train, dev: list[dict]):
+    """A JobSpec valuing by the dev questions' log-likelihood, the questions also in a temporary file (lm-eval
+    reads files) for as long as it is in use."""
+    from shed.executors import JobSpec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dev_path = Path(tmp) / "dev.jsonl"
+        dev_path.write_text("".join(json.dumps(q) + "\n" for q in dev), encoding="utf-8")
+        yield JobSpec(model=model, device=device, dtype="auto", train=train, value="loglik", dev=dev,
+                      dev_path=str(dev_path))
+
+
 def throughput(args, tiny: bool) -> dict:
     import torch
 
-    from shed.executors import JobSpec
     from shed.synthetic import generate_questions
 
     if tiny:
@@ -206,11 +219,7 @@ def throughput(args, tiny: bool) -> dict:
     records, source = pool(args.pool or (str(ALPACA) if not tiny and ALPACA.exists() else None),
                            max(4 * args.records, args.C))
     dev = generate_questions(args.dev, 0, salt=11)
-    with tempfile.TemporaryDirectory() as tmp:
-        dev_path = Path(tmp) / "dev.jsonl"
-        dev_path.write_text("".join(json.dumps(q) + "\n" for q in dev), encoding="utf-8")
-        spec = JobSpec(model=model, device=device, dtype="auto", train=cfg, value="loglik", dev=dev,
-                       dev_path=str(dev_path))
+    with loglik_spec(model, device, cfg, dev) as spec:
         per_gpu = [int(w) for w in args.workers.split(",")]
         jobs = make_jobs(records, max(per_gpu) * max(gpus, 1) * args.jobs_per_worker, args.records)
         warmup = make_jobs(records, 1, min(args.records, cfg.batch_size), seed=1)[0]
