@@ -97,3 +97,61 @@ def test_sample_losses_on_two_workers_are_one_workers_bit_for_bit(model_dir, rec
         return sample.record_losses(params, records, (False, True))  # one pass: 6 shards, each kind's 3
 
     assert losses(2, executor) == losses(1, "local")
+
+
+# --- the stages: forward valuation and sample on 1 and 2 workers ----------------------------------------------------
+
+def stage_params(ws, **shapley) -> None:
+    """The tiny stage params with every record valued by forward (k = 2), record losses in 4 shards of 64, and
+    sample by IFD (scored by the sample stage; its conditional losses are the forward valuation's base losses)."""
+    import yaml
+    from helpers import write_stage_params
+
+    write_stage_params(ws, method="forward", players="records", k=2, shard_records=64, **shapley)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["sample"].update(method="ifd", subset_size=0.25)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+OUTPUTS = ["data/shapley/scores.csv", "data/shapley/record_scores.csv", "data/curated/records.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def one_worker(shapley_inputs, tmp_path_factory):
+    """shapley (forward over every record) and sample (IFD) with one worker, in the stage's process."""
+    import shutil
+
+    from helpers import run_stage
+
+    ws = tmp_path_factory.mktemp("one-worker") / "ws"
+    shutil.copytree(shapley_inputs, ws)
+    stage_params(ws)
+    run_stage(ws, "shapley")
+    run_stage(ws, "sample")
+    return ws
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_forward_and_sample_on_two_workers_write_one_workers_bytes(one_worker, shapley_inputs, tmp_path, executor):
+    if executor == "ray":
+        pytest.importorskip("ray")
+    import shutil
+
+    from helpers import run_stage, shapley_metrics
+
+    ws = tmp_path / "ws"
+    shutil.copytree(shapley_inputs, ws)
+    stage_params(ws, workers=2, executor=executor)
+    run_stage(ws, "shapley")
+    run_stage(ws, "sample")
+    for path in OUTPUTS:
+        assert (ws / path).read_bytes() == (one_worker / path).read_bytes(), path
+    pool = len((ws / "data/prepared/pool.jsonl").read_text().splitlines())
+    assert shapley_metrics(ws)["losses_computed"] == shapley_metrics(one_worker)["losses_computed"] == 3 * pool
+    if executor == "local":  # a lost shard (as a kill leaves it) is the only one scored again
+        chunks = sorted((ws / "data/shapley_jobs/forward").glob("*/run-0001.chunk-*.json"))
+        next(c for c in chunks if len(c.with_suffix(".ids.txt").read_text().split()) == 64).unlink()
+        run_stage(ws, "shapley")
+        assert shapley_metrics(ws)["losses_computed"] == 64
+        assert (ws / OUTPUTS[1]).read_bytes() == (one_worker / OUTPUTS[1]).read_bytes()
