@@ -168,14 +168,22 @@ def _drain(started, running: dict[int, str]) -> None:
         running[pid] = key
 
 
+def _some(keys) -> str:
+    """Job keys for a log line: the first five, and how many more."""
+    keys = sorted(keys)
+    return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
 def _lost_jobs(processes: dict, running: dict[int, str], left: dict) -> tuple[list[str], str]:
-    """After a pool broke: (the unfinished jobs its dead workers held, how they died)."""
-    # The pool SIGTERMs the survivors, so a worker that ended otherwise is one that died. Where none can be
-    # told apart, every running job counts; where the dead held none (it died loading the model or between
-    # jobs), every job still to run does: each waited on it.
+    """After a pool broke: (the unfinished jobs its dead workers were running, how they died)."""
+    # The pool SIGTERMs the survivors, so a worker that ended otherwise is one that died; where none can be
+    # told apart, every running job counts.
     deaths = {pid: p.exitcode for pid, p in processes.items() if p.exitcode not in (0, -signal.SIGTERM)}
-    lost = [key for pid, key in running.items() if key in left and (pid in deaths or not deaths)] or list(left)
-    cause = "; ".join(f"worker process {pid} {_death(code)}" for pid, code in deaths.items())
+    lost = [key for pid, key in running.items() if key in left and (pid in deaths or not deaths)]
+    how: dict[str, list[str]] = {}
+    for pid, code in deaths.items():
+        how.setdefault(_death(code), []).append(str(pid))
+    cause = "; ".join(f"worker process{'es' * (len(pids) > 1)} {_some(pids)} {end}" for end, pids in how.items())
     if -signal.SIGKILL in deaths.values():
         cause += " (the kernel's out-of-memory killer sends SIGKILL)"
     return lost, cause or "a worker process died"
@@ -185,8 +193,9 @@ def run_processes(spec: JobSpec, jobs: list[dict], workers: int, max_retries: in
     """`workers` spawned processes (spawn: no forked torch/CUDA state), placed by `worker_devices`.
 
     A worker that dies breaks the whole pool (ProcessPoolExecutor's design): the results it already has are
-    yielded, and a fresh pool runs the jobs not yet yielded. Each job a dead worker held counts a loss; a job
-    lost more than `max_retries` times fails the stage."""
+    yielded, and a fresh pool runs the jobs not yet yielded. A job running on the dead worker counts a retry
+    (every unfinished job does where the pool died before finishing one: loading the model, say); a job past
+    `max_retries` retries fails the stage."""
     import multiprocessing
     from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -203,9 +212,14 @@ def run_processes(spec: JobSpec, jobs: list[dict], workers: int, max_retries: in
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                    initargs=(spec, devices, threads_per_worker(workers), slots, started))
         running: dict[int, str] = {}  # worker pid -> the job it took last
-        broken = False
+        broken, progressed = False, False
+        pending = {}
         try:
-            pending = {pool.submit(_run_in_worker, job): key for key, job in left.items()}
+            try:
+                for key, job in left.items():
+                    pending[pool.submit(_run_in_worker, job)] = key
+            except BrokenProcessPool:  # a worker died before all were in: those in fail alike
+                broken = True
             processes = dict(pool._processes)  # pid -> Process (spawned by submit): how each worker ended
             while pending:
                 # Once broken, every future is done: the results among them are yielded all the same.
@@ -218,7 +232,7 @@ def run_processes(spec: JobSpec, jobs: list[dict], workers: int, max_retries: in
                         continue
                     result = future.result()  # a job's own error (not a death) is raised as it is
                     del left[key]
-                    finished += 1
+                    finished, progressed = finished + 1, True
                     yield result
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -226,13 +240,16 @@ def run_processes(spec: JobSpec, jobs: list[dict], workers: int, max_retries: in
             continue
         _drain(started, running)
         lost, cause = _lost_jobs(processes, running, left)
+        lost = lost or ([] if progressed else list(left))  # a pool that finished nothing held every job up
         losses.update(lost)
-        key = max(lost, key=losses.__getitem__)
-        if losses[key] > max_retries:
-            raise _given_up(key, f"lost its worker process {losses[key]} times (last: {cause})", finished, max_retries)
-        named = ", ".join(sorted(lost)[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
-        log.warning("%s, running job %s: a fresh pool of %d runs the %d unfinished jobs (retry %d of "
-                    "shapley.max_retries=%d)", cause, named, workers, len(left), losses[key], max_retries)
+        worst = max(lost, key=losses.__getitem__, default="")
+        if lost and losses[worst] > max_retries:
+            raise _given_up(worst, f"lost its worker process {losses[worst]} times (last: {cause})", finished,
+                            max_retries)
+        cost = (f", costing job {_some(lost)} a retry ({losses[worst]} of shapley.max_retries={max_retries})"
+                if lost else " between jobs")
+        log.warning("%s%s: a fresh pool of %d runs the %d unfinished jobs (%s)", cause, cost, workers, len(left),
+                    _some(left))
 
 
 class RayJobRunner(JobRunner):
