@@ -197,7 +197,7 @@ def run_processes(spec: JobSpec, jobs: list[dict], workers: int, max_retries: in
     (every unfinished job does where the pool died before finishing one: loading the model, say); a job past
     `max_retries` retries fails the stage."""
     import multiprocessing
-    from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     devices = worker_devices(spec.device, workers)
@@ -222,8 +222,12 @@ def run_processes(spec: JobSpec, jobs: list[dict], workers: int, max_retries: in
                 broken = True
             processes = dict(pool._processes)  # pid -> Process (spawned by submit): how each worker ended
             while pending:
-                # Once broken, every future is done: the results among them are yielded all the same.
-                done, _ = wait(pending, return_when=ALL_COMPLETED if broken else FIRST_COMPLETED)
+                if broken:  # stopping, the pool fails every future it knows: the results among them count
+                    pool.shutdown(wait=True)
+                    pending = {f: key for f, key in pending.items() if f.done()}  # a submit racing the break: lost
+                    done = list(pending)
+                else:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 _drain(started, running)
                 for future in sorted(done, key=pending.get):
                     key = pending.pop(future)
