@@ -213,6 +213,9 @@ class ShapleyConfig:
     workers: int = param(1, "concurrent jobs: worker processes (on GPUs round robin: cuda:0, cuda:1, ...), "
                          "or Ray actors", ge=1)
     executor: str = param("local", f"where jobs run (ray: {install_hint('ray')})", choices=("local", "ray"))
+    max_retries: int = param(2, "times a job runs again when its worker process or Ray actor dies (killed, out "
+                             "of memory, a crash) before the stage fails naming it; finished jobs are kept",
+                             ge=0, zero="fail on the first lost worker")
     device: str = param("auto", "auto, cpu, cuda, cuda:<i>, ...")
     dtype: str = param("auto", "model weights' dtype (auto: bf16 on GPU, fp32 on CPU)", choices=DTYPES)
     direction: str = param("sgd", "method inrun: the update direction credited: sgd (lr x clip x gradient, "
