@@ -25,6 +25,18 @@ def model_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture
+def cluster(executor):
+    """For executor ray, a local Ray cluster of 2 CPUs for the test (shut down after it)."""
+    if executor != "ray":
+        yield
+        return
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def records():
     return generate_pool(40, 0.25, 0)[0]
@@ -80,11 +92,10 @@ def test_an_adapter_state_scores_as_the_trainer_that_fitted_it(model_dir, record
 
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["local", "ray"])
-def test_sample_losses_on_two_workers_are_one_workers_bit_for_bit(model_dir, records, executor, monkeypatch):
+def test_sample_losses_on_two_workers_are_one_workers_bit_for_bit(model_dir, records, executor, cluster,
+                                                                  monkeypatch):
     """sample's perplexity and IFD losses (`record_losses`) in 3 shards: 2 worker processes, or 2 Ray actors, give
     the floats of 1 worker in this process."""
-    if executor == "ray":
-        pytest.importorskip("ray")
     from shed.config import Params
     from shed.stages import sample
 
@@ -97,6 +108,57 @@ def test_sample_losses_on_two_workers_are_one_workers_bit_for_bit(model_dir, rec
         return sample.record_losses(params, records, (False, True))  # one pass: 6 shards, each kind's 3
 
     assert losses(2, executor) == losses(1, "local")
+
+
+# --- a lost worker: the shard it held is scored again, with the same losses --------------------------------------
+
+@pytest.mark.slow  # pools of spawned workers, or a local Ray cluster, importing torch (~20-40 s)
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_worker_killed_mid_shard_costs_only_that_shard_which_scores_the_same(model_dir, records, executor, cluster,
+                                                                              caplog):
+    import logging
+    import os
+    import signal
+
+    caplog.set_level(logging.WARNING, logger="shed.executors")
+    spec = shards.ScoreSpec(model_dir, "cpu", "auto", TRAIN)
+    tasks = shards.tasks({None: records}, 4)  # 10 shards
+    reference = {r["key"]: r["losses"] for r in shards.score(spec, tasks, runner=spec.runner("cpu"))}
+    losses, killed = {}, None
+    for result in shards.score(spec, tasks, workers=2, executor=executor, max_retries=2):
+        if killed is None:  # its worker has already taken its next shard: kill it mid-shard
+            killed, first = result["pid"], result["key"]
+            os.kill(killed, signal.SIGKILL)
+        assert result["key"] not in losses  # a finished shard is never scored again
+        losses[result["key"]] = result["losses"]
+    assert losses == reference
+    named = [r.getMessage() for r in caplog.records if r.name == "shed.executors" and r.levelno == logging.WARNING
+             and any(k in r.getMessage() for k in reference if k != first)]
+    assert len(named) == 1 and (f"worker process {killed} killed by SIGKILL" in named[0]
+                                or f"(process {killed} died)" in named[0])
+
+
+
+@pytest.mark.slow  # a local Ray cluster, two actors importing torch (~15 s)
+@pytest.mark.parametrize("executor", ["ray"])
+def test_a_shard_whose_actor_dies_past_max_retries_fails_in_one_line_naming_it(model_dir, records, executor, cluster):
+    import os
+    import signal
+
+    from shed.fileio import ShedError
+
+    spec = shards.ScoreSpec(model_dir, "cpu", "auto", TRAIN)
+    tasks = shards.tasks({None: records}, 4)
+    done = []
+    with pytest.raises(ShedError) as failed:
+        for result in shards.score(spec, tasks, workers=2, executor=executor, max_retries=0):
+            if not done:
+                os.kill(result["pid"], signal.SIGKILL)  # its actor holds its next shard; Ray may not restart it
+            done.append(result["key"])
+    message = str(failed.value)
+    lost = [t["key"] for t in tasks if f"job {t['key']} lost its Ray actor" in message]
+    assert lost and lost[0] not in done and "\n" not in message
+    assert message.startswith("shapley.max_retries=0: ") and f"the {len(done)} jobs finished before" in message
 
 
 # --- the stages: forward valuation and sample on 1 and 2 workers ----------------------------------------------------

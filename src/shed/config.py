@@ -214,6 +214,9 @@ class ShapleyConfig:
                          "cuda:0, cuda:1, ...) or Ray actors; they run retrain's jobs and score record losses "
                          "(forward, sample's perplexity and ifd) shard by shard, with the same results as one", ge=1)
     executor: str = param("local", f"where workers run (ray: {install_hint('ray')})", choices=("local", "ray"))
+    max_retries: int = param(2, "times a job runs again when its worker process or Ray actor dies (killed, out "
+                             "of memory, a crash) before the stage fails naming it; finished jobs are kept",
+                             ge=0, zero="fail on the first lost worker")
     shard_records: int = param(512, "records per shard of a record-loss pass (forward; sample's perplexity and ifd): "
                                "what a worker scores at once and the forward store keeps as one chunk (a killed "
                                "stage scores a finished shard never again); scores do not depend on it beyond "

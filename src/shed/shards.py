@@ -113,14 +113,15 @@ def tasks(todo: dict[str | None, list[dict]], size: int, unconditional: bool = F
 
 
 def score(spec: ScoreSpec, shards: list[dict], workers: int = 1, executor: str = "local", progress=None,
-          runner: ShardRunner | None = None) -> Iterator[dict]:
+          runner: ShardRunner | None = None, max_retries: int = 2) -> Iterator[dict]:
     """Each shard's result (`ShardRunner.run`) as it finishes: on `runner` in this process if given, else on
-    shed.executors' workers (1 local: in this process; more: processes, or Ray actors). `progress`: a tqdm-like
-    bar, updated by each finished shard's records."""
+    shed.executors' workers (1 local: in this process; more: processes, or Ray actors), a shard whose worker dies
+    scored again on a fresh one, at most `max_retries` times (shapley.max_retries). `progress`: a tqdm-like bar,
+    updated by each finished shard's records."""
     from shed.executors import run_jobs
 
     results: Iterable[dict] = (runner.run(t) for t in shards) if runner is not None else \
-        run_jobs(spec, shards, workers, executor)
+        run_jobs(spec, shards, workers, executor, max_retries)
     for result in results:
         if progress is not None:
             progress.update(len(result["ids"]))

@@ -206,7 +206,7 @@ def record_losses(params: Params, pool: list[dict], kinds: tuple[bool, ...] = (F
         spec = shards.ScoreSpec(cfg.model, cfg.device, cfg.dtype, params.train, cfg.chunk_tokens)
         cut = dict.fromkeys(kinds, 0)
         with tqdm(total=sum(len(t["records"]) for t in tasks), desc="record losses", unit="record") as bar:
-            for result in shards.score(spec, tasks, cfg.workers, cfg.executor, bar):
+            for result in shards.score(spec, tasks, cfg.workers, cfg.executor, bar, max_retries=cfg.max_retries):
                 known[result["unconditional"]].update(zip(result["ids"], result["losses"]))
                 cut[result["unconditional"]] += sum(loss == float("inf") for loss in result["losses"])
                 limit = result["max_length"]

@@ -118,7 +118,8 @@ def missing_jobs(subsets: list[frozenset], proxy_records: dict[int, dict], store
     return jobs
 
 
-def run_and_record(spec: JobSpec, jobs: list[dict], store: JobStore, workers: int, executor: str) -> dict:
+def run_and_record(spec: JobSpec, jobs: list[dict], store: JobStore, workers: int, executor: str,
+                   max_retries: int = 2) -> dict:
     """Run `jobs`, storing each result the moment it arrives; returns timing totals."""
     stats = {"jobs_run": len(jobs), "train": 0.0, "score": 0.0, "job": 0.0, "record": 0.0, "setup": 0.0,
              "wall": 0.0}
@@ -127,7 +128,7 @@ def run_and_record(spec: JobSpec, jobs: list[dict], store: JobStore, workers: in
     log.info("running %d new jobs (%s executor, %d worker(s))", len(jobs), executor, workers)
     start = time.perf_counter()
     with tqdm(total=len(jobs), desc="shapley jobs", unit="job") as bar:
-        for result in run_jobs(spec, jobs, workers, executor):
+        for result in run_jobs(spec, jobs, workers, executor, max_retries):
             t0 = time.perf_counter()
             store.put(result["key"], result["value"], result["questions"], size=result["size"],
                       train_loss=result["train_loss"], train_seconds=round(result["train_seconds"], 3),
@@ -332,7 +333,7 @@ def value_retrain(params: Params, dev: list[dict], players: list[int], proxy_rec
                           dev_cut=(cfg.dev_max_length, cfg.chunk_tokens))
     with JobStore(artifacts.JOBS, context) as store:
         jobs = missing_jobs(subsets, proxy_records, store, params.train.seed, need_questions=bool(cfg.dev_neighbours))
-        stats = run_and_record(spec, jobs, store, cfg.workers, cfg.executor)
+        stats = run_and_record(spec, jobs, store, cfg.workers, cfg.executor, cfg.max_retries)
     reused = len(subsets) - stats["jobs_run"]
 
     def key(s: frozenset) -> str:
