@@ -4,12 +4,12 @@
     python benchmarks/memory.py --model /work/main/models/smollm2 --dev 16 --response 100,1000
     python benchmarks/memory.py --dev 16 --response 1000 --dev-chunk 8 --chunk-tokens 0   # a chunk by count alone
 
-Each run is the shapley stage's in-run valuation (shed.inrun.value_runs, as stages/shapley.value_inrun wires it)
-in its own process on the CPU: `--players` long instruction records (train.max_length 128 cuts them), one run of
-one epoch (with the default 16 players, one step: the step that takes the dev gradients, which a longer run
-repeats every shapley.dev_every steps without holding more), valued against `--dev` dev records whose responses
-are `--response` tokens long (a dev record is scored on its whole response, up to shapley.dev_max_length). The
-settings are the issue's: shapley.dev_every 4 (the dev gradients held), dev_chunk 8, train.batch_size 16.
+Each run is the shapley stage's in-run valuation (shed.inrun_runner.InRunRunner, which the stage runs) in its own
+process on the CPU: `--players` long instruction records (train.max_length 128 cuts them), one run of one epoch
+(with the default 16 players, one step: the step that takes the dev gradients, which a longer run repeats every
+shapley.dev_every steps without holding more), valued against `--dev` dev records whose responses are `--response`
+tokens long (a dev record is scored on its whole response, up to shapley.dev_max_length). The settings are the
+issue's: shapley.dev_every 4 (the dev gradients held), dev_chunk 8, train.batch_size 16.
 
 Measured: the child's peak resident set (VmHWM of /proc/self/status, its own address space; `rss_gb`) and, from
 the parent, the child's ru_maxrss by wait4 (`maxrss_gb`; it also counts the few MB of this driver at the fork);
@@ -89,16 +89,17 @@ def child(spec: dict) -> dict:
 
     from shed import inrun, memory
     from shed.config import Params, validate
-    from shed.models import load_causal_lm, load_tokenizer
-    from shed.training import LoraTrainer, pad_rows
+    from shed.inrun_runner import InRunRunner
+    from shed.models import load_tokenizer
 
     torch.set_num_threads(spec["threads"])
     params = Params()
     params.train = dataclasses.replace(params.train, max_length=128, batch_size=16, epochs=1, template="qa",
                                        micro_batch_size=spec["micro_batch"])
-    params.shapley = dataclasses.replace(params.shapley, method="inrun", k=1, dev_every=spec["dev_every"],
-                                         dev_chunk=spec["dev_chunk"], chunk_tokens=spec["chunk_tokens"],
-                                         dev_max_length=spec["dev_max_length"], device="cpu")
+    params.shapley = dataclasses.replace(params.shapley, method="inrun", model=spec["model"], k=1,
+                                         dev_every=spec["dev_every"], dev_chunk=spec["dev_chunk"],
+                                         chunk_tokens=spec["chunk_tokens"], dev_max_length=spec["dev_max_length"],
+                                         device="cpu")
     validate(params, "benchmark")
     tokenizer = load_tokenizer(spec["model"])
     records = long_records(tokenizer, spec["players"], 300, salt=1)
@@ -115,14 +116,8 @@ def child(spec: dict) -> dict:
         return out
     before = _status("VmRSS:")
     start = time.perf_counter()
-    model, tokenizer = load_causal_lm(spec["model"], "cpu", params.shapley.dtype)
-    trainer = LoraTrainer(model, tokenizer, params.train)
-    players = list(range(len(records)))
-    dev_batch = pad_rows(inrun.dev_rows(tokenizer, dev, params.train.template, cap), tokenizer.pad_token_id)
-    credits = inrun.InRunCredits(players, len(dev), 1)
-    cfg = params.shapley
-    inrun.value_runs(trainer, records, players, dev_batch, credits, [0], dev_chunk=cfg.dev_chunk,
-                     dev_tokens=cfg.chunk_tokens, dev_every=cfg.dev_every)
+    runner = InRunRunner(params.shapley, params.train, dev, cap, records, list(range(len(records))))
+    list(runner.run([0]))
     return {**out, "before_gb": round(before / GB, 3), "rss_gb": round(_status("VmHWM:") / GB, 3),
             "seconds": round(time.perf_counter() - start, 1)}
 

@@ -146,15 +146,14 @@ def shapley_metrics(ws) -> dict:
     return json.loads((Path(ws) / "metrics/shapley.json").read_text())
 
 
-def tiny_float64_trainer(records: list[dict], questions: list[dict], train, corpus: list[str] = ()):
-    """A LoRA trainer on a 2-layer float64 Llama (float64: reference sums agree to 1e-9) whose tokenizer
-    learnt `corpus`, then the records (qa template) and the questions."""
+def tiny_llama(records: list[dict], questions: list[dict], corpus: list[str] = ()):
+    """(model, tokenizer): a 2-layer Llama (sharpened logits) whose tokenizer learnt `corpus`, then the records
+    (qa template) and the questions."""
     import torch
 
     from shed import tiny
     from shed.config import BaseConfig
     from shed.prompts import render
-    from shed.training import LoraTrainer
 
     corpus = list(corpus) + [" ".join(render(r, "qa")) for r in records] * 10
     corpus += [f"Question: {q['question']}\nAnswer: {' '.join(q['choices'])}" for q in questions] * 10
@@ -163,7 +162,14 @@ def tiny_float64_trainer(records: list[dict], questions: list[dict], train, corp
                                         max_length=64, pretrain_steps=0), tokenizer)
     with torch.no_grad():
         model.lm_head.weight.mul_(10)
-    trainer = LoraTrainer(model, tokenizer, train)
+    return model, tokenizer
+
+
+def tiny_float64_trainer(records: list[dict], questions: list[dict], train, corpus: list[str] = ()):
+    """A LoRA trainer on `tiny_llama` in float64 (reference sums agree to 1e-9)."""
+    from shed.training import LoraTrainer
+
+    trainer = LoraTrainer(*tiny_llama(records, questions, corpus), train)
     trainer.model.double()
     return trainer
 

@@ -23,7 +23,7 @@ kept, so scoring new records needs no refit. Pure: no file I/O here.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,7 +54,7 @@ class ForwardRun:
 
 
 class LossBook(Protocol):
-    """Where `value_forward` finds and leaves what it computed (the stage's `ForwardStore`)."""
+    """Where `states` finds and leaves what it computed (the stage's `ForwardStore`)."""
 
     def losses(self, key: str) -> dict[str, float]:
         """The losses known under `key` (BASE or a run's), by record id."""
@@ -121,23 +121,23 @@ def _fill(trainer, key: str, records: Sequence[dict], book: LossBook, batch_size
 
 
 def needed(records: Sequence[dict], book: LossBook, runs: Sequence[int]) -> int:
-    """Records to score (base, then each run) before `value_forward` is done: its progress total."""
+    """Records to score (base, then each run) before `states` is done: its progress total."""
     ids = [r["id"] for r in records]
     return sum(sum(i not in book.losses(key) for i in ids) for key in [BASE] + [run_key(r) for r in runs])
 
 
-def value_forward(trainer, records: Sequence[dict], dev_records: list[dict], runs: Sequence[int], book: LossBook,
-                  batch_size: int, chunk: int = 2048, progress=None, *, max_tokens: int = 0,
-                  dev_max_length: int | None = None, curves: Callable[[int], object] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, list[ForwardRun]]:
-    """(base losses, tuned losses runs x records, each run's summary), by `book` where it knows them. Losses
-    are taken `batch_size` records and at most `max_tokens` padded tokens a pass (0: no bound); the dev records
-    are fitted and scored cut at `dev_max_length` as well as the recipe's max_length (`LoraTrainer.cut_at`).
-    `curves(r)`, if given, is run r's fit callback (`curves.StepCurve`): it sees each step of the dev fit as it
-    happens, or, for a fit the book kept, its steps' losses at once (`resumed`)."""
+def states(trainer, records: Sequence[dict], dev_records: list[dict], runs: Sequence[int], book: LossBook,
+           batch_size: int, chunk: int = 2048, progress=None, *, max_tokens: int = 0,
+           dev_max_length: int | None = None, curves: Callable[[int], object] | None = None
+           ) -> Iterator[tuple[ForwardRun | None, np.ndarray]]:
+    """The records' losses under each model state in turn, by `book` where it knows them: (None, the base
+    model's), then (run r's summary, its) for each r in `runs`. Losses are taken `batch_size` records and at most
+    `max_tokens` padded tokens a pass (0: no bound); the dev records are fitted and scored cut at `dev_max_length`
+    as well as the recipe's max_length (`LoraTrainer.cut_at`). `curves(r)`, if given, is run r's fit callback
+    (`curves.StepCurve`): it sees each step of the dev fit as it happens, or, for a fit the book kept, its steps'
+    losses at once (`resumed`)."""
     trainer.reset(trainer.cfg.seed)  # LoRA B = 0: the base model
-    base = _fill(trainer, BASE, records, book, batch_size, chunk, progress, max_tokens)
-    tuned, summaries = [], []
+    yield None, _fill(trainer, BASE, records, book, batch_size, chunk, progress, max_tokens)
     for run in runs:
         kept = book.fit(run)
         if kept is None:
@@ -156,9 +156,17 @@ def value_forward(trainer, records: Sequence[dict], dev_records: list[dict], run
             load_adapter(trainer, state)
             if curves is not None:
                 curves(run).resumed(summary.losses)
-        tuned.append(_fill(trainer, run_key(run), records, book, batch_size, chunk, progress, max_tokens))
-        summaries.append(summary)
-    return base, np.stack(tuned), summaries
+        yield summary, _fill(trainer, run_key(run), records, book, batch_size, chunk, progress, max_tokens)
+
+
+def value_forward(trainer, records: Sequence[dict], dev_records: list[dict], runs: Sequence[int], book: LossBook,
+                  batch_size: int, chunk: int = 2048, progress=None, *, max_tokens: int = 0,
+                  dev_max_length: int | None = None, curves: Callable[[int], object] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, list[ForwardRun]]:
+    """(base losses, tuned losses runs x records, each run's summary): `states`, collected."""
+    (_, base), *tuned = states(trainer, records, dev_records, runs, book, batch_size, chunk, progress,
+                               max_tokens=max_tokens, dev_max_length=dev_max_length, curves=curves)
+    return base, np.stack([losses for _, losses in tuned]), [summary for summary, _ in tuned]
 
 
 def differences(base: np.ndarray, tuned: np.ndarray) -> np.ndarray:

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 # --- in-run ---------------------------------------------------------------------------------------------
 
-# The code an in-run credit comes from: the driver and what it imports, the trainer, the model loader.
-INRUN_CODE = ["shed.inrun", "shed.training", "shed.models"]
+# The code an in-run credit comes from: the driver and what it imports, the trainer, the model loader, and the
+# runner that wires them (its dev batch, the settings it passes).
+INRUN_CODE = ["shed.inrun", "shed.training", "shed.models", "shed.inrun_runner"]
 
 
 def inrun_context(params: Params, dev_ids: list[str], players: list[int], proxy_ids: list[str], device: str) -> str:
@@ -168,7 +169,9 @@ class RunCheckpoint:
 
 # --- forward --------------------------------------------------------------------------------------------
 
-FORWARD_CODE = ["shed.forward", "shed.training", "shed.models", "shed.scoring"]
+# The code a forward loss comes from: the method and its scorer, the trainer, the model loader, and the runner that
+# wires them (the dev-fit recipe, the settings it passes).
+FORWARD_CODE = ["shed.forward", "shed.training", "shed.models", "shed.scoring", "shed.forward_runner"]
 
 
 def forward_context(params: Params, dev_ids: list[str] | None, device: str) -> str:

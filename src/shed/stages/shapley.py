@@ -19,24 +19,23 @@ proxies' fine-tune shifted every question; on the questions like it, it stands o
 (docs/results.md). The jobs are the same; each records its per-question scores, and the
 estimator, linear in the values, runs once on the vector game (shed.shapley.local_values).
 
-With shapley.method = inrun nothing is retrained (shed.inrun, docs/engine.md): each of shapley.k
-runs fine-tunes one adapter on all the proxies with the train recipe (seed train.seed + run: its
-own adapter init and data order), and before every update credits each proxy in the batch with
-η_t·c_t·⟨∇ℓ(proxy), ∇ℓ(q)⟩ per dev question q (the first-order drop of q's loss it causes; η_t the
-step's learning rate, c_t its clipping coefficient; with shapley.direction adam the proxy's gradient
-first goes through Adam's preconditioner). score = mean over runs of the summed credits
-(token-weighted over the dev set as gold_loglik weighs it, or over the proxy's dev_neighbours),
-stderr over runs. One training pass per step: the credit pass's per-example gradients sum to the
-step's gradient, which the trainer applies. shapley.dev_every N > 1 takes the dev questions'
-gradients every N steps only and reuses them in between (held in memory). Each
-finished run is saved at once (data/shapley_jobs/inrun/<context>/run-NNNN.*), and the run in
-progress every shapley.checkpoint_seconds (run-NNNN.partial.*: adapter, optimizer, scheduler, RNG,
-credits so far), so a rerun after a crash, or with a larger k, redoes only the runs not finished
-and resumes the interrupted one at its last checkpoint, ending with the same scores.csv bytes.
+With shapley.method = inrun nothing is retrained (shed.inrun, docs/engine.md; run by shed.inrun_runner, which
+loads the model once): each of shapley.k runs fine-tunes one adapter on all the proxies with the train recipe
+(seed train.seed + run: its own adapter init and data order), and before every update credits each proxy in the
+batch with η_t·c_t·⟨∇ℓ(proxy), ∇ℓ(q)⟩ per dev question q (the first-order drop of q's loss it causes; η_t the
+step's learning rate, c_t its clipping coefficient; with shapley.direction adam the proxy's gradient first goes
+through Adam's preconditioner). score = mean over runs of the summed credits (token-weighted over the dev set as
+gold_loglik weighs it, or over the proxy's dev_neighbours), stderr over runs. One training pass per step: the
+credit pass's per-example gradients sum to the step's gradient, which the trainer applies. shapley.dev_every
+N > 1 takes the dev questions' gradients every N steps only and reuses them in between (held in memory). Each
+finished run is saved at once (data/shapley_jobs/inrun/<context>/run-NNNN.*, shed.runstore), and the run in
+progress every shapley.checkpoint_seconds (run-NNNN.partial.*: adapter, optimizer, scheduler, RNG, credits so
+far), so a rerun after a crash, or with a larger k, redoes only the runs not finished and resumes the
+interrupted one at its last checkpoint, ending with the same scores.csv bytes.
 
-With shapley.players records (methods inrun and forward) every pool record is valued and a cluster's
-score is shapley.aggregate of its members'. shapley.method forward (shed.forward) scores a record by its
-loss under the model minus its loss after a short fit on the dev set, losses kept per record in
+With shapley.players records (methods inrun and forward) every pool record is valued and a cluster's score is
+shapley.aggregate of its members'. shapley.method forward (shed.forward, run by shed.forward_runner) scores a
+record by its loss under the model minus its loss after a short fit on the dev set, losses kept per record in
 data/shapley_jobs/forward (shed.runstore) so that a killed or grown run scores only what is missing
 (docs/engine.md#every-record-valued-shapleyplayers-records).
 
@@ -77,6 +76,8 @@ from shed.config import Params
 from shed.embedding import embed_texts
 from shed.executors import JobSpec, run_jobs
 from shed.fileio import ShedError, write_csv
+from shed.forward_runner import ForwardRunner
+from shed.inrun_runner import InRunRunner
 from shed.jobstore import JobStore, job_context, subset_key
 from shed.records import question_as_record, record_text
 from shed.runstore import (
@@ -176,143 +177,134 @@ def run_summary(summary, weights: np.ndarray) -> dict:
             "seconds": round(summary.seconds, 2), "seconds_credits": round(summary.credit_seconds, 2)}
 
 
-def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_records: dict[int, dict],
-                near: np.ndarray | None, dev_cap: int | None):
-    """(result, subsets.jsonl lines, metrics) of the in-run method, dev items cut at `dev_cap` tokens."""
-    from shed import inrun
-    from shed.models import load_causal_lm, resolve_device
-    from shed.training import LoraTrainer, pad_rows
+def kept_runs(store: RunStore, players: list[int], n_dev: int, k: int):
+    """(credits of k runs holding the store's finished ones, their summaries by run)."""
+    from shed.inrun import InRunCredits
 
-    cfg = params.shapley
-    if cfg.workers > 1 or cfg.executor != "local":
-        log.info("method inrun runs in this process: shapley.workers and shapley.executor are not used")
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    model, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype)
-    trainer = LoraTrainer(model, tokenizer, params.train)
-    records = [proxy_records[c] for c in players]
-    dev_batch = pad_rows(inrun.dev_rows(tokenizer, dev, params.train.template, dev_cap), tokenizer.pad_token_id,
-                         trainer.device)
-    weights = inrun.token_weights(dev_batch)
-    setup = time.perf_counter() - t0
-
-    store = RunStore(artifacts.INRUN_RUNS, inrun_context(params, [q["id"] for q in dev], players,
-                                                         [r["id"] for r in records], device))
-    credits = inrun.InRunCredits(players, len(dev), cfg.k)
-    summaries: dict[int, dict] = {}
-    for run in range(cfg.k):
-        found = store.load(run, players, len(dev))
+    credits, summaries = InRunCredits(players, n_dev, k), {}
+    for run in range(k):
+        found = store.load(run, players, n_dev)
         if found is not None:
             credits.put_run(run, found[0])
             summaries[run] = found[1]
             store.drop_partial(run)  # left by a kill between saving the run and dropping its checkpoint
-    todo = [run for run in range(cfg.k) if run not in summaries]
-    steps = len(trainer.schedule(records, params.train.seed))
-    log.info("in-run Shapley: %d proxies, %d dev questions, k=%d runs of %d steps (%d finished before, %d to run)",
-             len(players), len(dev), cfg.k, steps, cfg.k - len(todo), len(todo))
+    return credits, summaries
 
-    def finished(summary) -> None:
-        summaries[summary.run] = run_summary(summary, weights)
-        store.save(summary.run, credits.run_slice(summary.run), summaries[summary.run])
-        store.drop_partial(summary.run)
 
-    t1 = time.perf_counter()
+def run_and_save(runner: InRunRunner, store: RunStore, todo: list[int], credits, summaries: dict[int, dict],
+                 checkpoint_seconds: float) -> tuple[list, float]:
+    """Run the runs `todo`, each saved to `store` (and put in `credits`, `summaries`) the moment it finishes, and
+    write every run's loss curve (kept runs' at once); returns (the new runs' summaries, wall seconds)."""
+    start, done = time.perf_counter(), []
     with curves.live_steps(artifacts.SHAPLEY_CURVES) as live, \
-            tqdm(total=len(todo) * steps, desc="in-run credits", unit="step", disable=not todo) as bar:
+            tqdm(total=len(todo) * runner.steps, desc="in-run credits", unit="step", disable=not todo) as bar:
         for run in sorted(summaries):  # kept runs' curves at once (runs saved before curves have none)
             run_curve(live, run).resumed(summaries[run].get("losses", []))
-        done = inrun.value_runs(trainer, records, players, dev_batch, credits, todo, direction=cfg.direction,
-                                dev_chunk=cfg.dev_chunk, dev_tokens=cfg.chunk_tokens, dev_every=cfg.dev_every,
-                                normalize=cfg.normalize, warmup=cfg.warmup,
-                                progress=bar, on_run=finished,
-                                checkpoints=lambda run: RunCheckpoint(store, run, cfg.checkpoint_seconds),
-                                curves=lambda run: run_curve(live, run))
-    wall = time.perf_counter() - t1
+        for summary, one in runner.run(todo, progress=bar, curves=lambda run: run_curve(live, run),
+                                       checkpoints=lambda run: RunCheckpoint(store, run, checkpoint_seconds)):
+            summaries[summary.run] = run_summary(summary, runner.weights)
+            store.save(summary.run, one, summaries[summary.run])
+            store.drop_partial(summary.run)
+            credits.put_run(summary.run, one)
+            done.append(summary)
+    return done, time.perf_counter() - start
 
+
+def inrun_metrics(cfg, runner: InRunRunner, lines: list[dict], done: list, wall: float) -> dict:
+    """metrics/shapley.json's in-run part: runs kept and run, the dev value before and after, timings."""
+    steps_run = sum(s.steps - s.resumed_from for s in done)
+    change = np.mean([s["v_after"] - s["v_before"] for s in lines])
+    first_order = float(np.mean([s["first_order"] for s in lines]))
+    return {
+        "runs": cfg.k, "runs_reused": cfg.k - len(done), "runs_run": len(done), "steps": runner.steps,
+        "steps_run": steps_run,
+        "resumed": [{"run": s.run, "from_step": s.resumed_from} for s in done if s.resumed_from],
+        "direction": cfg.direction, "dev_every": cfg.dev_every, "normalize": cfg.normalize, "warmup": cfg.warmup,
+        "device": runner.device, "dtype": cfg.dtype,
+        "v_empty": lines[0]["v_before"], "v_full": float(np.mean([s["v_after"] for s in lines])),
+        "first_order": first_order,
+        # Efficiency: the credits' sum over the measured change of the dev value (1: they account for all of it;
+        # only the raw first-order credits, normalize none, are meant to add up).
+        "efficiency": round(float(first_order / change), 4) if cfg.normalize == "none" and change else None,
+        "seconds_setup": round(runner.setup_seconds, 2), "seconds_train": round(wall, 1),
+        "seconds_credits": round(sum(s.credit_seconds for s in done), 1),
+        "seconds_per_step": round(wall / steps_run, 4) if steps_run else None,
+    }
+
+
+def value_inrun(params: Params, dev: list[dict], players: list[int], proxy_records: dict[int, dict],
+                near: np.ndarray | None, dev_cap: int | None):
+    """(result, subsets.jsonl lines, metrics) of the in-run method, dev items cut at `dev_cap` tokens."""
+    cfg = params.shapley
+    if cfg.workers > 1 or cfg.executor != "local":
+        log.info("method inrun runs in this process: shapley.workers and shapley.executor are not used")
+    records = [proxy_records[c] for c in players]
+    runner = InRunRunner(cfg, params.train, dev, dev_cap, records, players)
+    store = RunStore(artifacts.INRUN_RUNS, inrun_context(params, [q["id"] for q in dev], players,
+                                                         [r["id"] for r in records], runner.device))
+    credits, summaries = kept_runs(store, players, len(dev), cfg.k)
+    todo = [run for run in range(cfg.k) if run not in summaries]
+    log.info("in-run Shapley: %d proxies, %d dev questions, k=%d runs of %d steps (%d finished before, %d to run)",
+             len(players), len(dev), cfg.k, runner.steps, cfg.k - len(todo), len(todo))
+    done, wall = run_and_save(runner, store, todo, credits, summaries, cfg.checkpoint_seconds)
     if near is not None:
         log.info("each proxy valued on its %d nearest dev questions (of %d)", cfg.dev_neighbours, len(dev))
         result = local_values(credits.vector_result(), dict(zip(players, near)))
     else:
-        result = credits.result(weights)
+        result = credits.result(runner.weights)
     lines = [{k: v for k, v in summaries[r].items() if not k.startswith("seconds") and k != "losses"}
              for r in range(cfg.k)]
-    steps_run = sum(s.steps - s.resumed_from for s in done)
-    metrics = {
-        "runs": cfg.k, "runs_reused": cfg.k - len(todo), "runs_run": len(todo), "steps": steps,
-        "steps_run": steps_run,
-        "resumed": [{"run": s.run, "from_step": s.resumed_from} for s in done if s.resumed_from],
-        "direction": cfg.direction, "dev_every": cfg.dev_every, "normalize": cfg.normalize, "warmup": cfg.warmup,
-        "device": device,
-        "dtype": cfg.dtype,
-        "v_empty": lines[0]["v_before"], "v_full": float(np.mean([s["v_after"] for s in lines])),
-        "first_order": float(np.mean([s["first_order"] for s in lines])),
-        # Efficiency: the credits' sum over the measured change of the dev value (1: they account for all of it;
-        # only the raw first-order credits, normalize none, are meant to add up).
-        "efficiency": round(float(np.mean([s["first_order"] for s in lines])
-                                  / np.mean([s["v_after"] - s["v_before"] for s in lines])), 4)
-        if cfg.normalize == "none" and np.mean([s["v_after"] - s["v_before"] for s in lines]) else None,
-        "seconds_setup": round(setup, 2), "seconds_train": round(wall, 1),
-        "seconds_credits": round(sum(s.credit_seconds for s in done), 1),
-        "seconds_per_step": round(wall / steps_run, 4) if steps_run else None,
-    }
-    return result, lines, metrics, None
+    return result, lines, inrun_metrics(cfg, runner, lines, done, wall), None
 
 
 # --- method forward: two forward passes per player around a fit on the dev set ----------------------
+
+def forward_result(players: list[int], base: np.ndarray, tuned: np.ndarray) -> ShapleyResult:
+    """Each player's score (mean over runs of its base minus tuned loss), stderr, one credit per run, and the
+    running scores after each run (none for one run)."""
+    from shed import forward
+
+    mean, stderr = forward.scores(base, tuned)
+    diffs = forward.differences(base, tuned)
+    return ShapleyResult(values=dict(zip(players, mean.tolist())), stderr=dict(zip(players, stderr.tolist())),
+                         credits={p: diffs[:, i].tolist() for i, p in enumerate(players)},
+                         estimates=[dict(zip(players, np.nanmean(diffs[: r + 1], 0).tolist()))
+                                    for r in range(len(diffs))] if len(diffs) > 1 else [])
+
 
 def value_forward(params: Params, dev: list[dict], players: list[int], player_records: dict[int, dict],
                   near: np.ndarray | None, dev_cap: int | None):
     """(result, subsets.jsonl lines, metrics, base losses) of the forward method, dev records cut at `dev_cap`
     tokens (at most train.max_length)."""
-    import dataclasses
-
-    from shed import forward
-    from shed.models import load_causal_lm, resolve_device
-    from shed.training import LoraTrainer
-
     cfg = params.shapley
     if near is not None:
         log.info("method forward values against the whole dev set: shapley.dev_neighbours is not used")
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    model, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype)
-    recipe = dataclasses.replace(params.train, epochs=cfg.dev_epochs or params.train.epochs)
-    trainer = LoraTrainer(model, tokenizer, recipe)
     records = [player_records[p] for p in players]
-    dev_records = forward.dev_as_records(dev)
-    setup = time.perf_counter() - t0
-    store = ForwardStore(artifacts.FORWARD_RUNS, forward_context(params, None, device),
-                         forward_context(params, [q["id"] for q in dev], device))
-    runs = range(cfg.k)
-    todo = forward.needed(records, store, runs)
+    runner = ForwardRunner(cfg, params.train, dev, dev_cap)
+    store = ForwardStore(artifacts.FORWARD_RUNS, forward_context(params, None, runner.device),
+                         forward_context(params, [q["id"] for q in dev], runner.device))
+    todo = runner.needed(records, store, range(cfg.k))
     log.info("forward valuation: %d players, %d dev records fitted for %d epochs, k=%d runs; %d of %d losses to "
-             "compute (the rest kept in %s)", len(records), len(dev_records), recipe.epochs, cfg.k, todo,
+             "compute (the rest kept in %s)", len(records), len(runner.dev_records), runner.recipe.epochs, cfg.k, todo,
              len(records) * (cfg.k + 1), store.dir.parent)
-    t1 = time.perf_counter()
+    start = time.perf_counter()
     with curves.live_steps(artifacts.SHAPLEY_CURVES) as live, \
             tqdm(total=todo, desc="forward losses", unit="record", disable=not todo) as bar:
-        base, tuned, summaries = forward.value_forward(trainer, records, dev_records, runs, store,
-                                                       params.train.micro_batch, progress=bar,
-                                                       max_tokens=cfg.chunk_tokens, dev_max_length=dev_cap,
-                                                       curves=lambda run: run_curve(live, run))
-        wall = time.perf_counter() - t1
-        for r in summaries:  # each run's dev loss before (step 0) and after (step 1) its fit
+        (_, base), *fits = runner.run(records, range(cfg.k), store, progress=bar,
+                                      curves=lambda run: run_curve(live, run))
+        wall = time.perf_counter() - start
+        for r, _ in fits:  # each run's dev loss before (step 0) and after (step 1) its fit
             for step, loss in enumerate((r.dev_before, r.dev_after)):
                 live.step = step
                 live.log_metric(f"run-{r.run}/dev_loss", loss)
-    mean, stderr = forward.scores(base, tuned)
-    diffs = forward.differences(base, tuned)
-    result = ShapleyResult(values=dict(zip(players, mean.tolist())), stderr=dict(zip(players, stderr.tolist())),
-                           credits={p: diffs[:, i].tolist() for i, p in enumerate(players)},
-                           estimates=[dict(zip(players, np.nanmean(diffs[: r + 1], 0).tolist()))
-                                      for r in range(len(diffs))] if cfg.k > 1 else [])
+    summaries = [r for r, _ in fits]
     lines = [{"run": r.run, "seed": r.seed, "dev_loss_before": r.dev_before, "dev_loss_after": r.dev_after,
               "train_loss": r.train_loss} for r in summaries]
-    metrics = {"runs": cfg.k, "losses_computed": todo, "dev_epochs": recipe.epochs, "device": device,
+    metrics = {"runs": cfg.k, "losses_computed": todo, "dev_epochs": runner.recipe.epochs, "device": runner.device,
                "dtype": cfg.dtype, "v_empty": -summaries[0].dev_before,
                "v_full": float(np.mean([-r.dev_after for r in summaries])),
-               "seconds_setup": round(setup, 2), "seconds_train": round(wall, 1)}
-    return result, lines, metrics, base
+               "seconds_setup": round(runner.setup_seconds, 2), "seconds_train": round(wall, 1)}
+    return forward_result(players, base, np.stack([losses for _, losses in fits])), lines, metrics, base
 
 
 # --- method retrain ---------------------------------------------------------------------------------
