@@ -1,8 +1,10 @@
 """Data-parallel record scoring (shed.shards): fixed shards, one model per worker, the same losses at any worker
-count; the sample stage's perplexity losses on 1 and 2 workers (processes, Ray) bit for bit."""
+count; a worker lost mid-shard costs that shard only; the forward valuation and sample's IFD on 1 and 2 workers
+(processes, Ray) write the same bytes."""
 
 import dataclasses
 
+import numpy as np
 import pytest
 from helpers import tiny_random_lm
 
@@ -53,7 +55,7 @@ def test_shards_cut_each_states_records_in_pool_order_at_a_fixed_size():
 
 
 def test_a_shards_losses_are_its_own_response_losses_in_whatever_order_shards_run(model_dir, records):
-    spec = shards.ScoreSpec(model_dir, "cpu", "auto", TRAIN, max_tokens=300)
+    spec = shards.ScoreSpec(model_dir, "cpu", "auto", TRAIN, 4, max_tokens=300)
     tasks = shards.tasks({None: records}, 16, unconditional=True)
     runner = spec.runner("cpu")
     results = {r["key"]: r for r in shards.score(spec, tasks, runner=runner)}
@@ -67,10 +69,11 @@ def test_a_shards_losses_are_its_own_response_losses_in_whatever_order_shards_ru
         assert results[task["key"]]["ids"] == [r["id"] for r in task["records"]]
 
 
-def test_an_adapter_state_scores_as_the_trainer_that_fitted_it(model_dir, records):
-    """A worker given a run's adapter (safetensors bytes) scores exactly as the trainer holding it, and BASE as
-    LoRA's B = 0 start."""
+def test_forward_losses_scored_by_a_worker_of_its_own_are_the_fitting_trainers(model_dir, records):
+    """forward's shards scored by another runner, which loads the model itself and gets each run's adapter as
+    safetensors bytes (as a worker does), give the floats of scoring on the trainer that fitted the runs."""
     from safetensors.torch import save
+    from test_record_valuation import Book
 
     from shed import forward
     from shed.models import load_causal_lm
@@ -78,36 +81,17 @@ def test_an_adapter_state_scores_as_the_trainer_that_fitted_it(model_dir, record
 
     model, tokenizer = load_causal_lm(model_dir, "cpu", "auto")
     trainer = LoraTrainer(model, tokenizer, dataclasses.replace(TRAIN, epochs=2, lr=0.01))
-    trainer.reset(TRAIN.seed)
-    base = response_losses(trainer.model, tokenizer, records, "qa", 96, 4)
-    trainer.fit(records[:8], seed=1)
-    tuned = response_losses(trainer.model, tokenizer, records, "qa", 96, 4)
-    assert base != tuned
-    spec = shards.ScoreSpec(model_dir, "cpu", "auto", TRAIN, lora=True,
-                            adapters={"run-0001": save(forward.adapter_state(trainer))})
-    tasks = shards.tasks({"run-0001": records, shards.BASE: records}, 64)
-    out = {r["state"]: r["losses"] for r in shards.score(spec, tasks, runner=spec.runner("cpu"))}
-    assert out == {"run-0001": tuned, shards.BASE: base}
+    dev = records[:8]
 
+    def worker(tasks: list[dict], adapters: dict) -> list[dict]:
+        spec = shards.ScoreSpec(model_dir, "cpu", "auto", trainer.cfg, 4, lora=True,
+                                adapters={state: save(tensors) for state, tensors in adapters.items()})
+        return list(shards.score(spec, tasks, runner=spec.runner("cpu")))
 
-@pytest.mark.slow
-@pytest.mark.parametrize("executor", ["local", "ray"])
-def test_sample_losses_on_two_workers_are_one_workers_bit_for_bit(model_dir, records, executor, cluster,
-                                                                  monkeypatch):
-    """sample's perplexity and IFD losses (`record_losses`) in 3 shards: 2 worker processes, or 2 Ray actors, give
-    the floats of 1 worker in this process."""
-    from shed.config import Params
-    from shed.stages import sample
-
-    def losses(workers: int, executor: str) -> list[list[float]]:
-        monkeypatch.setattr(sample, "_LOSSES", {})  # no losses kept from the other run
-        params = Params()
-        params.train = TRAIN
-        params.shapley = dataclasses.replace(params.shapley, model=model_dir, device="cpu", workers=workers,
-                                             executor=executor, shard_records=16)
-        return sample.record_losses(params, records, (False, True))  # one pass: 6 shards, each kind's 3
-
-    assert losses(2, executor) == losses(1, "local")
+    here = forward.value_forward(trainer, records, dev, [0, 1], Book(), 4, chunk=16)
+    there = forward.value_forward(trainer, records, dev, [0, 1], Book(), 4, chunk=16, score=worker)
+    assert np.array_equal(here[0], there[0]) and np.array_equal(here[1], there[1])
+    assert not np.array_equal(here[1][0], here[0]) and not np.array_equal(here[1][0], here[1][1])
 
 
 # --- a lost worker: the shard it held is scored again, with the same losses --------------------------------------
@@ -121,7 +105,7 @@ def test_a_worker_killed_mid_shard_costs_only_that_shard_which_scores_the_same(m
     import signal
 
     caplog.set_level(logging.WARNING, logger="shed.executors")
-    spec = shards.ScoreSpec(model_dir, "cpu", "auto", TRAIN)
+    spec = shards.ScoreSpec(model_dir, "cpu", "auto", TRAIN, 4)
     tasks = shards.tasks({None: records}, 4)  # 10 shards
     reference = {r["key"]: r["losses"] for r in shards.score(spec, tasks, runner=spec.runner("cpu"))}
     losses, killed = {}, None
@@ -147,7 +131,7 @@ def test_a_shard_whose_actor_dies_past_max_retries_fails_in_one_line_naming_it(m
 
     from shed.fileio import ShedError
 
-    spec = shards.ScoreSpec(model_dir, "cpu", "auto", TRAIN)
+    spec = shards.ScoreSpec(model_dir, "cpu", "auto", TRAIN, 4)
     tasks = shards.tasks({None: records}, 4)
     done = []
     with pytest.raises(ShedError) as failed:
@@ -193,7 +177,7 @@ def one_worker(shapley_inputs, tmp_path_factory):
     return ws
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 2-3 stage processes, each with its workers importing torch (~75 s)
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_forward_and_sample_on_two_workers_write_one_workers_bytes(one_worker, shapley_inputs, tmp_path, executor):
     if executor == "ray":

@@ -16,14 +16,16 @@ The dev records are fitted and scored as training records, cut at train.max_leng
 
 Losses are kept per record id (a content hash) in a `LossBook` the caller provides (the shapley stage
 stores it on disk): a record scored before under the same model state is never scored again (a grown
-pool, another pool sharing records, a killed pass resumed chunk by chunk), and a run's fitted adapter is
-kept, so scoring new records needs no refit. Pure: no file I/O here.
+pool, another pool sharing records, a killed pass resumed shard by shard), and a run's fitted adapter is
+kept, so scoring new records needs no refit. The losses are taken in fixed shards (`shed.shards`), in this
+process or on workers holding the model and the runs' adapters, with the same floats either way. Pure: no
+file I/O here.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -107,65 +109,85 @@ def load_adapter(trainer, state: dict[str, torch.Tensor]) -> None:
             p.copy_(state[name].to(p.device, p.dtype))
 
 
-def _fill(trainer, key: str, records: Sequence[dict], book: LossBook, batch_size: int, chunk: int,
-          progress=None, max_tokens: int = 0) -> np.ndarray:
-    """The records' losses under `key` at the model's current parameters: the book's, the missing ones scored
-    `chunk` records at a time and added to the book after each chunk."""
-    known = book.losses(key)
-    missing = [r for r in records if r["id"] not in known]
-    for start in range(0, len(missing), chunk):
-        part = missing[start:start + chunk]
-        book.add_losses(key, [r["id"] for r in part], _losses(trainer, part, batch_size, progress, max_tokens))
-    known = book.losses(key)
-    return np.array([known[r["id"]] for r in records], dtype=float)
+def missing(records: Sequence[dict], book: LossBook, runs: Sequence[int]) -> dict[str, list[dict]]:
+    """Each model state's records the book has no loss for, in record order: the base model's, then each run's."""
+    keys = [BASE] + [run_key(r) for r in runs]
+    return {key: [r for r in records if r["id"] not in book.losses(key)] for key in keys}
 
 
 def needed(records: Sequence[dict], book: LossBook, runs: Sequence[int]) -> int:
     """Records to score (base, then each run) before `states` is done: its progress total."""
-    ids = [r["id"] for r in records]
-    return sum(sum(i not in book.losses(key) for i in ids) for key in [BASE] + [run_key(r) for r in runs])
+    return sum(len(todo) for todo in missing(records, book, runs).values())
+
+
+def fits(trainer, dev_records: list[dict], runs: Sequence[int], book: LossBook, batch_size: int, *,
+         max_tokens: int = 0, dev_max_length: int | None = None, curves: Callable[[int], object] | None = None
+         ) -> Iterator[ForwardRun]:
+    """Each run's dev fit, as it is done: the book's where it kept one, else fitted here (from seed train.seed + run)
+    and kept in the book with its adapter. The dev records are fitted and scored (their loss before and after,
+    `batch_size` records and at most `max_tokens` padded tokens a pass) cut at `dev_max_length` as well as the
+    recipe's max_length (`LoraTrainer.cut_at`). `curves(r)`, if given, is run r's fit callback
+    (`curves.StepCurve`): it sees each step of the dev fit as it happens, or, for a kept fit, its steps' losses at
+    once (`resumed`)."""
+    for run in runs:
+        kept = book.fit(run)
+        if kept is not None:
+            if curves is not None:
+                curves(run).resumed(kept[0].losses)
+            yield kept[0]
+            continue
+        start = time.perf_counter()
+        seed = trainer.cfg.seed + run
+        trainer.reset(seed)
+        with trainer.cut_at(dev_max_length):
+            before = _mean_loss(trainer, dev_records, batch_size, max_tokens)
+            fit = trainer.fit(dev_records, seed=seed, callback=curves(run) if curves is not None else None)
+            after = _mean_loss(trainer, dev_records, batch_size, max_tokens)
+        summary = ForwardRun(run, seed, before, after, float(fit["loss"]), time.perf_counter() - start,
+                             [round(x, 6) for x in fit["losses"]])
+        book.add_fit(summary, adapter_state(trainer))
+        yield summary
+
+
+# Scores shard tasks (`shards.tasks`) under the given adapters (run key -> its tensors), yielding their results.
+Scorer = Callable[[list[dict], dict[str, dict[str, torch.Tensor]]], Iterable[dict]]
 
 
 def states(trainer, records: Sequence[dict], dev_records: list[dict], runs: Sequence[int], book: LossBook,
            batch_size: int, chunk: int = 2048, progress=None, *, max_tokens: int = 0,
-           dev_max_length: int | None = None, curves: Callable[[int], object] | None = None
-           ) -> Iterator[tuple[ForwardRun | None, np.ndarray]]:
-    """The records' losses under each model state in turn, by `book` where it knows them: (None, the base
-    model's), then (run r's summary, its) for each r in `runs`. Losses are taken `batch_size` records and at most
-    `max_tokens` padded tokens a pass (0: no bound); the dev records are fitted and scored cut at `dev_max_length`
-    as well as the recipe's max_length (`LoraTrainer.cut_at`). `curves(r)`, if given, is run r's fit callback
-    (`curves.StepCurve`): it sees each step of the dev fit as it happens, or, for a fit the book kept, its steps'
-    losses at once (`resumed`)."""
-    trainer.reset(trainer.cfg.seed)  # LoRA B = 0: the base model
-    yield None, _fill(trainer, BASE, records, book, batch_size, chunk, progress, max_tokens)
-    for run in runs:
-        kept = book.fit(run)
-        if kept is None:
-            start = time.perf_counter()
-            seed = trainer.cfg.seed + run
-            trainer.reset(seed)
-            with trainer.cut_at(dev_max_length):
-                before = _mean_loss(trainer, dev_records, batch_size, max_tokens)
-                fit = trainer.fit(dev_records, seed=seed, callback=curves(run) if curves is not None else None)
-                after = _mean_loss(trainer, dev_records, batch_size, max_tokens)
-            summary = ForwardRun(run, seed, before, after, float(fit["loss"]), time.perf_counter() - start,
-                                 [round(x, 6) for x in fit["losses"]])
-            book.add_fit(summary, adapter_state(trainer))
-        else:
-            summary, state = kept
-            load_adapter(trainer, state)
-            if curves is not None:
-                curves(run).resumed(summary.losses)
-        yield summary, _fill(trainer, run_key(run), records, book, batch_size, chunk, progress, max_tokens)
+           dev_max_length: int | None = None, curves: Callable[[int], object] | None = None,
+           score: Scorer | None = None) -> Iterator[tuple[ForwardRun | None, np.ndarray]]:
+    """The records' losses under each model state, by `book` where it knows them: (None, the base model's), then
+    (run r's summary, its) for each r in `runs`. First every run's dev fit (`fits`), then the losses the book lacks,
+    each state's in shards of `chunk` records (`shards.tasks`), `batch_size` records and at most `max_tokens` padded
+    tokens a pass (0: no bound), each shard added to the book as it is done: on `trainer` in this process, or by
+    `score` (on workers: shed.forward_runner). The shards and their batches do not depend on who scores them, so
+    neither do the losses. `progress`: a tqdm-like bar, updated by each shard's records."""
+    from shed import shards
+
+    summaries = list(fits(trainer, dev_records, runs, book, batch_size, max_tokens=max_tokens,
+                          dev_max_length=dev_max_length, curves=curves))
+    tasks = shards.tasks(missing(records, book, runs), chunk)
+    adapters = {run_key(run): book.fit(run)[1] for run in runs} if tasks else {}
+    if score is None:
+        runner = shards.ShardRunner.on(trainer, batch_size, max_tokens, adapters)
+        results = shards.score(runner.spec, tasks, progress=progress, runner=runner)
+    else:
+        results = score(tasks, adapters)
+    for result in results:
+        book.add_losses(result["state"], result["ids"], result["losses"])
+    for summary in [None, *summaries]:
+        known = book.losses(BASE if summary is None else run_key(summary.run))
+        yield summary, np.array([known[r["id"]] for r in records], dtype=float)
 
 
 def value_forward(trainer, records: Sequence[dict], dev_records: list[dict], runs: Sequence[int], book: LossBook,
                   batch_size: int, chunk: int = 2048, progress=None, *, max_tokens: int = 0,
-                  dev_max_length: int | None = None, curves: Callable[[int], object] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, list[ForwardRun]]:
+                  dev_max_length: int | None = None, curves: Callable[[int], object] | None = None,
+                  score: Scorer | None = None) -> tuple[np.ndarray, np.ndarray, list[ForwardRun]]:
     """(base losses, tuned losses runs x records, each run's summary): `states`, collected."""
     (_, base), *tuned = states(trainer, records, dev_records, runs, book, batch_size, chunk, progress,
-                               max_tokens=max_tokens, dev_max_length=dev_max_length, curves=curves)
+                               max_tokens=max_tokens, dev_max_length=dev_max_length, curves=curves, score=score)
     return base, np.stack([losses for _, losses in tuned]), [summary for summary, _ in tuned]
 
 

@@ -368,11 +368,12 @@ def retrain_estimate(params: Params, shape: ModelShape, device: str, dev_lengths
     return Estimate(tuple(parts), passes, workers, _knob("shapley.workers", cfg.workers))
 
 
-def forward_estimate(params: Params, shape: ModelShape, device: str, longest_dev: int, longest_record: int
-                     ) -> Estimate:
-    """shapley.method forward: the weights, the adapter's training state, and the largest of a micro-batch of
-    the dev-set fit (dev records at most `longest_dev` tokens) and a chunk of record losses (records at most
-    `longest_record` tokens, train.micro_batch a chunk, shapley.chunk_tokens tokens)."""
+def forward_estimate(params: Params, shape: ModelShape, device: str, longest_dev: int, longest_record: int,
+                     copies: int = 1) -> Estimate:
+    """shapley.method forward, per copy of the model on this device (`copies`: the stage's own and its scoring
+    workers'): the weights, the adapter's training state, and the largest of a micro-batch of the dev-set fit (dev
+    records at most `longest_dev` tokens) and a chunk of record losses (records at most `longest_record` tokens,
+    train.micro_batch a chunk, shapley.chunk_tokens tokens)."""
     cfg, train = params.shapley, params.train
     element = dtype_bytes(cfg.dtype, device)
     parts = [*_common(shape, element), Part("LoRA training state", _lora(shape, train) * ADAM_TRAINING_BYTES,
@@ -382,7 +383,7 @@ def forward_estimate(params: Params, shape: ModelShape, device: str, longest_dev
               Part("record losses", score_pass_bytes(shape, *scored, 4),
                    (_knob("shapley.chunk_tokens", cfg.chunk_tokens, "no bound: set one"),
                     _knob("train.max_length", train.max_length, f"{shape.max_positions}"))))
-    return Estimate(tuple(parts), passes)
+    return Estimate(tuple(parts), passes, copies, _knob("shapley.workers", cfg.workers))
 
 
 def scoring_estimate(params: Params, shape: ModelShape, device: str, longest_record: int, workers: int = 1

@@ -169,16 +169,18 @@ class RunCheckpoint:
 
 # --- forward --------------------------------------------------------------------------------------------
 
-# The code a forward loss comes from: the method and its scorer, the trainer, the model loader, and the runner that
-# wires them (the dev-fit recipe, the settings it passes).
-FORWARD_CODE = ["shed.forward", "shed.training", "shed.models", "shed.scoring", "shed.forward_runner"]
+# The code a forward loss comes from: the method and its scorer, the trainer, the model loader, the runner that
+# wires them (the dev-fit recipe, the settings it passes) and the shards it scores in (their batches); not the
+# executors, which only carry shards to workers and back.
+FORWARD_CODE = ["shed.forward", "shed.training", "shed.models", "shed.scoring", "shed.forward_runner", "shed.shards"]
+FORWARD_NOT_CODE = NOT_JOB_CODE | {"shed.executors"}
 
 
 def forward_context(params: Params, dev_ids: list[str] | None, device: str) -> str:
     """Everything a record's loss under a forward run depends on besides the record (its id is a content
     hash) and the run's index; with `dev_ids` None, under the base model (no dev set: every dev set shares it)."""
     cfg = params.shapley
-    code = codedeps.fingerprint(FORWARD_CODE, exclude=NOT_JOB_CODE)
+    code = codedeps.fingerprint(FORWARD_CODE, exclude=FORWARD_NOT_CODE)
     cut = (cfg.dev_max_length, cfg.chunk_tokens) if dev_ids is not None else (0, cfg.chunk_tokens)
     blob = json.dumps({"job": job_context(cfg.model, params.train, cfg.value, dev_ids or [], code=code, dev_cut=cut),
                        "method": "forward" if dev_ids is not None else "forward-base", "device": device.split(":")[0],

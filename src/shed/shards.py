@@ -34,10 +34,12 @@ class ScoreSpec:
     model: str
     device: str
     dtype: str
-    train: TrainConfig
+    train: TrainConfig  # the recipe: template, max_length (0: the model's own), LoRA modules
+    batch_size: int  # records per forward pass (train.micro_batch)
     max_tokens: int = 0  # padded tokens per forward pass (shapley.chunk_tokens; 0: no bound)
     lora: bool = False  # wrap the model in the recipe's LoRA modules (forward: its states are adapters)
-    adapters: dict[str, bytes] = field(default_factory=dict)  # state -> its adapter (safetensors.torch.save)
+    # state -> its adapter: safetensors bytes (`safetensors.torch.save`) for workers, the tensors in this process
+    adapters: dict[str, bytes | dict] = field(default_factory=dict)
 
     def runner(self, device: str, threads: int = 0) -> ShardRunner:
         """A worker's runner (shed.executors builds one per worker)."""
@@ -71,8 +73,17 @@ class ShardRunner:
         else:
             self.model, self.tokenizer = model, tokenizer
             self.max_length = spec.train.max_length or max_positions(model) or 0
-        self.adapters = {state: load(data) for state, data in spec.adapters.items()}
+        self.adapters = {state: load(data) if isinstance(data, bytes) else data
+                         for state, data in spec.adapters.items()}
         self.setup_seconds = time.perf_counter() - start  # reported with this worker's first shard
+
+    @classmethod
+    def on(cls, trainer, batch_size: int, max_tokens: int = 0, adapters: dict | None = None) -> ShardRunner:
+        """A runner scoring on `trainer` (a loaded `LoraTrainer`) in this process, under its recipe and `adapters`
+        (state -> tensors)."""
+        spec = ScoreSpec("(loaded)", str(trainer.device), "auto", trainer.cfg, batch_size, max_tokens, lora=True,
+                         adapters=adapters or {})
+        return cls(spec, spec.device, trainer=trainer)
 
     def enter(self, state: str | None) -> None:
         """The model at `state`: the base model (BASE: LoRA B = 0) or an adapter of the spec."""
@@ -96,7 +107,7 @@ class ShardRunner:
         self.enter(task["state"])
         records = task["records"]
         losses = response_losses(self.model, self.tokenizer, records, self.spec.train.template, self.max_length,
-                                 self.spec.train.micro_batch, unconditional=task["unconditional"],
+                                 self.spec.batch_size, unconditional=task["unconditional"],
                                  max_tokens=self.spec.max_tokens)
         return {"key": task["key"], "state": task["state"], "unconditional": task["unconditional"],
                 "ids": [r["id"] for r in records], "losses": losses,

@@ -203,7 +203,8 @@ def record_losses(params: Params, pool: list[dict], kinds: tuple[bool, ...] = (F
             memory.check("sample", cfg.model, shape, device,
                          lambda n: memory.scoring_estimate(params, shape, device, n, copies), limit,
                          lambda: longest_encoding(records, load_tokenizer(cfg.model), params.train.template, limit))
-        spec = shards.ScoreSpec(cfg.model, cfg.device, cfg.dtype, params.train, cfg.chunk_tokens)
+        spec = shards.ScoreSpec(cfg.model, cfg.device, cfg.dtype, params.train, params.train.micro_batch,
+                                cfg.chunk_tokens)
         cut = dict.fromkeys(kinds, 0)
         with tqdm(total=sum(len(t["records"]) for t in tasks), desc="record losses", unit="record") as bar:
             for result in shards.score(spec, tasks, cfg.workers, cfg.executor, bar, max_retries=cfg.max_retries):

@@ -37,7 +37,9 @@ With shapley.players records (methods inrun and forward) every pool record is va
 shapley.aggregate of its members'. shapley.method forward (shed.forward, run by shed.forward_runner) scores a
 record by its loss under the model minus its loss after a short fit on the dev set, losses kept per record in
 data/shapley_jobs/forward (shed.runstore) so that a killed or grown run scores only what is missing
-(docs/engine.md#every-record-valued-shapleyplayers-records).
+(docs/engine.md#every-record-valued-shapleyplayers-records). Its losses are taken in shards of
+shapley.shard_records records (shed.shards), on shapley.workers workers like retraining's jobs, with the same
+scores at any worker count; each finished shard is kept at once.
 
 Memory (docs/engine.md#memory). A dev item is cut at shapley.dev_max_length tokens (0: the model's own limit;
 forward: at most train.max_length), logged, and counted in metrics/shapley.json (dev_max_length, dev_truncated,
@@ -63,7 +65,6 @@ kept, so every curve ends complete.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -74,7 +75,7 @@ from tqdm import tqdm
 from shed import artifacts, curves, memory, plots
 from shed.config import Params
 from shed.embedding import embed_texts
-from shed.executors import JobSpec, run_jobs
+from shed.executors import JobSpec, run_jobs, workers_on_device
 from shed.fileio import ShedError, write_csv
 from shed.forward_runner import ForwardRunner
 from shed.inrun_runner import InRunRunner
@@ -426,16 +427,17 @@ def check_memory(params: Params, shape: memory.ModelShape | None, cut: memory.Cu
         def build(n: int) -> memory.Estimate:
             return memory.inrun_estimate(params, shape, device, cut.lengths, n)
     elif cfg.method == "forward":
+        # The stage's own copy (the dev fits), and with local workers theirs on the device too; Ray's actors run
+        # where Ray places them, unchecked.
+        copies = 1 + (workers_on_device(device, cfg.workers) if cfg.workers > 1 and cfg.executor == "local" else 0)
+
         def build(n: int) -> memory.Estimate:
-            return memory.forward_estimate(params, shape, device, cut.tokens_max, n)
+            return memory.forward_estimate(params, shape, device, cut.tokens_max, n, copies)
     elif cfg.executor == "ray":
         log.info("shapley: Ray actors run where Ray places them: peak memory not checked here")
         return None
     else:
-        import torch
-
-        gpus = torch.cuda.device_count() if device == "cuda" else 0
-        copies = math.ceil(cfg.workers / gpus) if gpus else cfg.workers  # worker processes on one device
+        copies = workers_on_device(device, cfg.workers)  # worker processes on one device
 
         def build(n: int) -> memory.Estimate:
             return memory.retrain_estimate(params, shape, device, cut.lengths, n, copies)
