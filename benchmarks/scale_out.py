@@ -367,7 +367,7 @@ def measure(args) -> dict:
     records = [{**r, "id": f"{r['id']}-{c}"} if copies > 1 else r for c in range(copies) for r in records]
     records = records[: args.records]
     device = "cuda" if on_gpu else "cpu"
-    score_spec = shards.ScoreSpec(model, device, "auto", train, max_tokens=8192)
+    score_spec = shards.ScoreSpec(model, device, "auto", train, train.micro_batch, max_tokens=8192)
 
     print(f"record scoring: {len(records)} records in shards of {args.shard} ...", file=sys.stderr, flush=True)
     reference = score_records(score_spec, records, args.shard, 0, args.executor)
