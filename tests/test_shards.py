@@ -178,10 +178,10 @@ def one_worker(shapley_inputs, tmp_path_factory):
 
 
 @pytest.mark.slow  # 2-3 stage processes, each with its workers importing torch (~75 s)
-@pytest.mark.parametrize("executor", ["local", "ray"])
+# Processes only: Ray's shards give the one-worker floats in test_a_worker_killed_mid_shard_...[ray], and the stage
+# reaches either executor through the same `shards.score` (a Ray stage run here would add ~75 s to CI).
+@pytest.mark.parametrize("executor", ["local"])
 def test_forward_and_sample_on_two_workers_write_one_workers_bytes(one_worker, shapley_inputs, tmp_path, executor):
-    if executor == "ray":
-        pytest.importorskip("ray")
     import shutil
 
     from helpers import run_stage, shapley_metrics
