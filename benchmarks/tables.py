@@ -135,5 +135,5 @@ def set_method(raw: dict, method: str) -> None:
 
 def scored(method: str) -> bool:
     """Does the method read the valuation (so runs again for each valuation and dev set)?"""
-    return method.startswith(("qocs", "qwcs")) and "@" not in method
+    return method.startswith(("qocs", "qwcs", "qfcs")) and "@" not in method
 

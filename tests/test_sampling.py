@@ -11,7 +11,7 @@ import pytest
 from shed.config import Params
 from shed.fileio import ShedError
 from shed.prompts import render
-from shed.sampling import (cluster_uniform, longest_output, lowest_loss, qocs, qwcs, qwcs_probabilities,
+from shed.sampling import (cluster_uniform, longest_output, lowest_loss, qfcs, qocs, qwcs, qwcs_probabilities,
                            random_sample, resolve_size)
 
 MEMBERS = {0: ["a0", "a1", "a2"], 1: ["b0", "b1"], 2: ["c0", "c1", "c2", "c3"], 3: ["d0"]}
@@ -30,6 +30,22 @@ def test_qocs_includes_the_last_cluster_when_it_fits_exactly():
 
 def test_qocs_breaks_ties_by_cluster_id():
     assert qocs({0: 1.0, 1: 1.0}, {0: ["x"], 1: ["y"]}, 1) == ["x"]
+
+
+def test_qfcs_drops_the_lowest_clusters_whole_within_the_share_and_draws_the_rest_at_random():
+    # 10 records; exclude 0.5 drops up to 5: cluster 2 (score -0.1, 4 records), then cluster 0 (3 more) would pass 5.
+    picked = qfcs(SCORES, MEMBERS, 3, 0.5, seed=7)
+    kept = MEMBERS[0] + MEMBERS[1] + MEMBERS[3]  # cluster order, nearest first
+    assert picked == random_sample(kept, 3, 7) and not set(picked) & set(MEMBERS[2])
+    assert qfcs(SCORES, MEMBERS, 3, 0.5, seed=7) == picked  # seeded
+    # exclude 0: nothing dropped, a random sample of the whole pool in cluster order
+    every = [i for c in sorted(MEMBERS) for i in MEMBERS[c]]
+    assert qfcs(SCORES, MEMBERS, 4, 0.0, seed=1) == random_sample(every, 4, 1)
+    # 0.8 would drop clusters 2, 0 and 3 (8 records), but 4 must remain for size 4: only cluster 2 goes.
+    assert set(qfcs(SCORES, MEMBERS, 4, 0.8, seed=3)) <= set(kept)
+    assert len(qfcs(SCORES, MEMBERS, 6, 0.8, seed=3)) == 6 and not set(qfcs(SCORES, MEMBERS, 6, 0.8, 3)) & set(MEMBERS[2])
+    # a tie in score drops the higher cluster id first
+    assert qfcs({0: 0.0, 1: 0.0}, {0: ["x"], 1: ["y"]}, 1, 0.5, seed=0) == ["x"]
 
 
 def test_qwcs_probabilities_are_a_softmax_with_temperature():

@@ -38,6 +38,28 @@ def qocs(scores: dict[int, float], members: dict[int, list[str]], size: int) -> 
     return taken
 
 
+def qfcs(scores: dict[int, float], members: dict[int, list[str]], size: int, exclude: float,
+         seed: int) -> list[str]:
+    """Quality-filtered cluster sampling: leave out the lowest-scored clusters, whole, while they hold at most
+    `exclude` of the records (fewer where the rest could not give `size`), then draw `size` of the remaining
+    records uniformly at random. The value decides what is dropped, not what is kept, so the subset covers every
+    kept cluster as a random sample does (QOCS and QWCS gather it into the top clusters).
+
+    Ties in score drop the higher cluster id first; the draw is `random_sample`'s over the kept records in
+    cluster order, members nearest the centroid first."""
+    total = sum(len(m) for m in members.values())
+    budget = min(int(math.floor(exclude * total)), total - size)
+    dropped: set[int] = set()
+    left_out = 0
+    for cluster in sorted(scores, key=lambda c: (scores[c], -c)):
+        if left_out + len(members[cluster]) > budget:
+            break
+        dropped.add(cluster)
+        left_out += len(members[cluster])
+    kept = [i for c in sorted(members) if c not in dropped for i in members[c]]
+    return random_sample(kept, size, seed)
+
+
 def qwcs_probabilities(scores: np.ndarray, temperature: float) -> np.ndarray:
     logits = scores / temperature
     w = np.exp(logits - logits.max())

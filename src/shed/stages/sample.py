@@ -128,10 +128,16 @@ def _qwcs(cfg, inputs: Inputs, size: int) -> list[str]:
     return sampling.qwcs(scores, members, size, cfg.temperature, cfg.seed, ordered=cfg.within != "nearest")
 
 
+def _qfcs(cfg, inputs: Inputs, size: int) -> list[str]:
+    scores, members = _scored_clusters(cfg, inputs)
+    return sampling.qfcs(scores, members, size, cfg.exclude, cfg.seed)
+
+
 # sample.method -> sampler(cfg, inputs, size) -> record ids in selection order; each choice of the config has one.
 SAMPLERS = {
     "qocs": _qocs,
     "qwcs": _qwcs,
+    "qfcs": _qfcs,
     "random": lambda cfg, inputs, size: sampling.random_sample(inputs.ids, size, cfg.seed),
     "dsir": _dsir,
     "full": lambda cfg, inputs, size: inputs.ids,
