@@ -110,7 +110,7 @@ KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEE
 # A method is a sample.method, with "+<sample.within>" for qocs and qwcs (e.g. qocs+loss); qocs@meanloss is a
 # reference: QOCS on clusters scored by their members' mean base-model loss (no valuation), in process.
 METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
-           "qocs+ifd", "qocs@meanloss",
+           "qocs+ifd", "qocs@meanloss", "qfcs", "qfcs+value", "qfcs+blend",
            "random", "cluster_uniform", "length", "perplexity", "ifd", "dsir")
 DEFAULT_METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
                    "qocs@meanloss", "random",

@@ -48,6 +48,16 @@ def test_qfcs_drops_the_lowest_clusters_whole_within_the_share_and_draws_the_res
     assert qfcs({0: 0.0, 1: 0.0}, {0: ["x"], 1: ["y"]}, 1, 0.5, seed=0) == ["x"]
 
 
+def test_qfcs_with_a_record_signal_also_leaves_out_the_worst_of_the_kept_records():
+    # exclude 0.5: cluster 2 dropped (4 of 10); of the 6 kept, the worst 3 by key (NaN worst, then the highest).
+    keys = {"a0": 0.1, "a1": 5.0, "a2": float("nan"), "b0": 0.2, "b1": 4.0, "d0": 0.3,
+            "c0": 0.0, "c1": 0.0, "c2": 0.0, "c3": 0.0}
+    picked = qfcs(SCORES, MEMBERS, 3, 0.5, seed=5, key_of=keys)
+    assert picked == random_sample(["a0", "b0", "d0"], 3, 5)
+    # never so many left out that fewer than `size` remain: size 5 of 6 kept leaves out only the NaN one
+    assert sorted(qfcs(SCORES, MEMBERS, 5, 0.5, seed=5, key_of=keys)) == ["a0", "a1", "b0", "b1", "d0"]
+
+
 def test_qwcs_probabilities_are_a_softmax_with_temperature():
     p = qwcs_probabilities(np.array([0.0, np.log(3.0)]), temperature=1.0)
     assert p == pytest.approx([0.25, 0.75])
@@ -375,7 +385,8 @@ def test_every_sample_method_has_a_sampler_and_says_which_signals_it_reads():
                                  ("qocs", "loss", {"losses"}), ("qwcs", "ifd", {"losses", "ifd"}),
                                  ("qocs", "value", {"record_scores"}), ("random", "loss", set()),
                                  ("qwcs", "blend", {"record_scores", "losses"}),
-                                 ("dsir", "nearest", {"dev"}), ("qocs", "nearest", set())]:
+                                 ("dsir", "nearest", {"dev"}), ("qocs", "nearest", set()),
+                                 ("qfcs", "blend", {"record_scores", "losses"}), ("qfcs", "nearest", set())]:
         cfg.method, cfg.within = method, within
         assert needs(cfg) == want, (method, within)
 

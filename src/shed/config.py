@@ -282,16 +282,18 @@ class SampleConfig:
     method: str = param("qocs", "sampler (the baselines: docs/method.md#baselines)",
                         choices=("qocs", "qwcs", "qfcs", "random", "dsir", "full", "cluster_uniform", "length",
                                  "perplexity", "ifd"))
-    within: str = param("nearest", "qocs, qwcs: which members a cluster gives first: nearest the centroid (the "
-                        "paper's; qwcs draws at random), value (highest record score: shapley.players records), "
+    within: str = param("nearest", "qocs, qwcs: which members a cluster gives first (qfcs: which records it also "
+                        "leaves out, the worst exclude of the rest): nearest the centroid (the paper's; qwcs draws at "
+                        "random), value (highest record score: shapley.players records), "
                         "loss (lowest loss under shapley.model), ifd (Superfiltering's order), blend (the mean of "
                         "a record's percentile ranks by value and by loss: like the dev set, and fluent)",
                         choices=("nearest", "value", "loss", "ifd", "blend"))
     subset_size: float = param(0.1, "a fraction of the pool left after near-duplicates (<= 1; "
                               "cluster.dedup_threshold) or a record count (> 1)", gt=0)
     temperature: float = param(0.01, "QWCS: p(cluster) ∝ exp(score / T)", gt=0)
-    exclude: float = param(0.3, "QFCS: share of the records, the lowest-scored clusters taken whole, never "
-                           "sampled; the rest drawn uniformly at random", ge=0, lt=1)
+    exclude: float = param(0.3, "QFCS: share of the records, the lowest-scored clusters taken whole (and, with "
+                           "sample.within, the worst of the rest by it), never sampled; the rest drawn uniformly at "
+                           "random", ge=0, lt=1)
     seed: int = param(0, "sampling seed", ge=0)
 
     def check(self) -> Iterator[tuple[str, str]]:

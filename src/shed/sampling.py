@@ -39,11 +39,14 @@ def qocs(scores: dict[int, float], members: dict[int, list[str]], size: int) -> 
 
 
 def qfcs(scores: dict[int, float], members: dict[int, list[str]], size: int, exclude: float,
-         seed: int) -> list[str]:
+         seed: int, key_of: dict[str, float] | None = None) -> list[str]:
     """Quality-filtered cluster sampling: leave out the lowest-scored clusters, whole, while they hold at most
     `exclude` of the records (fewer where the rest could not give `size`), then draw `size` of the remaining
     records uniformly at random. The value decides what is dropped, not what is kept, so the subset covers every
     kept cluster as a random sample does (QOCS and QWCS gather it into the top clusters).
+
+    `key_of` (a record signal's sort keys, ascending = preferred, as `order_within` reads them) also leaves out the
+    worst `exclude` of the kept records by it (a NaN key worst), again never so many that fewer than `size` remain.
 
     Ties in score drop the higher cluster id first; the draw is `random_sample`'s over the kept records in
     cluster order, members nearest the centroid first."""
@@ -57,6 +60,14 @@ def qfcs(scores: dict[int, float], members: dict[int, list[str]], size: int, exc
         dropped.add(cluster)
         left_out += len(members[cluster])
     kept = [i for c in sorted(members) if c not in dropped for i in members[c]]
+    if key_of is not None:
+        cut = min(int(math.floor(exclude * len(kept))), len(kept) - size)
+        if cut > 0:
+            def badness(i: int) -> tuple:
+                k = key_of[kept[i]]
+                return (not math.isnan(k), 0.0 if math.isnan(k) else -k, i)
+            worst = set(sorted(range(len(kept)), key=badness)[:cut])
+            kept = [rid for i, rid in enumerate(kept) if i not in worst]
     return random_sample(kept, size, seed)
 
 

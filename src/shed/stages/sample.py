@@ -129,8 +129,9 @@ def _qwcs(cfg, inputs: Inputs, size: int) -> list[str]:
 
 
 def _qfcs(cfg, inputs: Inputs, size: int) -> list[str]:
-    scores, members = _scored_clusters(cfg, inputs)
-    return sampling.qfcs(scores, members, size, cfg.exclude, cfg.seed)
+    members = cluster_members(inputs.assignments)  # nearest first: the draw's order, whatever sample.within is
+    scores, _ = _scored_clusters(cfg, inputs)
+    return sampling.qfcs(scores, members, size, cfg.exclude, cfg.seed, key_of=within_keys(cfg.within, inputs))
 
 
 # sample.method -> sampler(cfg, inputs, size) -> record ids in selection order; each choice of the config has one.
@@ -156,16 +157,19 @@ def select(params: Params, inputs: Inputs) -> list[str]:
     return SAMPLERS[cfg.method](cfg, inputs, sampling.resolve_size(cfg.subset_size, len(inputs.pool)))
 
 
+SCORED = ("qocs", "qwcs", "qfcs")  # the samplers that read the cluster scores, and sample.within
+
+
 def needs(cfg) -> set[str]:
     """The per-record signals sample.method and sample.within read: losses, ifd, record_scores, dev."""
     out = set()
-    if cfg.method in ("perplexity", "ifd") or (cfg.method in ("qocs", "qwcs") and cfg.within in ("loss", "ifd")):
+    if cfg.method in ("perplexity", "ifd") or (cfg.method in SCORED and cfg.within in ("loss", "ifd")):
         out.add("losses")
-    if "ifd" in (cfg.method, cfg.within if cfg.method in ("qocs", "qwcs") else None):
+    if "ifd" in (cfg.method, cfg.within if cfg.method in SCORED else None):
         out.add("ifd")
-    if cfg.method in ("qocs", "qwcs") and cfg.within in ("value", "blend"):
+    if cfg.method in SCORED and cfg.within in ("value", "blend"):
         out.add("record_scores")
-    if cfg.method in ("qocs", "qwcs") and cfg.within == "blend":
+    if cfg.method in SCORED and cfg.within == "blend":
         out.add("losses")
     if cfg.method == "dsir":
         out.add("dev")
@@ -268,7 +272,7 @@ def main(params: Params) -> None:
     cluster_of = dict(zip(assignments["id"], assignments["cluster"].astype(int)))
     counts = pd.Series([cluster_of[i] for i in chosen]).value_counts().sort_index()
     digest = artifacts.write_curated(dataset, {
-        "method": cfg.method, "within": cfg.within if cfg.method in ("qocs", "qwcs") else None,
+        "method": cfg.method, "within": cfg.within if cfg.method in SCORED else None,
         "size": len(dataset), "pool_size": len(pool), "fraction": len(dataset) / len(pool),
         "temperature": cfg.temperature if cfg.method == "qwcs" else None, "seed": cfg.seed,
         "duplicates_removed": inputs.duplicates, "clusters": {str(k): int(v) for k, v in counts.items()},
