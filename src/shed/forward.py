@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from shed.losses import response_losses
+from shed.shards import BASE
 
-BASE = "base"  # the book's key of the base model's losses; run r's is `run_key(r)`
+# BASE (shed.shards): the book's key of the base model's losses; run r's is `run_key(r)`
 
 
 def run_key(run: int) -> str:
@@ -83,9 +84,9 @@ def response_tokens(trainer, records: Sequence[dict]) -> np.ndarray:
     return np.array([sum(label != -100 for label in trainer.encode(r)[1][1:]) for r in records], dtype=float)
 
 
-def _losses(trainer, records: Sequence[dict], batch_size: int, progress=None, max_tokens: int = 0) -> list[float]:
+def _losses(trainer, records: Sequence[dict], batch_size: int, max_tokens: int = 0) -> list[float]:
     return response_losses(trainer.model, trainer.tokenizer, list(records), trainer.cfg.template, trainer.max_length,
-                           batch_size, progress, max_tokens=max_tokens)
+                           batch_size, max_tokens=max_tokens)
 
 
 def _mean_loss(trainer, records: list[dict], batch_size: int, max_tokens: int) -> float:
