@@ -562,6 +562,17 @@ def markdown(result: dict, source: str | None) -> str:
         for m in rows:
             label = {"full": "full pool", "base": "base model, not tuned"}.get(m, m)
             lines.append(f"| {label} | " + " | ".join(_pm(acc[m][t]) for t in task_names) + f" | {_pm(tune_s.get(m), 0)} |")
+        pairs = [(m, ref) for ref in ("random", "perplexity") for m in rows if m not in (ref, "base", "random")]
+        if len(seeds) > 1 and pairs:
+            lines += ["", f"Paired over seeds, {k}: each subset's figure minus the reference's on the same seed, mean ± "
+                      "std, and in brackets mean / sample std (above 2: a gain beyond the seeds' noise):", "",
+                      "| subset - reference | " + " | ".join(heading) + " |", "|---|" + "---|" * len(task_names)]
+            for m, ref in pairs:
+                gaps = [paired_gap(acc, m, ref, t) for t in task_names]
+                if any(gaps):
+                    lines.append(f"| {m} - {ref} | " + " | ".join(
+                        "n/a" if g is None else f"{g['mean']:+.4f} ± {g['std']:.4f} ({_v(g['z'], 1)})" for g in gaps)
+                        + " |")
     lines += ["", "Per seed:", "", "| | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for k, r in result["results"].items():
         for name in ("cluster_auroc", "record_auroc", "harm_in_bad_clusters"):
@@ -572,6 +583,20 @@ def markdown(result: dict, source: str | None) -> str:
     if result.get("seconds"):
         lines += ["", "Wall seconds: " + ", ".join(f"{k} {v:g}" for k, v in result["seconds"].items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def paired_gap(acc: dict, method: str, reference: str, task: str) -> dict | None:
+    """`method`'s figure on `task` minus `reference`'s, seed by seed: {mean, std, values, z}, z = mean over the
+    gaps' sample standard deviation (None when it is 0 or there are fewer than two seeds)."""
+    if method not in acc or reference not in acc or task not in acc[method] or task not in acc[reference]:
+        return None
+    gaps = [a - b for a, b in zip(acc[method][task]["values"], acc[reference][task]["values"])
+            if a is not None and b is not None]
+    if not gaps:
+        return None
+    out = stats(gaps)  # rounded, so that equal gaps have no spread
+    spread = float(np.std(out["values"], ddof=1)) if len(gaps) > 1 else 0.0
+    return {**out, "z": _round(out["mean"] / spread) if spread > 1e-9 else None}
 
 
 SUMMARY_METHODS = ("qocs", "qwcs+blend", "perplexity", "ifd", "length", "cluster_uniform", "dsir", "random")

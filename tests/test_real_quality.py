@@ -262,3 +262,23 @@ def test_runs_of_single_seeds_are_joined_into_one_over_all_seeds():
     assert merged["results"]["concentrated/alpaca"]["clusters"]["values"] == [50.0, 50.0]
     with pytest.raises(SystemExit, match="sharing seeds"):
         rq.merge_seeds([one, one])
+
+
+def test_downstream_gaps_are_paired_by_seed_and_rendered_against_random_and_perplexity():
+    seeds = lambda *v: rq.stats(list(v))  # noqa: E731
+    acc = {"qwcs+blend": {"heldout": seeds(-1.0, -1.2, -0.9)}, "random": {"heldout": seeds(-1.1, -1.3, -1.0)},
+           "perplexity": {"heldout": seeds(-1.0, -1.1, -0.95)}, "base": {"heldout": seeds(-1.5, -1.5, -1.5)}}
+    gap = rq.paired_gap(acc, "qwcs+blend", "random", "heldout")
+    assert gap["values"] == pytest.approx([0.1, 0.1, 0.1]) and gap["z"] is None  # no spread: no ratio
+    gap = rq.paired_gap(acc, "qwcs+blend", "perplexity", "heldout")
+    assert gap["mean"] == pytest.approx(-0.0167, abs=1e-4)
+    assert gap["z"] == pytest.approx(-0.0167 / np.std([0.0, -0.1, 0.05], ddof=1), abs=1e-3)
+    assert rq.paired_gap(acc, "qwcs+blend", "full", "heldout") is None
+    line = json.loads(json.dumps(_saved_run(["instruction", "input", "output"], ["qwcs+blend", "perplexity", "random"],
+                                            "concentrated", 0.1)))
+    line["seeds"] = [1, 2, 3]
+    line["settings"]["heldout"] = 200
+    line["results"]["concentrated/alpaca"]["acc"] = acc
+    text = rq.markdown(line, "x.jsonl")
+    assert "| qwcs+blend - random | +0.1000 ± 0.0000 (n/a) |" in text
+    assert "| perplexity - random |" in text and "| qwcs+blend - perplexity |" in text and "base - " not in text
