@@ -50,22 +50,10 @@ Metrics, per seed, then mean ± std over seeds per protocol and dev set (and val
   log-likelihood of each choice), as lm-eval's arc_easy does; ARC-Challenge is arc_challenge_local
   (evaluate.arc_file) and MMLU mmlu_local (evaluate.mmlu_dir), zero-shot.
 
-Cost (2 CPU cores, OMP_NUM_THREADS=1, shared with other jobs). With the recipe --model smollm2 sets
-(train.template qa, max_length 128, 1 epoch, shapley.k 1, dev_every 4, dev_chunk 8): SmolLM2-135M on 100
-records, C = 10 (one training step), 32 dev records: shapley 190 s (Alpaca dev) and 216 s (MMLU dev) at load
-average 3.5; a stand-in with SmolLM2's architecture and random weights on C = 50 (4 steps) took 230 s at load
-average 1 (the first step, with the dev gradients, 133 s; the others about 20 to 35 s). The perplexity
-baseline scores about 3.5 records/s. Measured on 2 idle cores with OMP_NUM_THREADS=2 (docs/results.md,
-2026-12-03): the full run (1,000 records, 3 seeds, both protocols, both dev sets: 12 shapley stages of 44-149
-s, 6 perplexity passes of 129-190 s) took 31-34 min, and the response-only comparison without the
-record-level baselines 17-19 min more (two runs). The MMLU-dev valuation peaks near 13 GB: run one process at a time on 24 GB (two
-were killed for memory). Each extra epoch or run (shapley.k) adds about 200 s per stage (and with k = 1 a
-proxy's credit carries the learning rate of its one step: linear decay gives the last batch a third of the
-first's). dev_chunk 8 because 64 dev records in one gradient pass (max_length 256) ran out of 24 GB. retrain
-fine-tunes k (C/n + 1) subsets per stage, at least 35 s each here: no C fits next to in-run on a CPU;
-`--valuations inrun retrain` runs both on the same clusters where time allows (a GPU). The tiny model
-(--model tiny) runs the same path in minutes. With --finetune on a GPU, pass a real fine-tuning recipe with
---set (e.g. train.epochs=3, train.max_length=512): the train block serves the valuation and the fine-tunes.
+Cost, memory and the CPU recipe's limits: docs/results.md, "Every record valued in a real pool". The tiny
+model (--model tiny) runs the same path in minutes. With --finetune on a GPU, pass a real fine-tuning
+recipe with --set (e.g. train.epochs=3, train.max_length=512): the train block serves the valuation and
+the fine-tunes.
 
 A subset that another method or dev set already selected in the same workspace (same dataset sha256) is not
 fine-tuned again; methods that read neither the scores nor the dev set are sampled once per workspace.
