@@ -523,6 +523,16 @@ def markdown(result: dict, source: str | None) -> str:
             cells.append(_pm(r["harmful_share"].get(m)) + (f" ({_v(ratio['mean'], 2)})" if ratio else ""))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("| pool | " + " | ".join(_pm(result["results"][k]["pool_harmful_share"]) for k in keys) + " |")
+    for k in keys:
+        shares = result["results"][k].get("kind_share")
+        if not shares:
+            continue
+        kinds = sorted({kind for m in shares.values() for kind in m})
+        lines += ["", f"{k}: each planted kind's share of each method's subset (means over seeds; which harm a "
+                  "method lets through):", "", "| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for m in methods:
+            if m in shares:
+                lines.append(f"| {m} | " + " | ".join(_percent(shares[m].get(kind)) for kind in kinds) + " |")
     lines += ["", "Selection seconds (the sample stage; qocs and qwcs also need the valuation above):", "",
               "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for m in methods:

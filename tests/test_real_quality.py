@@ -282,3 +282,13 @@ def test_downstream_gaps_are_paired_by_seed_and_rendered_against_random_and_perp
     text = rq.markdown(line, "x.jsonl")
     assert "| qwcs+blend - random | +0.1000 ± 0.0000 (n/a) |" in text
     assert "| perplexity - random |" in text and "| qwcs+blend - perplexity |" in text and "base - " not in text
+
+
+def test_each_kinds_share_of_a_subset_is_rendered_per_result_row():
+    line = _saved_run(["instruction", "input", "output"], ["qocs", "random"], "concentrated", 0.1)
+    stat = lambda x: {"mean": x, "std": 0.0, "values": [x, x]}  # noqa: E731
+    line["results"]["concentrated/alpaca"]["kind_share"] = {"qocs": {"generic": stat(0.02), "refusal": stat(0.0)},
+                                                            "random": {"generic": stat(0.1), "refusal": stat(0.09)}}
+    text = rq.markdown(line, "x.jsonl")
+    assert "| method | generic | refusal |" in text
+    assert "| qocs | 2.0% | 0.0% |" in text and "| random | 10.0% | 9.0% |" in text
