@@ -290,7 +290,7 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                            "stage_s": dict(stage_s)}
                     log(f"  {key} seed {seed}: shapley {valuation_s:.0f} s, cluster AUROC {row['cluster_auroc']:.3f}, "
                         f"record AUROC {row['record_auroc']:.3f}, harm in bad clusters {row['harm_in_bad_clusters']:.2f}")
-                    for method in args.methods + (["full"] if args.finetune else []):
+                    for method in args.methods + (["full"] if args.finetune and not args.no_full_pool else []):
                         cache_key = None if scored(method) else (method, dev) if method in DEV_READERS else (method,)
                         if cache_key in selections:
                             got = selections[cache_key]
@@ -382,13 +382,26 @@ def targets(summary: dict, protocol: str) -> dict:
     return out
 
 
-def _join(a, b):
-    """Two seeds' figures of one key as one: every {mean, std, values} joined (values appended, mean and std
-    recomputed), recursively."""
-    if isinstance(a, dict) and set(a) == {"mean", "std", "values"}:
+def _is_stat(x) -> bool:
+    return isinstance(x, dict) and set(x) == {"mean", "std", "values"}
+
+
+def _blank(x, seeds: int):
+    """`x`'s shape with every {mean, std, values} over `seeds` missing seeds (what a run did not measure)."""
+    if _is_stat(x):
+        return stats([np.nan] * seeds)
+    return {k: _blank(v, seeds) for k, v in x.items()} if isinstance(x, dict) else x
+
+
+def _join(a, b, seeds_a: int = 1, seeds_b: int = 1):
+    """Two seed lists' figures of one key as one: every {mean, std, values} joined (values appended, mean and std
+    recomputed), recursively; a figure one side lacks (a method it did not run) counts as missing on its seeds,
+    so that values stay aligned by seed."""
+    if _is_stat(a):
         return stats([np.nan if v is None else v for v in a["values"] + b["values"]])
     if isinstance(a, dict):
-        return {k: _join(a[k], b[k]) if k in b else a[k] for k in a}
+        return {k: _join(a[k] if k in a else _blank(b[k], seeds_a), b[k] if k in b else _blank(a[k], seeds_b),
+                         seeds_a, seeds_b) for k in list(a) + [k for k in b if k not in a]}
     return a
 
 
@@ -400,7 +413,8 @@ def merge_seeds(runs: list[dict]) -> dict:
             raise SystemExit(f"cannot join runs sharing seeds: {out['seeds']} and {r['seeds']}")
         if set(r["results"]) != set(out["results"]):
             raise SystemExit(f"cannot join runs of other results: {sorted(out['results'])} and {sorted(r['results'])}")
-        out["results"] = {k: _join(v, r["results"][k]) for k, v in out["results"].items()}
+        out["results"] = {k: _join(v, r["results"][k], len(out["seeds"]), len(r["seeds"]))
+                          for k, v in out["results"].items()}
         out["seeds"] = out["seeds"] + r["seeds"]
         out["seconds"] = {k: v for k, v in {**out["seconds"], **r["seconds"]}.items() if k != "total"} | {
             "total": round(out["seconds"]["total"] + r["seconds"]["total"], 1)}
@@ -676,6 +690,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS.values()), default=list(TASKS.values()),
                         help="with --finetune: the multiple-choice tasks evaluate scores")
     parser.add_argument("--limit", type=int, default=0, help="evaluate.limit: questions per task (0 = all)")
+    parser.add_argument("--no-full-pool", action="store_true",
+                        help="with --finetune: do not fine-tune on the whole pool (the costliest fine-tune: 10x a subset's)")
     parser.add_argument("--heldout", type=int, default=0, metavar="N",
                         help="with --finetune: also score N clean Alpaca records never in the pool or the dev set "
                              "(evaluate.heldout: mean per-token log-likelihood of their responses)")

@@ -292,3 +292,18 @@ def test_each_kinds_share_of_a_subset_is_rendered_per_result_row():
     text = rq.markdown(line, "x.jsonl")
     assert "| method | generic | refusal |" in text
     assert "| qocs | 2.0% | 0.0% |" in text and "| random | 10.0% | 9.0% |" in text
+
+
+def test_a_method_one_seeds_run_lacks_stays_aligned_by_seed_when_runs_are_joined():
+    record = ["instruction", "input", "output"]
+    one, two, three = (_saved_run(record, ["qocs", "random"], "concentrated", x) for x in (0.1, 0.2, 0.3))
+    for run, seed in zip((one, two, three), (1, 2, 3)):
+        run["seeds"] = [seed]
+        run["results"]["concentrated/alpaca"]["acc"] = {"random": {"heldout": rq.stats([-1.0 - seed / 10])}}
+    for run in (one, three):  # the whole pool fine-tuned on seeds 1 and 3 only
+        run["results"]["concentrated/alpaca"]["acc"]["full"] = {"heldout": rq.stats([-0.5 - run["seeds"][0] / 10])}
+    acc = rq.merge([one, two, three])["results"]["concentrated/alpaca"]["acc"]
+    assert acc["random"]["heldout"]["values"] == [-1.1, -1.2, -1.3]
+    assert acc["full"]["heldout"]["values"] == [-0.6, None, -0.8] and acc["full"]["heldout"]["mean"] == -0.7
+    gap = rq.paired_gap(acc, "full", "random", "heldout")
+    assert gap["values"] == [0.5, 0.5] and gap["z"] is None
