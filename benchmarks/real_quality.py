@@ -573,6 +573,9 @@ def markdown(result: dict, source: str | None) -> str:
         lines[-1] += "---|"
         for m in rows:
             label = {"full": "full pool", "base": "base model, not tuned"}.get(m, m)
+            measured = [x for x, v in zip(seeds, next(iter(acc[m].values()))["values"]) if v is not None]
+            if len(measured) < len(seeds):  # a method some seeds' runs did not tune
+                label += f" (seed{'s' if len(measured) > 1 else ''} {', '.join(map(str, measured))} only)"
             lines.append(f"| {label} | " + " | ".join(_pm(acc[m][t]) for t in task_names) + f" | {_pm(tune_s.get(m), 0)} |")
         pairs = [(m, ref) for ref in ("random", "perplexity") for m in rows if m not in (ref, "base", "random")]
         if len(seeds) > 1 and pairs:

@@ -307,3 +307,4 @@ def test_a_method_one_seeds_run_lacks_stays_aligned_by_seed_when_runs_are_joined
     assert acc["full"]["heldout"]["values"] == [-0.6, None, -0.8] and acc["full"]["heldout"]["mean"] == -0.7
     gap = rq.paired_gap(acc, "full", "random", "heldout")
     assert gap["values"] == [0.5, 0.5] and gap["z"] is None
+    assert "| full pool (seeds 1, 3 only) | -0.700 ± 0.100 |" in rq.markdown(rq.merge([one, two, three]), "x.jsonl")
