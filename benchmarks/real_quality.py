@@ -95,9 +95,11 @@ ARC_CHALLENGE = SHARED / "arc/ARC-Challenge/ARC-Challenge-Test.jsonl"
 SMOLLM2 = ROOT / "models/smollm2"
 KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEEP") else None  # debug: keep workspaces
 
-# A method is a sample.method, with "+<sample.within>" for qocs and qwcs (e.g. qocs+loss); qocs@meanloss is a
-# reference: QOCS on clusters scored by their members' mean base-model loss (no valuation), in process.
+# A method is a sample.method, with "+<sample.within>" for qocs and qwcs (e.g. qocs+loss; +blend3: within blend
+# over value, loss and relevance, tables.BLENDS); qocs@meanloss is a reference: QOCS on clusters scored by their
+# members' mean base-model loss (no valuation), in process.
 METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
+           "qocs+relevance", "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qfcs+blend3",
            "qocs+ifd", "qocs@meanloss", "qfcs", "qfcs+value", "qfcs+blend",
            "random", "cluster_uniform", "length", "perplexity", "ifd", "dsir")
 DEFAULT_METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
@@ -158,6 +160,17 @@ def record_reading(table, cluster_of: dict[str, int], harmful: set[str], kind_of
             out["reference_auroc"]["perplexity"] = harm.record_level_auroc(dict(zip(ids, -loss)), harmful)
             out["reference_by_kind"] = {"perplexity": harm.kind_auroc(dict(zip(ids, -loss)), kind_of)}
     return out
+
+
+def within_auroc(harmful: set[str]) -> float:
+    """AUROC of the record order the sample stage just drew by (sample.within in ./params.yaml; its signals from
+    this process's caches): a record taken last flags harm."""
+    from shed.config import load_params
+    from shed.stages import sample
+
+    params = load_params("params.yaml")
+    keys = sample.within_keys(params.sample, sample.read_inputs(params))
+    return harm.record_level_auroc({i: -k for i, k in keys.items()}, harmful)
 
 
 def qocs_by_mean_loss(table, assignments, subset: float) -> list[str]:
@@ -287,6 +300,7 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                            "corrupted_clusters": sum(s > 0.5 for s in cluster_shares(cluster_of, harmful).values()),
                            "clusters": len(score_of), "valuation_s": round(valuation_s, 1),
                            "harmful_share": {}, "kind_share": {}, "selection_s": {}, "acc": {}, "tune_s": {},
+                           "within_auroc": {},
                            "stage_s": dict(stage_s)}
                     log(f"  {key} seed {seed}: shapley {valuation_s:.0f} s, cluster AUROC {row['cluster_auroc']:.3f}, "
                         f"record AUROC {row['record_auroc']:.3f}, harm in bad clusters {row['harm_in_bad_clusters']:.2f}")
@@ -312,6 +326,9 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                             chosen = artifacts.read_curated_ids()
                             got = {"harmful_share": harmful_share(chosen, harmful), "selection_s": round(seconds, 2)}
                             got["kind_share"] = harm.kind_shares(chosen, kind_of)
+                            within = method.partition("+")[2]
+                            if scored(method) and within and within not in row["within_auroc"]:
+                                row["within_auroc"][within] = within_auroc(harmful)
                             if args.finetune:
                                 digest = json.loads(Path(artifacts.MANIFEST).read_text())["sha256"]
                                 got["acc"], got["tune_s"] = finetune_and_score(vraw, digest, tuned, "base" not in tuned)
@@ -346,7 +363,7 @@ def summarize(per_seed: list[dict]) -> dict:
     for k in ("record_auroc_inherited", "length_spearman"):
         if k in first:
             out[k] = stats([r[k] if r[k] is not None else float("nan") for r in per_seed])
-    for block in ("record_auroc_by_kind", "reference_auroc"):
+    for block in ("record_auroc_by_kind", "reference_auroc", "within_auroc"):
         if first.get(block):
             out[block] = {m: stats([r[block].get(m, float("nan")) for r in per_seed])
                           for m in sorted({m for r in per_seed for m in r[block]})}
@@ -509,6 +526,14 @@ def markdown(result: dict, source: str | None) -> str:
             lines.append(f"| {key} | {_pm(r['record_auroc'], 2)} | {_pm(ref.get('length'), 2)} | "
                          f"{_pm(ref.get('perplexity'), 2)} | {_pm(r.get('length_spearman'), 2)} | "
                          + " | ".join(f"{_pm(by_kind.get(k), 2)} (ppl {_pm(plex.get(k), 2)})" for k in kinds) + " |")
+    orders = {k: r["within_auroc"] for k, r in result["results"].items() if r.get("within_auroc")}
+    if orders:
+        names = sorted({name for o in orders.values() for name in o})
+        lines += ["", "The record orders the samplers take cluster members by (sample.within; blend3: value, loss and "
+                  "relevance): AUROC of a record taken last for a planted record:", "",
+                  "| protocol / dev set | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for key, o in orders.items():
+            lines.append(f"| {key} | " + " | ".join(_pm(o.get(name), 2) for name in names) + " |")
     read = {k: r for k, r in result["results"].items() if "proxy_auroc" in r}
     if read:
         kinds = sorted({kind for r in read.values() for kind in r["proxy_rank"]}, key=lambda k: (k != "clean", k))

@@ -126,11 +126,18 @@ def with_valuation(raw: dict, valuation: str) -> dict:
     return out
 
 
+# A benchmark's "+blend" names: sample.within blend with these sample.blend signals.
+BLENDS = {"blend": ["value", "loss"], "blend3": ["value", "loss", "relevance"]}
+
+
 def set_method(raw: dict, method: str) -> None:
-    """A benchmark's method name in params: sample.method, and "+W" for sample.within W (e.g. qocs+loss)."""
+    """A benchmark's method name in params: sample.method, and "+W" for sample.within W (e.g. qocs+loss; +blend3:
+    within blend over value, loss and relevance, `BLENDS`)."""
     name, _, within = method.partition("+")
     set_dotted(raw, "sample.method", name)
-    set_dotted(raw, "sample.within", within or "nearest")
+    set_dotted(raw, "sample.within", "blend" if within in BLENDS else within or "nearest")
+    if within in BLENDS:
+        set_dotted(raw, "sample.blend", BLENDS[within])
 
 
 def scored(method: str) -> bool:

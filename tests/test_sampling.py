@@ -148,13 +148,15 @@ def test_cluster_uniform_is_deterministic_by_seed():
 
 
 def select_with(method: str, subset_size: float, pool: list[dict], assignments=None, losses=None, scores=None,
-                within: str = "nearest", ifd=None, record_scores=None) -> list[str]:
+                within: str = "nearest", ifd=None, record_scores=None, relevance=None, blend=None) -> list[str]:
     from shed.stages.sample import Inputs, select
 
     params = Params()
     params.sample.method, params.sample.subset_size, params.sample.within = method, subset_size, within
+    params.sample.blend = blend or params.sample.blend
     inputs = Inputs(pool, pd.DataFrame() if assignments is None else assignments,
-                    pd.DataFrame() if scores is None else scores, losses=losses, ifd=ifd, record_scores=record_scores)
+                    pd.DataFrame() if scores is None else scores, losses=losses, ifd=ifd, record_scores=record_scores,
+                    relevance=relevance)
     return select(params, inputs)
 
 
@@ -345,6 +347,8 @@ def test_order_within_sorts_each_cluster_by_its_key_with_nan_last_and_ties_neare
      ["r4", "r5", "r3", "r2"]),
     # Superfiltering's order: IFD below 1 by IFD descending, then IFD >= 1
     ("ifd", {"ifd": [1.2, 0.5, 0.9, 1.5, 0.8, 0.6]}, ["r4", "r5", "r3", "r2"]),
+    # the instruction telling most about the response first; NaN (cut to no response token) last
+    ("relevance", {"relevance": [0.3, 0.2, 0.1, math.nan, 0.5, -0.2]}, ["r4", "r5", "r3", "r0"]),
 ])
 def test_qocs_takes_the_clusters_by_score_and_their_members_by_the_within_signal(within, kw, expected):
     assert select_with("qocs", 4, WITHIN_POOL, WITHIN_ASSIGN, scores=WITHIN_SCORES, within=within, **kw) == expected
@@ -386,9 +390,14 @@ def test_every_sample_method_has_a_sampler_and_says_which_signals_it_reads():
                                  ("qocs", "value", {"record_scores"}), ("random", "loss", set()),
                                  ("qwcs", "blend", {"record_scores", "losses"}),
                                  ("dsir", "nearest", {"dev"}), ("qocs", "nearest", set()),
-                                 ("qfcs", "blend", {"record_scores", "losses"}), ("qfcs", "nearest", set())]:
+                                 ("qfcs", "blend", {"record_scores", "losses"}), ("qfcs", "nearest", set()),
+                                 ("qwcs", "relevance", {"losses", "relevance"}), ("ifd", "relevance", {"losses", "ifd"})]:
         cfg.method, cfg.within = method, within
         assert needs(cfg) == want, (method, within)
+    cfg.method, cfg.within, cfg.blend = "qwcs", "blend", ["value", "relevance"]
+    assert needs(cfg) == {"record_scores", "losses", "relevance"}
+    cfg.blend = ["loss"]
+    assert needs(cfg) == {"losses"}
 
 
 CONVERSATION = {"id": "c0", "instruction": "Say hi.", "input": "", "output": "Hello", "messages": [
@@ -430,7 +439,7 @@ def test_a_conversations_loss_averages_every_reply_and_alone_drops_the_user_side
 
 def test_ifd_is_the_conditional_over_the_unconditional_loss_and_the_unconditional_loss_drops_the_instruction(
         tiny_lm, one_thread):
-    from shed.losses import ifd, response_losses
+    from shed.losses import ifd, relevance, response_losses
 
     model, tokenizer = tiny_lm
     conditional = response_losses(model, tokenizer, RECORDS, "qa", 0, 2)
@@ -439,6 +448,8 @@ def test_ifd_is_the_conditional_over_the_unconditional_loss_and_the_unconditiona
     assert alone == pytest.approx([one_record_loss(model, tokenizer, r) for r in bare], rel=1e-5)
     assert ifd(conditional, alone) == pytest.approx([c / u for c, u in zip(conditional, alone)])
     assert math.isnan(ifd([math.inf], [1.0])[0]) and math.isnan(ifd([1.0], [0.0])[0])
+    assert relevance(conditional, alone) == pytest.approx([u - c for c, u in zip(conditional, alone)])
+    assert math.isnan(relevance([math.inf], [1.0])[0]) and relevance([1.5], [1.0]) == [-0.5]
 
 
 def test_sample_stage_reads_the_forward_valuations_base_losses_instead_of_scoring_again(tmp_path, monkeypatch, tiny_lm,
@@ -477,3 +488,26 @@ def test_qocs_with_blend_orders_members_by_value_and_loss_together():
     chosen = select_with("qocs", 3, WITHIN_POOL, WITHIN_ASSIGN, scores=WITHIN_SCORES, within="blend",
                          record_scores=scores, losses=losses)
     assert chosen[0] == "r4" and set(chosen) == {"r3", "r4", "r5"}
+
+
+def test_blend_weighs_each_listed_signal_alike_relevance_included():
+    # cluster 1 (r3 r4 r5): value r4 > r5 > r3, loss r3 < r4 < r5, relevance r5 > r4 > r3
+    scores = {"r0": 0.0, "r1": 0.0, "r2": 0.7, "r3": 0.1, "r4": 0.3, "r5": 0.2}
+    losses = [0.5, 0.1, 0.9, 0.3, 0.35, 0.4]
+    relevance = [0.0, 0.0, 0.0, 0.1, 0.2, 0.9]
+    take = lambda blend: select_with("qocs", 3, WITHIN_POOL, WITHIN_ASSIGN, scores=WITHIN_SCORES, within="blend",  # noqa: E731
+                                     record_scores=scores, losses=losses, relevance=relevance, blend=blend)
+    assert take(["value", "loss"]) == ["r4", "r3", "r5"]
+    assert take(["relevance"]) == ["r5", "r4", "r3"]
+    assert take(["value", "loss", "relevance"]) == ["r4", "r5", "r3"]  # relevance puts r5 ahead of r3
+
+
+def test_sample_blend_names_known_signals_each_once():
+    from shed.config import validate
+    from shed.fileio import ShedError
+
+    for bad in ([], ["value", "value"], ["value", "perplexity"]):
+        params = Params()
+        params.sample.blend = bad
+        with pytest.raises(ShedError, match="sample.blend"):
+            validate(params, "params.yaml")

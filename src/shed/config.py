@@ -275,6 +275,9 @@ class ShapleyConfig:
         return None
 
 
+BLEND_SIGNALS = ("value", "loss", "relevance")  # sample.blend's choices: the record signals sample.within reads
+
+
 @dataclass
 class SampleConfig:
     """The curated subset drawn from the valued clusters."""
@@ -285,9 +288,13 @@ class SampleConfig:
     within: str = param("nearest", "qocs, qwcs: which members a cluster gives first (qfcs: which records it also "
                         "leaves out, the worst exclude of the rest): nearest the centroid (the paper's; qwcs draws at "
                         "random), value (highest record score: shapley.players records), "
-                        "loss (lowest loss under shapley.model), ifd (Superfiltering's order), blend (the mean of "
-                        "a record's percentile ranks by value and by loss: like the dev set, and fluent)",
-                        choices=("nearest", "value", "loss", "ifd", "blend"))
+                        "loss (lowest loss under shapley.model), ifd (Superfiltering's order), relevance (highest "
+                        "`losses.relevance`: the instruction tells most about the response), blend (the mean of a "
+                        "record's percentile ranks by each of sample.blend's signals)",
+                        choices=("nearest", "value", "loss", "ifd", "relevance", "blend"))
+    blend: list[str] = param(["value", "loss"], "within blend: the record signals it weighs alike (value: like the "
+                             "dev set; loss: fluent; relevance: answers its own instruction)",
+                             choices=BLEND_SIGNALS)
     subset_size: float = param(0.1, "a fraction of the pool left after near-duplicates (<= 1; "
                               "cluster.dedup_threshold) or a record count (> 1)", gt=0)
     temperature: float = param(0.01, "QWCS: p(cluster) ∝ exp(score / T)", gt=0)
@@ -299,6 +306,8 @@ class SampleConfig:
     def check(self) -> Iterator[tuple[str, str]]:
         if self.subset_size > 1 and self.subset_size != int(self.subset_size):
             yield "subset_size", f"a count must be a whole number, got {self.subset_size}"
+        if not self.blend or len(set(self.blend)) < len(self.blend):
+            yield "blend", f"one or more record signals, each once; got {self.blend}"
 
 
 @dataclass

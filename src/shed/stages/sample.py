@@ -3,7 +3,8 @@
     shed sample                        # params.yaml: sample.*
     # sample.method: qocs | qwcs | random | dsir | full | cluster_uniform | length | perplexity | ifd
     # sample.subset_size: 0.1 (fraction) or 5000 (records)
-    # sample.within: nearest | value | loss | ifd | blend   (which members a cluster gives: qocs, qwcs)
+    # sample.within: nearest | value | loss | ifd | relevance | blend   (which members a cluster gives: qocs, qwcs)
+    # sample.blend: [value, loss]   (within blend: the signals it weighs alike; relevance too)
 
 Baselines: dsir resamples the pool toward the dev questions' n-gram distribution (shed.dsir);
 cluster_uniform weights every cluster equally; length takes the longest responses; perplexity takes
@@ -14,7 +15,9 @@ shapley.workers workers (shapley.executor; shed.shards: the same losses at any w
 estimate (shed.memory) that refuses in one line, before a model loads, what would not fit.
 With qocs and qwcs the cluster scores decide how many records each cluster gives and sample.within
 which: nearest the centroid (the paper's QOCS; QWCS draws uniformly), the highest record value
-(data/shapley/record_scores.csv, shapley.players records), the lowest loss, IFD's order, or blend (value and loss).
+(data/shapley/record_scores.csv, shapley.players records), the lowest loss, IFD's order, the highest relevance
+(`losses.relevance`: the response's loss alone minus given its instruction; one more forward pass, the response
+alone, as IFD's), or blend (the mean percentile rank by sample.blend's signals).
 
 Near-duplicates (data/clusters/duplicates.csv, cluster.dedup_threshold) leave the pool before any sampler
 sees it, `full` included: every method draws from the records left, and subset_size is a fraction of those.
@@ -40,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shed import artifacts, dsir, memory, sampling
+from shed import artifacts, dsir, losses, memory, sampling
 from shed.clustering import members_by_distance
 from shed.config import Params
 from shed.fileio import ShedError
@@ -68,6 +71,7 @@ class Inputs:
     dev: list[dict] | None = None  # dsir's target
     losses: list[float] | None = None  # perplexity, within loss: the response's loss under shapley.model
     ifd: list[float] | None = None  # ifd, within ifd: `losses.ifd`
+    relevance: list[float] | None = None  # within relevance (or blend with it): `losses.relevance`
     record_scores: dict[str, float] | None = None  # within value: data/shapley/record_scores.csv
 
     @property
@@ -75,7 +79,7 @@ class Inputs:
         return [r["id"] for r in self.pool]
 
 
-SIGNAL_NAMES = {"losses": "loss", "ifd": "IFD"}
+SIGNAL_NAMES = {"losses": "loss", "ifd": "IFD", "relevance": "relevance"}
 
 
 def _signal(inputs: Inputs, name: str) -> list[float]:
@@ -85,22 +89,30 @@ def _signal(inputs: Inputs, name: str) -> list[float]:
     return values
 
 
-def within_keys(within: str, inputs: Inputs) -> dict[str, float] | None:
-    """Sort keys (ascending = taken first) of sample.within's record signal; None for nearest."""
-    if within == "nearest":
-        return None
-    if within == "value":
+def signal_keys(signal: str, inputs: Inputs) -> list[float]:
+    """Sort keys (ascending = taken first), in pool order, of one record signal: value (highest record score
+    first), loss (lowest first), relevance (highest first) or ifd (Superfiltering's order)."""
+    if signal == "value":
         missing = [i for i in inputs.ids if i not in (inputs.record_scores or {})]
         if missing:
             raise ShedError(f"{artifacts.RECORD_SCORES}: record {missing[0]} has no score: sample.within value needs "
                             "every record valued (shapley.players records)")
-        return {i: -inputs.record_scores[i] for i in inputs.ids}
-    if within == "loss":
-        return dict(zip(inputs.ids, _signal(inputs, "losses")))
-    if within == "blend":
-        value = within_keys("value", inputs)
-        return dict(zip(inputs.ids, sampling.blend_keys([value[i] for i in inputs.ids], _signal(inputs, "losses"))))
-    return dict(zip(inputs.ids, sampling.ifd_keys(_signal(inputs, "ifd"))))
+        return [-inputs.record_scores[i] for i in inputs.ids]
+    if signal == "loss":
+        return list(_signal(inputs, "losses"))
+    if signal == "relevance":
+        return [-v for v in _signal(inputs, "relevance")]
+    return sampling.ifd_keys(_signal(inputs, "ifd"))
+
+
+def within_keys(cfg, inputs: Inputs) -> dict[str, float] | None:
+    """Sort keys (ascending = taken first) of sample.within's record signal (cfg: the sample block); None for
+    nearest."""
+    if cfg.within == "nearest":
+        return None
+    if cfg.within == "blend":
+        return dict(zip(inputs.ids, sampling.blend_keys(*(signal_keys(s, inputs) for s in cfg.blend))))
+    return dict(zip(inputs.ids, signal_keys(cfg.within, inputs)))
 
 
 def _scored_clusters(cfg, inputs: Inputs) -> tuple[dict[int, float], dict[int, list[str]]]:
@@ -109,7 +121,7 @@ def _scored_clusters(cfg, inputs: Inputs) -> tuple[dict[int, float], dict[int, l
     if set(scores) != set(members):
         raise ShedError(f"{artifacts.SCORES}: scores cover {len(scores)} clusters but the clustering has "
                         f"{len(members)} (rerun shapley)")
-    keys = within_keys(cfg.within, inputs)
+    keys = within_keys(cfg, inputs)
     return scores, members if keys is None else sampling.order_within(members, keys)
 
 
@@ -131,7 +143,7 @@ def _qwcs(cfg, inputs: Inputs, size: int) -> list[str]:
 def _qfcs(cfg, inputs: Inputs, size: int) -> list[str]:
     members = cluster_members(inputs.assignments)  # nearest first: the draw's order, whatever sample.within is
     scores, _ = _scored_clusters(cfg, inputs)
-    return sampling.qfcs(scores, members, size, cfg.exclude, cfg.seed, key_of=within_keys(cfg.within, inputs))
+    return sampling.qfcs(scores, members, size, cfg.exclude, cfg.seed, key_of=within_keys(cfg, inputs))
 
 
 # sample.method -> sampler(cfg, inputs, size) -> record ids in selection order; each choice of the config has one.
@@ -158,19 +170,18 @@ def select(params: Params, inputs: Inputs) -> list[str]:
 
 
 SCORED = ("qocs", "qwcs", "qfcs")  # the samplers that read the cluster scores, and sample.within
+# a record signal -> the inputs it is computed from
+SIGNAL_NEEDS = {"value": {"record_scores"}, "loss": {"losses"}, "ifd": {"losses", "ifd"},
+                "relevance": {"losses", "relevance"}}
 
 
 def needs(cfg) -> set[str]:
-    """The per-record signals sample.method and sample.within read: losses, ifd, record_scores, dev."""
-    out = set()
-    if cfg.method in ("perplexity", "ifd") or (cfg.method in SCORED and cfg.within in ("loss", "ifd")):
-        out.add("losses")
-    if "ifd" in (cfg.method, cfg.within if cfg.method in SCORED else None):
-        out.add("ifd")
-    if cfg.method in SCORED and cfg.within in ("value", "blend"):
-        out.add("record_scores")
-    if cfg.method in SCORED and cfg.within == "blend":
-        out.add("losses")
+    """The per-record signals sample.method and sample.within read: losses, ifd, relevance, record_scores, dev."""
+    out = SIGNAL_NEEDS["loss" if cfg.method == "perplexity" else "ifd"].copy() \
+        if cfg.method in ("perplexity", "ifd") else set()
+    if cfg.method in SCORED and cfg.within != "nearest":
+        for signal in cfg.blend if cfg.within == "blend" else [cfg.within]:
+            out |= SIGNAL_NEEDS[signal]
     if cfg.method == "dsir":
         out.add("dev")
     return out
@@ -249,14 +260,14 @@ def read_inputs(params: Params) -> Inputs:
             inputs.losses = [known[r["id"]] for r in inputs.pool]
         else:
             kinds.append(False)
-    if "ifd" in want:
+    if want & {"ifd", "relevance"}:
         kinds.append(True)
     scored = dict(zip(kinds, record_losses(params, inputs.pool, tuple(kinds)))) if kinds else {}
     inputs.losses = scored.get(False, inputs.losses)
     if "ifd" in want:
-        from shed.losses import ifd
-
-        inputs.ifd = ifd(inputs.losses, scored[True])
+        inputs.ifd = losses.ifd(inputs.losses, scored[True])
+    if "relevance" in want:
+        inputs.relevance = losses.relevance(inputs.losses, scored[True])
     if "record_scores" in want:
         inputs.record_scores = dict(zip(table["id"].astype(str), table["score"].astype(float)))
     return inputs
@@ -273,6 +284,7 @@ def main(params: Params) -> None:
     counts = pd.Series([cluster_of[i] for i in chosen]).value_counts().sort_index()
     digest = artifacts.write_curated(dataset, {
         "method": cfg.method, "within": cfg.within if cfg.method in SCORED else None,
+        "blend": cfg.blend if cfg.method in SCORED and cfg.within == "blend" else None,
         "size": len(dataset), "pool_size": len(pool), "fraction": len(dataset) / len(pool),
         "temperature": cfg.temperature if cfg.method == "qwcs" else None, "seed": cfg.seed,
         "duplicates_removed": inputs.duplicates, "clusters": {str(k): int(v) for k, v in counts.items()},
