@@ -439,7 +439,8 @@ def test_a_conversations_loss_averages_every_reply_and_alone_drops_the_user_side
 
 def test_ifd_is_the_conditional_over_the_unconditional_loss_and_the_unconditional_loss_drops_the_instruction(
         tiny_lm, one_thread):
-    from shed.losses import ifd, relevance, response_losses
+    from shed.losses import ifd, response_losses
+    from shed.sampling import relevance
 
     model, tokenizer = tiny_lm
     conditional = response_losses(model, tokenizer, RECORDS, "qa", 0, 2)

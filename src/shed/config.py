@@ -289,7 +289,7 @@ class SampleConfig:
                         "leaves out, the worst exclude of the rest): nearest the centroid (the paper's; qwcs draws at "
                         "random), value (highest record score: shapley.players records), "
                         "loss (lowest loss under shapley.model), ifd (Superfiltering's order), relevance (highest "
-                        "`losses.relevance`: the instruction tells most about the response), blend (the mean of a "
+                        "`sampling.relevance`: the instruction tells most about the response), blend (the mean of a "
                         "record's percentile ranks by each of sample.blend's signals)",
                         choices=("nearest", "value", "loss", "ifd", "relevance", "blend"))
     blend: list[str] = param(["value", "loss"], "within blend: the record signals it weighs alike (value: like the "

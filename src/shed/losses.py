@@ -53,12 +53,3 @@ def ifd(conditional: list[float], unconditional: list[float]) -> list[float]:
     response. NaN where either loss is not finite or the denominator is 0."""
     return [c / u if math.isfinite(c) and math.isfinite(u) and u > 0 else float("nan")
             for c, u in zip(conditional, unconditional)]
-
-
-def relevance(conditional: list[float], unconditional: list[float]) -> list[float]:
-    """How much the instruction tells about the response, per record: the response's mean per-token loss alone
-    minus given its instruction (their pointwise mutual information per token, in nats); near 0 or below when
-    the response would read the same after any instruction (a reply to another question, a stock phrase). NaN
-    where either loss is not finite."""
-    return [u - c if math.isfinite(c) and math.isfinite(u) else float("nan")
-            for c, u in zip(conditional, unconditional)]

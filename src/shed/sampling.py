@@ -127,6 +127,15 @@ def ifd_keys(values: list[float]) -> list[float]:
     return [-v if v < 1 else float("nan") for v in values]
 
 
+def relevance(conditional: list[float], unconditional: list[float]) -> list[float]:
+    """How much the instruction tells about the response, per record: the response's mean per-token loss alone
+    minus given its instruction (their pointwise mutual information per token, in nats); near 0 or below when
+    the response would read the same after any instruction (a reply to another question, a stock phrase). NaN
+    where either loss is not finite."""
+    return [u - c if math.isfinite(c) and math.isfinite(u) else float("nan")
+            for c, u in zip(conditional, unconditional)]
+
+
 def blend_keys(*keys: list[float]) -> list[float]:
     """Sort keys (ascending = preferred) that weigh several record signals alike: the mean of each record's
     percentile ranks under each key (ties share their mean rank; a NaN key ranks last)."""

@@ -16,7 +16,7 @@ estimate (shed.memory) that refuses in one line, before a model loads, what woul
 With qocs and qwcs the cluster scores decide how many records each cluster gives and sample.within
 which: nearest the centroid (the paper's QOCS; QWCS draws uniformly), the highest record value
 (data/shapley/record_scores.csv, shapley.players records), the lowest loss, IFD's order, the highest relevance
-(`losses.relevance`: the response's loss alone minus given its instruction; one more forward pass, the response
+(`sampling.relevance`: the response's loss alone minus given its instruction; one more forward pass, the response
 alone, as IFD's), or blend (the mean percentile rank by sample.blend's signals).
 
 Near-duplicates (data/clusters/duplicates.csv, cluster.dedup_threshold) leave the pool before any sampler
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shed import artifacts, dsir, losses, memory, sampling
+from shed import artifacts, dsir, memory, sampling
 from shed.clustering import members_by_distance
 from shed.config import Params
 from shed.fileio import ShedError
@@ -71,7 +71,7 @@ class Inputs:
     dev: list[dict] | None = None  # dsir's target
     losses: list[float] | None = None  # perplexity, within loss: the response's loss under shapley.model
     ifd: list[float] | None = None  # ifd, within ifd: `losses.ifd`
-    relevance: list[float] | None = None  # within relevance (or blend with it): `losses.relevance`
+    relevance: list[float] | None = None  # within relevance (or blend with it): `sampling.relevance`
     record_scores: dict[str, float] | None = None  # within value: data/shapley/record_scores.csv
 
     @property
@@ -265,9 +265,11 @@ def read_inputs(params: Params) -> Inputs:
     scored = dict(zip(kinds, record_losses(params, inputs.pool, tuple(kinds)))) if kinds else {}
     inputs.losses = scored.get(False, inputs.losses)
     if "ifd" in want:
-        inputs.ifd = losses.ifd(inputs.losses, scored[True])
+        from shed.losses import ifd
+
+        inputs.ifd = ifd(inputs.losses, scored[True])
     if "relevance" in want:
-        inputs.relevance = losses.relevance(inputs.losses, scored[True])
+        inputs.relevance = sampling.relevance(inputs.losses, scored[True])
     if "record_scores" in want:
         inputs.record_scores = dict(zip(table["id"].astype(str), table["score"].astype(float)))
     return inputs
