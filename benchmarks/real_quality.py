@@ -103,7 +103,7 @@ METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss",
            "qocs+ifd", "qocs@meanloss", "qfcs", "qfcs+value", "qfcs+blend",
            "random", "cluster_uniform", "length", "perplexity", "ifd", "dsir")
 DEFAULT_METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
-                   "qocs@meanloss", "random",
+                   "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qocs@meanloss", "random",
                    "cluster_uniform", "length", "perplexity", "ifd", "dsir")
 VALUATIONS, scored = tables.VALUATIONS, tables.scored
 DEV_READERS = {"dsir"}  # read the dev set
