@@ -151,6 +151,8 @@ def test_end_to_end_tiny_run_prints_one_json_line_with_every_figure(tmp_path, ti
         assert set(r["reference_auroc"]) == {"length", "perplexity"} and "record_auroc_inherited" in r
         assert set(r["record_auroc_by_kind"]) <= set(rq.LOSS_KINDS) and r["record_auroc_by_kind"]
         assert -1 <= r["length_spearman"]["mean"] <= 1
+        # each record order a scored method drew by, once: its AUROC for a planted record
+        assert set(r["within_auroc"]) == {m.partition("+")[2] for m in METHODS if "+" in m and rq.scored(m)}
         assert all(set(by_task) == {"arc_easy", "arc_challenge", "mmlu", "heldout"} for by_task in r["acc"].values())
         assert all(by_task["heldout"]["mean"] < 0 for by_task in r["acc"].values())  # a mean log-likelihood
         assert r["clusters"]["mean"] == 6
@@ -308,3 +310,12 @@ def test_a_method_one_seeds_run_lacks_stays_aligned_by_seed_when_runs_are_joined
     gap = rq.paired_gap(acc, "full", "random", "heldout")
     assert gap["values"] == [0.5, 0.5] and gap["z"] is None
     assert "| full pool (seeds 1, 3 only) | -0.700 ± 0.100 |" in rq.markdown(rq.merge([one, two, three]), "x.jsonl")
+
+
+def test_each_within_orders_record_auroc_is_rendered_per_result_row():
+    line = _saved_run(["instruction", "input", "output"], ["qwcs+blend3", "random"], "concentrated", 0.1)
+    stat = lambda x: {"mean": x, "std": 0.01, "values": [x - 0.01, x + 0.01]}  # noqa: E731
+    line["results"]["concentrated/alpaca"]["within_auroc"] = {"blend3": stat(0.88), "relevance": stat(0.73)}
+    text = rq.markdown(line, "x.jsonl")
+    assert "| protocol / dev set | blend3 | relevance |" in text
+    assert "| concentrated/alpaca | 0.88 ± 0.01 | 0.73 ± 0.01 |" in text

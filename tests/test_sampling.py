@@ -512,3 +512,28 @@ def test_sample_blend_names_known_signals_each_once():
         params.sample.blend = bad
         with pytest.raises(ShedError, match="sample.blend"):
             validate(params, "params.yaml")
+
+
+def test_sample_stage_orders_by_relevance_from_the_loss_given_the_instruction_and_alone(tmp_path, monkeypatch,
+                                                                                          tiny_lm, one_thread):
+    import json
+
+    from shed.losses import response_losses
+    from shed.sampling import relevance
+    from shed.stages.sample import main
+
+    model, tokenizer = tiny_lm
+    write_sample_inputs(tmp_path, model, tokenizer)
+    monkeypatch.chdir(tmp_path)
+    params = Params()
+    params.sample.method, params.sample.within, params.sample.subset_size = "qocs", "relevance", 5
+    params.train.template, params.shapley.device = "qa", "cpu"
+    main(params)
+    given = response_losses(model, tokenizer, RECORDS, "qa", 0, 2)
+    alone = response_losses(model, tokenizer, RECORDS, "qa", 0, 2, unconditional=True)
+    pmi = dict(zip([r["id"] for r in RECORDS], relevance(given, alone)))
+    # qocs takes cluster 1 (r1 r3, scored higher) whole, then cluster 0 (r0 r2 r4): each by relevance, highest first
+    expected = sorted(["r1", "r3"], key=lambda i: -pmi[i]) + sorted(["r0", "r2", "r4"], key=lambda i: -pmi[i])
+    chosen = [json.loads(line)["id"] for line in (tmp_path / "data/curated/records.jsonl").read_text().splitlines()]
+    assert chosen == expected
+    assert json.loads((tmp_path / "data/curated/manifest.json").read_text())["within"] == "relevance"
