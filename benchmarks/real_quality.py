@@ -639,7 +639,8 @@ def paired_gap(acc: dict, method: str, reference: str, task: str) -> dict | None
     return {**out, "z": _round(out["mean"] / spread) if spread > 1e-9 else None}
 
 
-SUMMARY_METHODS = ("qocs", "qwcs+blend", "perplexity", "ifd", "length", "cluster_uniform", "dsir", "random")
+SUMMARY_METHODS = ("qocs", "qwcs+blend", "qwcs+blend3", "perplexity", "ifd", "length", "cluster_uniform", "dsir",
+                   "random")
 
 
 def worst_case(result: dict, method: str) -> float | None:
@@ -664,8 +665,12 @@ def summary(result: dict) -> str:
     for key, r in result["results"].items():
         lines.append(f"| {key} | {_v(r['record_auroc']['mean'], 2)} | {_percent(r['pool_harmful_share'])} | "
                      + " | ".join(_percent(r["harmful_share"].get(m)) for m in methods) + " |")
-    lines.append("| **worst share / random's** | | | " + " | ".join(f"**{_v(worst_case(result, m), 2)}**" for m in methods)
-                 + " |")
+    rows = result["results"].values()
+
+    def worst(m: str) -> str:  # over the rows that ran the method, saying so where some did not
+        ran = sum(m in r["harmful_share"] for r in rows)
+        return f"**{_v(worst_case(result, m), 2)}**" + (f" ({ran} of {len(rows)} rows)" if ran < len(rows) else "")
+    lines.append("| **worst share / random's** | | | " + " | ".join(worst(m) for m in methods) + " |")
     return "\n".join(lines) + "\n"
 
 

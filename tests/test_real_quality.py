@@ -229,8 +229,8 @@ def test_merge_marks_runs_on_other_fields_and_sums_their_time():
     table = rq.summary(merged).splitlines()
     assert table[0].endswith("| record AUROC | pool | qocs | length | random |") and len(table) == 2 + 4 + 1
     assert table[-3] == "| concentrated/alpaca/output | 0.50 | 20.0% | 30.0% | n/a | 30.0% |"
-    # the last row: each method's worst share over random's across the rows
-    assert table[-1] == "| **worst share / random's** | | | **1.00** | **1.00** | **1.00** |"
+    # the last row: each method's worst share over random's across the rows, saying where a method did not run
+    assert table[-1] == "| **worst share / random's** | | | **1.00** | **1.00** (2 of 4 rows) | **1.00** |"
     other_seeds = _saved_run(record, ["qocs"], "scattered", 0.2)
     other_seeds["seeds"] = [1]
     with pytest.raises(SystemExit, match="different seeds"):
