@@ -177,8 +177,9 @@ SIGNAL_NEEDS = {"value": {"record_scores"}, "loss": {"losses"}, "ifd": {"losses"
 
 def needs(cfg) -> set[str]:
     """The per-record signals sample.method and sample.within read: losses, ifd, relevance, record_scores, dev."""
-    out = SIGNAL_NEEDS["loss" if cfg.method == "perplexity" else "ifd"].copy() \
-        if cfg.method in ("perplexity", "ifd") else set()
+    out: set[str] = set()
+    if cfg.method in ("perplexity", "ifd"):
+        out |= SIGNAL_NEEDS["loss" if cfg.method == "perplexity" else "ifd"]
     if cfg.method in SCORED and cfg.within != "nearest":
         for signal in cfg.blend if cfg.within == "blend" else [cfg.within]:
             out |= SIGNAL_NEEDS[signal]
