@@ -24,8 +24,9 @@ demo: install
 	$(OFFLINE) $(BIN)/dvc repro
 	@echo "curated dataset: data/curated/dataset.jsonl; metrics: metrics/; pictures: plots/*.png"
 
+# Test files spread over up to 3 processes (pytest-xdist; each file's tests stay in one, sharing its fixtures).
 test: install
-	$(OFFLINE) $(BIN)/pytest -q
+	$(OFFLINE) $(BIN)/pytest -q -n auto --maxprocesses 3 --dist loadfile
 
 # The README's grid: methods x sizes and the full pool, queued from HEAD (commit first), then the report.
 METHODS ?= qocs qwcs random dsir cluster_uniform length perplexity
