@@ -67,7 +67,7 @@ def harm_in_bad_clusters(assignments: pd.DataFrame, truth: list[dict]) -> float:
 
 def finetune_and_score(raw: dict, method: str, size: float, with_base: bool) -> tuple[dict, float]:
     """sample -> finetune -> evaluate in the current workspace; (metrics/eval.json, seconds)."""
-    tables.set_method(raw, method)
+    raw = tables.with_method(raw, method)
     tables.set_dotted(raw, "sample.subset_size", size)
     tables.set_dotted(raw, "evaluate.include_base", with_base)
     seconds = sum(tables.run_stage(stage, raw) for stage in ["sample", "finetune", "evaluate"])

@@ -96,14 +96,15 @@ SMOLLM2 = ROOT / "models/smollm2"
 KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEEP") else None  # debug: keep workspaces
 
 # A method is a sample.method, with "+<sample.within>" for qocs and qwcs (e.g. qocs+loss; +blend3: within blend
-# over value, loss and relevance, tables.BLENDS); qocs@meanloss is a reference: QOCS on clusters scored by their
+# over value, loss and relevance, tables.BLENDS) and QFCS's sample.exclude as two digits (qfcs60: 0.6, where
+# --set sample.exclude does not reach); qocs@meanloss is a reference: QOCS on clusters scored by their
 # members' mean base-model loss (no valuation), in process.
 METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
            "qocs+relevance", "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qfcs+blend3",
-           "qocs+ifd", "qocs@meanloss", "qfcs", "qfcs+value", "qfcs+blend",
+           "qfcs60+blend", "qfcs60+blend3", "qocs+ifd", "qocs@meanloss", "qfcs", "qfcs+value", "qfcs+blend",
            "random", "cluster_uniform", "length", "perplexity", "ifd", "dsir")
 DEFAULT_METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
-                   "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qocs@meanloss", "random",
+                   "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qfcs60+blend3", "qocs@meanloss", "random",
                    "cluster_uniform", "length", "perplexity", "ifd", "dsir")
 VALUATIONS, scored = tables.VALUATIONS, tables.scored
 DEV_READERS = {"dsir"}  # read the dev set
@@ -320,9 +321,9 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                                 got["acc"], got["tune_s"] = finetune_and_score(vraw, digest, tuned, "base" not in tuned)
                             selections[cache_key] = got
                         else:
-                            tables.set_method(vraw, method)
-                            tables.set_dotted(vraw, "sample.subset_size", 1.0 if method == "full" else args.subset)
-                            seconds = tables.run_stage("sample", vraw)
+                            mraw = tables.with_method(vraw, method)
+                            tables.set_dotted(mraw, "sample.subset_size", 1.0 if method == "full" else args.subset)
+                            seconds = tables.run_stage("sample", mraw)
                             chosen = artifacts.read_curated_ids()
                             got = {"harmful_share": harmful_share(chosen, harmful), "selection_s": round(seconds, 2)}
                             got["kind_share"] = harm.kind_shares(chosen, kind_of)
@@ -331,7 +332,7 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                                 row["within_auroc"][within] = within_auroc(harmful)
                             if args.finetune:
                                 digest = json.loads(Path(artifacts.MANIFEST).read_text())["sha256"]
-                                got["acc"], got["tune_s"] = finetune_and_score(vraw, digest, tuned, "base" not in tuned)
+                                got["acc"], got["tune_s"] = finetune_and_score(mraw, digest, tuned, "base" not in tuned)
                             if cache_key is not None:
                                 selections[cache_key] = got
                         if method != "full":
@@ -639,7 +640,7 @@ def paired_gap(acc: dict, method: str, reference: str, task: str) -> dict | None
     return {**out, "z": _round(out["mean"] / spread) if spread > 1e-9 else None}
 
 
-SUMMARY_METHODS = ("qocs", "qwcs+blend", "qwcs+blend3", "perplexity", "ifd", "length", "cluster_uniform", "dsir",
+SUMMARY_METHODS = ("qocs", "qwcs+blend", "qwcs+blend3", "qfcs60+blend3", "perplexity", "ifd", "length", "cluster_uniform", "dsir",
                    "random")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -130,14 +131,21 @@ def with_valuation(raw: dict, valuation: str) -> dict:
 BLENDS = {"blend": ["value", "loss"], "blend3": ["value", "loss", "relevance"]}
 
 
-def set_method(raw: dict, method: str) -> None:
-    """A benchmark's method name in params: sample.method, and "+W" for sample.within W (e.g. qocs+loss; +blend3:
-    within blend over value, loss and relevance, `BLENDS`)."""
+def with_method(raw: dict, method: str) -> dict:
+    """A copy of the params `raw` set for a benchmark's method name: sample.method, "+W" for sample.within W (e.g.
+    qocs+loss; +blend3: within blend over value, loss and relevance, `BLENDS`), and QFCS's share left out as two
+    digits after the name where it is not the params' (qfcs60+blend3: sample.exclude 0.6)."""
+    out = json.loads(json.dumps(raw))
     name, _, within = method.partition("+")
-    set_dotted(raw, "sample.method", name)
-    set_dotted(raw, "sample.within", "blend" if within in BLENDS else within or "nearest")
+    share = re.fullmatch(r"qfcs(\d\d)", name)
+    if share:
+        name = "qfcs"
+        set_dotted(out, "sample.exclude", int(share.group(1)) / 100)
+    set_dotted(out, "sample.method", name)
+    set_dotted(out, "sample.within", "blend" if within in BLENDS else within or "nearest")
     if within in BLENDS:
-        set_dotted(raw, "sample.blend", BLENDS[within])
+        set_dotted(out, "sample.blend", BLENDS[within])
+    return out
 
 
 def scored(method: str) -> bool:

@@ -173,6 +173,18 @@ def test_end_to_end_tiny_run_prints_one_json_line_with_every_figure(tmp_path, ti
     assert again.stdout.splitlines()[4:] == text.splitlines()[4:]  # the same tables; the header names the source
 
 
+def test_a_method_name_sets_a_copy_of_the_params_and_qfcs_digits_its_share_left_out():
+    raw = {"sample": {"method": "random", "within": "nearest", "exclude": 0.3, "blend": ["value", "loss"]}}
+    out = rq.tables.with_method(raw, "qfcs60+blend3")
+    assert out["sample"] == {"method": "qfcs", "within": "blend", "exclude": 0.6,
+                             "blend": ["value", "loss", "relevance"]}
+    assert raw["sample"]["exclude"] == 0.3 and raw["sample"]["method"] == "random"  # the run's params untouched
+    assert rq.tables.with_method(raw, "qfcs+value")["sample"] == {"method": "qfcs", "within": "value",
+                                                                  "exclude": 0.3, "blend": ["value", "loss"]}
+    assert rq.tables.with_method(raw, "qwcs")["sample"]["within"] == "nearest"
+    assert rq.scored("qfcs60+blend3")
+
+
 def test_from_json_renders_a_saved_line_and_runs_nothing(tmp_path):
     stat = {"mean": 0.5, "std": 0.0, "values": [0.5]}
     line = {"benchmark": "real_quality", "seeds": [1], "targets": {"concentrated/alpaca": {"cluster_auroc>=0.9": False}},
