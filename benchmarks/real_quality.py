@@ -640,8 +640,8 @@ def paired_gap(acc: dict, method: str, reference: str, task: str) -> dict | None
     return {**out, "z": _round(out["mean"] / spread) if spread > 1e-9 else None}
 
 
-SUMMARY_METHODS = ("qocs", "qwcs+blend", "qwcs+blend3", "qfcs60+blend3", "perplexity", "ifd", "length", "cluster_uniform", "dsir",
-                   "random")
+SUMMARY_METHODS = ("qocs", "qwcs+blend", "qwcs+blend3", "qfcs60+blend3", "perplexity", "ifd", "length",
+                   "cluster_uniform", "dsir", "random")
 
 
 def worst_case(result: dict, method: str) -> float | None:
