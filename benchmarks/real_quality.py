@@ -67,6 +67,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -688,6 +689,15 @@ def build_base(raw: dict) -> tuple[str, float]:
     return str(where / "models/base"), seconds
 
 
+def method_name(text: str) -> str:
+    """--methods' check: a name of METHODS, or qfcsNN with any within of theirs (QFCS leaving out NN%)."""
+    name, plus, within = text.partition("+")
+    if text in METHODS or (re.fullmatch(r"qfcs\d\d", name) and (not plus or f"qfcs+{within}" in METHODS)):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: not a method (choose from {', '.join(METHODS)}; qfcsNN[+W] sets "
+                                     "sample.exclude to NN%)")
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -708,8 +718,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="embed.fields: the whole record (instruction, input, output) or the response alone")
     parser.add_argument("--valuations", nargs="+", choices=tuple(VALUATIONS), default=["forward"],
                         help="; ".join(f"{v}: " + ", ".join(f"{k} {x}" for k, x in d.items()) for v, d in VALUATIONS.items()))
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
-                        help="sample methods; qocs+W / qwcs+W: sample.within W; qocs@meanloss: QOCS on clusters "
+    parser.add_argument("--methods", nargs="+", type=method_name, default=list(DEFAULT_METHODS),
+                        help="sample methods; qocs+W / qwcs+W: sample.within W; qfcsNN: QFCS at sample.exclude NN%%; qocs@meanloss: QOCS on clusters "
                              "scored by their members' mean base-model loss (needs a valuation that measured it: forward)")
     parser.add_argument("--subset", type=float, default=0.1, help="sample.subset_size")
     parser.add_argument("--bad-sources", type=int, default=1)

@@ -183,6 +183,10 @@ def test_a_method_name_sets_a_copy_of_the_params_and_qfcs_digits_its_share_left_
                                                                   "exclude": 0.3, "blend": ["value", "loss"]}
     assert rq.tables.with_method(raw, "qwcs")["sample"]["within"] == "nearest"
     assert rq.scored("qfcs60+blend3")
+    assert rq.parse(["--methods", "qfcs45+blend3", "qfcs80", "random"]).methods == ["qfcs45+blend3", "qfcs80", "random"]
+    for bad in ("qfcs6+blend3", "qfcs60+nearest_ish", "qocs60"):
+        with pytest.raises(SystemExit):
+            rq.parse(["--methods", bad])
 
 
 def test_from_json_renders_a_saved_line_and_runs_nothing(tmp_path):
