@@ -97,8 +97,8 @@ SMOLLM2 = ROOT / "models/smollm2"
 KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEEP") else None  # debug: keep workspaces
 
 # A method is a sample.method, with "+<sample.within>" for qocs and qwcs (e.g. qocs+loss; +blend3: within blend
-# over value, loss and relevance, tables.BLENDS) and QFCS's sample.exclude as two digits (qfcs60: 0.6, where
-# --set sample.exclude does not reach); qocs@meanloss is a reference: QOCS on clusters scored by their
+# over value, loss and relevance, tables.BLENDS) and QFCS's sample.exclude as two digits (qfcs60: 0.6, whatever
+# --set sample.exclude says); qocs@meanloss is a reference: QOCS on clusters scored by their
 # members' mean base-model loss (no valuation), in process.
 METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
            "qocs+relevance", "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qfcs+blend3",
@@ -719,8 +719,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--valuations", nargs="+", choices=tuple(VALUATIONS), default=["forward"],
                         help="; ".join(f"{v}: " + ", ".join(f"{k} {x}" for k, x in d.items()) for v, d in VALUATIONS.items()))
     parser.add_argument("--methods", nargs="+", type=method_name, default=list(DEFAULT_METHODS),
-                        help="sample methods; qocs+W / qwcs+W: sample.within W; qfcsNN: QFCS at sample.exclude NN%%; qocs@meanloss: QOCS on clusters "
-                             "scored by their members' mean base-model loss (needs a valuation that measured it: forward)")
+                        help="sample methods; qocs+W / qwcs+W: sample.within W; qfcsNN: QFCS at sample.exclude NN%%; "
+                             "qocs@meanloss: QOCS on clusters scored by their members' mean base-model loss (needs a "
+                             "valuation that measured it: forward)")
     parser.add_argument("--subset", type=float, default=0.1, help="sample.subset_size")
     parser.add_argument("--bad-sources", type=int, default=1)
     parser.add_argument("--bad-rate", type=float, default=0.85)
