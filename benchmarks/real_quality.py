@@ -67,7 +67,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import time
@@ -102,7 +101,7 @@ KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEE
 # members' mean base-model loss (no valuation), in process.
 METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
            "qocs+relevance", "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qfcs+blend3",
-           "qfcs60+blend", "qfcs60+blend3", "qocs+ifd", "qocs@meanloss", "qfcs", "qfcs+value", "qfcs+blend",
+           "qocs+ifd", "qocs@meanloss", "qfcs", "qfcs+value", "qfcs+blend",
            "random", "cluster_uniform", "length", "perplexity", "ifd", "dsir")
 DEFAULT_METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
                    "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qfcs60+blend3", "qocs@meanloss", "random",
@@ -690,9 +689,8 @@ def build_base(raw: dict) -> tuple[str, float]:
 
 
 def method_name(text: str) -> str:
-    """--methods' check: a name of METHODS, or qfcsNN with any within of theirs (QFCS leaving out NN%)."""
-    name, plus, within = text.partition("+")
-    if text in METHODS or (re.fullmatch(r"qfcs\d\d", name) and (not plus or f"qfcs+{within}" in METHODS)):
+    """--methods' check: a name of METHODS, or a qfcs one with its share as two digits (qfcs60+blend3)."""
+    if tables.plain_method(text) in METHODS:
         return text
     raise argparse.ArgumentTypeError(f"{text!r}: not a method (choose from {', '.join(METHODS)}; qfcsNN[+W] sets "
                                      "sample.exclude to NN%)")

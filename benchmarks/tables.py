@@ -129,6 +129,14 @@ def with_valuation(raw: dict, valuation: str) -> dict:
 
 # A benchmark's "+blend" names: sample.within blend with these sample.blend signals.
 BLENDS = {"blend": ["value", "loss"], "blend3": ["value", "loss", "relevance"]}
+# "qfcs60": QFCS with sample.exclude 0.6, whatever the params say.
+QFCS_SHARE = re.compile(r"qfcs(\d\d)")
+
+
+def plain_method(method: str) -> str:
+    """The method name without QFCS's share digits (qfcs60+blend3 -> qfcs+blend3)."""
+    share = QFCS_SHARE.match(method)
+    return "qfcs" + method[share.end():] if share else method
 
 
 def with_method(raw: dict, method: str) -> dict:
@@ -136,11 +144,10 @@ def with_method(raw: dict, method: str) -> dict:
     qocs+loss; +blend3: within blend over value, loss and relevance, `BLENDS`), and QFCS's share left out as two
     digits after the name where it is not the params' (qfcs60+blend3: sample.exclude 0.6)."""
     out = json.loads(json.dumps(raw))
-    name, _, within = method.partition("+")
-    share = re.fullmatch(r"qfcs(\d\d)", name)
+    share = QFCS_SHARE.match(method)
     if share:
-        name = "qfcs"
         set_dotted(out, "sample.exclude", int(share.group(1)) / 100)
+    name, _, within = plain_method(method).partition("+")
     set_dotted(out, "sample.method", name)
     set_dotted(out, "sample.within", "blend" if within in BLENDS else within or "nearest")
     if within in BLENDS:

@@ -184,7 +184,7 @@ def test_a_method_name_sets_a_copy_of_the_params_and_qfcs_digits_its_share_left_
     assert rq.tables.with_method(raw, "qwcs")["sample"]["within"] == "nearest"
     assert rq.scored("qfcs60+blend3")
     assert rq.parse(["--methods", "qfcs45+blend3", "qfcs80", "random"]).methods == ["qfcs45+blend3", "qfcs80", "random"]
-    for bad in ("qfcs6+blend3", "qfcs60+nearest_ish", "qocs60"):
+    for bad in ("qfcs6+blend3", "qfcs600+blend3", "qfcs60+nearest_ish", "qocs60"):
         with pytest.raises(SystemExit):
             rq.parse(["--methods", bad])
 
