@@ -97,14 +97,17 @@ KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEE
 
 # A method is a sample.method, with "+<sample.within>" for qocs and qwcs (e.g. qocs+loss; +blend3: within blend
 # over value, loss and relevance, tables.BLENDS) and QFCS's sample.exclude as two digits (qfcs60: 0.6, whatever
-# --set sample.exclude says); qocs@meanloss is a reference: QOCS on clusters scored by their
-# members' mean base-model loss (no valuation), in process.
+# --set sample.exclude says); "@members" ranks the clusters by their members' within signal instead of their value
+# (sample.cluster_score members; qocs+blend3@members); qocs@meanloss is a reference: QOCS on clusters scored by
+# their members' mean base-model loss (no valuation), in process.
 METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
            "qocs+relevance", "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qfcs+blend3",
-           "qocs+ifd", "qocs@meanloss", "qfcs", "qfcs+value", "qfcs+blend",
+           "qocs+ifd", "qocs@meanloss", "qfcs", "qfcs+value", "qfcs+blend", "qocs+blend3@members",
+           "qwcs+blend3@members", "qfcs+blend3@members",
            "random", "cluster_uniform", "length", "perplexity", "ifd", "dsir")
 DEFAULT_METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
-                   "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qfcs60+blend3", "qocs@meanloss", "random",
+                   "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qfcs60+blend3", "qocs+blend3@members",
+                   "qwcs+blend3@members", "qfcs60+blend3@members", "qocs@meanloss", "random",
                    "cluster_uniform", "length", "perplexity", "ifd", "dsir")
 VALUATIONS, scored = tables.VALUATIONS, tables.scored
 DEV_READERS = {"dsir"}  # read the dev set
@@ -163,15 +166,20 @@ def record_reading(table, cluster_of: dict[str, int], harmful: set[str], kind_of
     return out
 
 
-def within_auroc(harmful: set[str]) -> float:
-    """AUROC of the record order the sample stage just drew by (sample.within in ./params.yaml; its signals from
-    this process's caches): a record taken last flags harm."""
+def within_auroc(harmful: set[str], cluster_of: dict[str, int]) -> tuple[float, float]:
+    """AUROCs of the record order the sample stage just drew by (sample.within in ./params.yaml; its signals from
+    this process's caches): of a record taken last for a planted record, and of a cluster's score by that order
+    (`sampling.member_scores`, what sample.cluster_score members ranks clusters by) for a corrupted cluster."""
     from shed.config import load_params
+    from shed.sampling import member_scores
     from shed.stages import sample
 
     params = load_params("params.yaml")
-    keys = sample.within_keys(params.sample, sample.read_inputs(params))
-    return harm.record_level_auroc({i: -k for i, k in keys.items()}, harmful)
+    inputs = sample.read_inputs(params)
+    keys = sample.within_keys(params.sample, inputs)
+    clusters = member_scores(sample.cluster_members(inputs.assignments), keys)
+    return (harm.record_level_auroc({i: -k for i, k in keys.items()}, harmful),
+            cluster_auroc(clusters, cluster_of, harmful))
 
 
 def qocs_by_mean_loss(table, assignments, subset: float) -> list[str]:
@@ -301,7 +309,7 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                            "corrupted_clusters": sum(s > 0.5 for s in cluster_shares(cluster_of, harmful).values()),
                            "clusters": len(score_of), "valuation_s": round(valuation_s, 1),
                            "harmful_share": {}, "kind_share": {}, "selection_s": {}, "acc": {}, "tune_s": {},
-                           "within_auroc": {},
+                           "within_auroc": {}, "within_cluster_auroc": {},
                            "stage_s": dict(stage_s)}
                     log(f"  {key} seed {seed}: shapley {valuation_s:.0f} s, cluster AUROC {row['cluster_auroc']:.3f}, "
                         f"record AUROC {row['record_auroc']:.3f}, harm in bad clusters {row['harm_in_bad_clusters']:.2f}")
@@ -327,9 +335,10 @@ def one_workspace(protocol: str, seed: int, args, base_raw: dict, alpaca: list[d
                             chosen = artifacts.read_curated_ids()
                             got = {"harmful_share": harmful_share(chosen, harmful), "selection_s": round(seconds, 2)}
                             got["kind_share"] = harm.kind_shares(chosen, kind_of)
-                            within = method.partition("+")[2]
+                            within = method.partition("+")[2].partition("@")[0]
                             if scored(method) and within and within not in row["within_auroc"]:
-                                row["within_auroc"][within] = within_auroc(harmful)
+                                row["within_auroc"][within], row["within_cluster_auroc"][within] = \
+                                    within_auroc(harmful, cluster_of)
                             if args.finetune:
                                 digest = json.loads(Path(artifacts.MANIFEST).read_text())["sha256"]
                                 got["acc"], got["tune_s"] = finetune_and_score(mraw, digest, tuned, "base" not in tuned)
@@ -364,7 +373,7 @@ def summarize(per_seed: list[dict]) -> dict:
     for k in ("record_auroc_inherited", "length_spearman"):
         if k in first:
             out[k] = stats([r[k] if r[k] is not None else float("nan") for r in per_seed])
-    for block in ("record_auroc_by_kind", "reference_auroc", "within_auroc"):
+    for block in ("record_auroc_by_kind", "reference_auroc", "within_auroc", "within_cluster_auroc"):
         if first.get(block):
             out[block] = {m: stats([r[block].get(m, float("nan")) for r in per_seed])
                           for m in sorted({m for r in per_seed for m in r[block]})}
@@ -394,6 +403,10 @@ def targets(summary: dict, protocol: str) -> dict:
     if protocol != "concentrated":
         return {}
     out = {"cluster_auroc>=0.9": bool((summary["cluster_auroc"]["mean"] or 0) >= 0.9)}
+    ranked = {name: r["mean"] for name, r in summary.get("within_cluster_auroc", {}).items() if r["mean"] is not None}
+    if ranked:
+        best = max(sorted(ranked), key=ranked.get)
+        out[f"cluster_auroc(@members, {best})>=0.9"] = bool(ranked[best] >= 0.9)
     share = summary.get("harmful_share", {})
     if "qocs" in share and "random" in share:
         out["qocs_share<=random/3"] = bool(share["qocs"]["mean"] <= share["random"]["mean"] / 3)
@@ -535,6 +548,16 @@ def markdown(result: dict, source: str | None) -> str:
                   "| protocol / dev set | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for key, o in orders.items():
             lines.append(f"| {key} | " + " | ".join(_pm(o.get(name), 2) for name in names) + " |")
+    ranked = {k: r["within_cluster_auroc"] for k, r in result["results"].items() if r.get("within_cluster_auroc")}
+    if ranked:
+        names = sorted({name for o in ranked.values() for name in o})
+        lines += ["", "The same orders ranking the clusters (sample.cluster_score members, the methods marked @members: "
+                  "one minus the members' mean percentile rank): cluster AUROC, beside the valuation's own (its "
+                  "cluster scores, data/shapley/scores.csv):", "",
+                  "| protocol / dev set | valuation | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for key, o in ranked.items():
+            lines.append(f"| {key} | {_pm(result['results'][key]['cluster_auroc'], 2)} | "
+                         + " | ".join(_pm(o.get(name), 2) for name in names) + " |")
     read = {k: r for k, r in result["results"].items() if "proxy_auroc" in r}
     if read:
         kinds = sorted({kind for r in read.values() for kind in r["proxy_rank"]}, key=lambda k: (k != "clean", k))

@@ -133,6 +133,10 @@ BLENDS = {"blend": ["value", "loss"], "blend3": ["value", "loss", "relevance"]}
 QFCS_SHARE = re.compile(r"qfcs(\d\d)")
 
 
+# "@members": sample.cluster_score members (clusters ranked by their members' within signal, not their value).
+MEMBERS = "@members"
+
+
 def plain_method(method: str) -> str:
     """The method name without QFCS's share digits (qfcs60+blend3 -> qfcs+blend3)."""
     share = QFCS_SHARE.match(method)
@@ -142,12 +146,17 @@ def plain_method(method: str) -> str:
 def with_method(raw: dict, method: str) -> dict:
     """A copy of the params `raw` set for a benchmark's method name: sample.method, "+W" for sample.within W (e.g.
     qocs+loss; +blend3: within blend over value, loss and relevance, `BLENDS`), and QFCS's share left out as two
-    digits after the name where it is not the params' (qfcs60+blend3: sample.exclude 0.6)."""
+    digits after the name where it is not the params' (qfcs60+blend3: sample.exclude 0.6); "@members" ranks the
+    clusters by the within signal (sample.cluster_score members; qocs+blend3@members)."""
     out = json.loads(json.dumps(raw))
     share = QFCS_SHARE.match(method)
     if share:
         set_dotted(out, "sample.exclude", int(share.group(1)) / 100)
-    name, _, within = plain_method(method).partition("+")
+    plain = plain_method(method)
+    if plain.endswith(MEMBERS):
+        set_dotted(out, "sample.cluster_score", "members")
+        plain = plain[:-len(MEMBERS)]
+    name, _, within = plain.partition("+")
     set_dotted(out, "sample.method", name)
     set_dotted(out, "sample.within", "blend" if within in BLENDS else within or "nearest")
     if within in BLENDS:
@@ -157,5 +166,5 @@ def with_method(raw: dict, method: str) -> dict:
 
 def scored(method: str) -> bool:
     """Does the method read the valuation (so runs again for each valuation and dev set)?"""
-    return method.startswith(("qocs", "qwcs", "qfcs")) and "@" not in method
+    return method.startswith(("qocs", "qwcs", "qfcs")) and ("@" not in method or method.endswith(MEMBERS))
 

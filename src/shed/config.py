@@ -295,6 +295,10 @@ class SampleConfig:
     blend: list[str] = param(["value", "loss"], "within blend: the record signals it weighs alike (value: like the "
                              "dev set; loss: fluent; relevance: answers its own instruction)",
                              choices=BLEND_SIGNALS)
+    cluster_score: str = param("value", "qocs, qwcs, qfcs: what ranks the clusters: value (their Shapley values, "
+                               "data/shapley/scores.csv: the paper's) or members (one minus the mean percentile rank "
+                               "of their members by sample.within's signal, `sampling.member_scores`: needs "
+                               "sample.within other than nearest)", choices=("value", "members"))
     subset_size: float = param(0.1, "a fraction of the pool left after near-duplicates (<= 1; "
                               "cluster.dedup_threshold) or a record count (> 1)", gt=0)
     temperature: float = param(0.01, "QWCS: p(cluster) ∝ exp(score / T)", gt=0)
@@ -306,6 +310,9 @@ class SampleConfig:
     def check(self) -> Iterator[tuple[str, str]]:
         if self.subset_size > 1 and self.subset_size != int(self.subset_size):
             yield "subset_size", f"a count must be a whole number, got {self.subset_size}"
+        if self.cluster_score == "members" and self.within == "nearest":
+            yield "cluster_score", "members ranks clusters by sample.within's record signal: set sample.within " \
+                                   "(value, loss, ifd, relevance or blend), not nearest"
         if not self.blend or len(set(self.blend)) < len(self.blend):
             yield "blend", f"one or more record signals, each once; got {self.blend}"
 

@@ -151,6 +151,15 @@ def blend_keys(*keys: list[float]) -> list[float]:
     return np.mean(ranks, axis=0).tolist()
 
 
+def member_scores(members: dict[int, list[str]], keys: dict[str, float]) -> dict[int, float]:
+    """Each cluster's score from its members' record signal (sort keys, ascending = preferred, as `order_within`
+    reads them): one minus their mean percentile rank among all the records (`blend_keys`: ties share a rank, a NaN
+    key ranks last), so 1 when a cluster holds the pool's best records, 0 its worst."""
+    ids = [rid for m in members.values() for rid in m]
+    rank = dict(zip(ids, blend_keys([keys[rid] for rid in ids])))
+    return {c: 1.0 - float(np.mean([rank[rid] for rid in m])) for c, m in members.items()}
+
+
 def random_sample(ids: list[str], size: int, seed: int) -> list[str]:
     rng = np.random.default_rng([seed, 3])
     return [ids[i] for i in rng.choice(len(ids), size=size, replace=False)]

@@ -5,6 +5,7 @@
     # sample.subset_size: 0.1 (fraction) or 5000 (records)
     # sample.within: nearest | value | loss | ifd | relevance | blend   (which members a cluster gives: qocs, qwcs)
     # sample.blend: [value, loss]   (within blend: the signals it weighs alike; relevance too)
+    # sample.cluster_score: value | members   (what ranks the clusters: Shapley values, or their members by within)
 
 Baselines: dsir resamples the pool toward the dev questions' n-gram distribution (shed.dsir);
 cluster_uniform weights every cluster equally; length takes the longest responses; perplexity takes
@@ -17,7 +18,9 @@ With qocs and qwcs the cluster scores decide how many records each cluster gives
 which: nearest the centroid (the paper's QOCS; QWCS draws uniformly), the highest record value
 (data/shapley/record_scores.csv, shapley.players records), the lowest loss, IFD's order, the highest relevance
 (`sampling.relevance`: the response's loss alone minus given its instruction; one more forward pass, the response
-alone, as IFD's), or blend (the mean percentile rank by sample.blend's signals).
+alone, as IFD's), or blend (the mean percentile rank by sample.blend's signals). sample.cluster_score members
+ranks the clusters by that same signal instead of their Shapley values: one minus their members' mean percentile
+rank (`sampling.member_scores`), so one signal decides both which clusters give records and which members.
 
 Near-duplicates (data/clusters/duplicates.csv, cluster.dedup_threshold) leave the pool before any sampler
 sees it, `full` included: every method draws from the records left, and subset_size is a fraction of those.
@@ -116,12 +119,15 @@ def within_keys(cfg, inputs: Inputs) -> dict[str, float] | None:
 
 
 def _scored_clusters(cfg, inputs: Inputs) -> tuple[dict[int, float], dict[int, list[str]]]:
+    """(each cluster's score, by sample.cluster_score; its members in sample.within's order)."""
     members = cluster_members(inputs.assignments)
     scores = {int(c): float(s) for c, s in zip(inputs.scores["cluster"], inputs.scores["score"])}
     if set(scores) != set(members):
         raise ShedError(f"{artifacts.SCORES}: scores cover {len(scores)} clusters but the clustering has "
                         f"{len(members)} (rerun shapley)")
     keys = within_keys(cfg, inputs)
+    if cfg.cluster_score == "members":
+        scores = sampling.member_scores(members, keys)
     return scores, members if keys is None else sampling.order_within(members, keys)
 
 
@@ -288,11 +294,13 @@ def main(params: Params) -> None:
     digest = artifacts.write_curated(dataset, {
         "method": cfg.method, "within": cfg.within if cfg.method in SCORED else None,
         "blend": cfg.blend if cfg.method in SCORED and cfg.within == "blend" else None,
+        "cluster_score": cfg.cluster_score if cfg.method in SCORED else None,
         "size": len(dataset), "pool_size": len(pool), "fraction": len(dataset) / len(pool),
         "temperature": cfg.temperature if cfg.method == "qwcs" else None, "seed": cfg.seed,
         "duplicates_removed": inputs.duplicates, "clusters": {str(k): int(v) for k, v in counts.items()},
     })
-    artifacts.write_metrics("sample", {"method": cfg.method, "within": cfg.within, "size": len(dataset),
+    artifacts.write_metrics("sample", {"method": cfg.method, "within": cfg.within, "cluster_score": cfg.cluster_score,
+                                       "size": len(dataset),
                                        "fraction": round(len(dataset) / len(pool), 6),
                                        "clusters_used": int(len(counts)), "duplicates_removed": inputs.duplicates})
     log.info("%s: %d of %d records from %d clusters -> %s (sha256 %s)", cfg.method, len(dataset), len(pool),
