@@ -102,8 +102,7 @@ KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEE
 # their members' mean base-model loss (no valuation), in process.
 METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
            "qocs+relevance", "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qfcs+blend3",
-           "qocs+ifd", "qocs@meanloss", "qfcs", "qfcs+value", "qfcs+blend", "qocs+blend3@members",
-           "qwcs+blend3@members", "qfcs+blend3@members",
+           "qocs+ifd", "qocs@meanloss", "qfcs", "qfcs+value", "qfcs+blend",
            "random", "cluster_uniform", "length", "perplexity", "ifd", "dsir")
 DEFAULT_METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
                    "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qfcs60+blend3", "qocs+blend3@members",
@@ -712,11 +711,13 @@ def build_base(raw: dict) -> tuple[str, float]:
 
 
 def method_name(text: str) -> str:
-    """--methods' check: a name of METHODS, or a qfcs one with its share as two digits (qfcs60+blend3)."""
-    if tables.plain_method(text) in METHODS:
+    """--methods' check: a name of METHODS, a qfcs one with its share as two digits (qfcs60+blend3), and either
+    with "@members" where it has a within order (qocs+blend3@members)."""
+    base = text.removesuffix(tables.MEMBERS)
+    if tables.plain_method(base) in METHODS and (base == text or "+" in base and scored(base)):
         return text
     raise argparse.ArgumentTypeError(f"{text!r}: not a method (choose from {', '.join(METHODS)}; qfcsNN[+W] sets "
-                                     "sample.exclude to NN%)")
+                                     "sample.exclude to NN%; M+W@members ranks the clusters by W)")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

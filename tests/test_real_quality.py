@@ -124,9 +124,9 @@ def tiny_base(tmp_path_factory):
     return ws / "models/base"
 
 
-# one of each kind of method (cluster scores, a within order, the reference, record-level, random): every one
-# is fine-tuned and evaluated, so the full list would triple the test's time
-METHODS = ["qocs", "qwcs+blend", "qocs@meanloss", "perplexity", "random"]
+# one of each kind of method (cluster scores, a within order ranking the clusters too, the reference, record-level,
+# random): every one is fine-tuned and evaluated, so the full list would triple the test's time
+METHODS = ["qocs", "qwcs+blend@members", "qocs@meanloss", "perplexity", "random"]
 
 
 @pytest.mark.slow
@@ -152,13 +152,17 @@ def test_end_to_end_tiny_run_prints_one_json_line_with_every_figure(tmp_path, ti
         assert set(r["record_auroc_by_kind"]) <= set(rq.LOSS_KINDS) and r["record_auroc_by_kind"]
         assert -1 <= r["length_spearman"]["mean"] <= 1
         # each record order a scored method drew by, once: its AUROC for a planted record
-        assert set(r["within_auroc"]) == {m.partition("+")[2] for m in METHODS if "+" in m and rq.scored(m)}
+        # and its clusters' by that order (sample.cluster_score members)
+        orders = {m.partition("+")[2].partition("@")[0] for m in METHODS if "+" in m and rq.scored(m)}
+        assert set(r["within_auroc"]) == orders == set(r["within_cluster_auroc"]) == {"blend"}
+        assert 0 <= r["within_cluster_auroc"]["blend"]["mean"] <= 1
         assert all(set(by_task) == {"arc_easy", "arc_challenge", "mmlu", "heldout"} for by_task in r["acc"].values())
         assert all(by_task["heldout"]["mean"] < 0 for by_task in r["acc"].values())  # a mean log-likelihood
         assert r["clusters"]["mean"] == 6
     share = line["results"]["concentrated/alpaca"]["pool_harmful_share"]["mean"]
     assert share == pytest.approx((round(0.85 * 12) + 4 * round(0.02 * 12)) / 60, abs=1e-4)
-    assert set(line["targets"]["concentrated/alpaca"]) == {"cluster_auroc>=0.9", "qocs_share<=random/3"}
+    assert set(line["targets"]["concentrated/alpaca"]) == {"cluster_auroc>=0.9", "qocs_share<=random/3",
+                                                           "cluster_auroc(@members, blend)>=0.9"}
     assert line["targets"]["scattered/alpaca"] == {}
     assert line["settings"]["embed_fields"] == ["instruction", "input", "output"] and line["seeds"] == [1]
     # saved settings name the shared data relative to the repository, not this machine's folders
@@ -182,9 +186,15 @@ def test_a_method_name_sets_a_copy_of_the_params_and_qfcs_digits_its_share_left_
     assert rq.tables.with_method(raw, "qfcs+value")["sample"] == {"method": "qfcs", "within": "value",
                                                                   "exclude": 0.3, "blend": ["value", "loss"]}
     assert rq.tables.with_method(raw, "qwcs")["sample"]["within"] == "nearest"
-    assert rq.scored("qfcs60+blend3")
+    assert rq.scored("qfcs60+blend3") and rq.scored("qocs+blend3@members") and not rq.scored("qocs@meanloss")
+    ranked = rq.tables.with_method(raw, "qfcs60+blend3@members")["sample"]
+    assert ranked == {"method": "qfcs", "within": "blend", "exclude": 0.6, "blend": ["value", "loss", "relevance"],
+                      "cluster_score": "members"}
+    assert "cluster_score" not in rq.tables.with_method(raw, "qfcs60+blend3")["sample"]
+    assert rq.parse(["--methods", "qfcs60+blend3@members"]).methods == ["qfcs60+blend3@members"]
+    assert [rq.method_name(m) for m in rq.DEFAULT_METHODS] == list(rq.DEFAULT_METHODS)
     assert rq.parse(["--methods", "qfcs45+blend3", "qfcs80", "random"]).methods == ["qfcs45+blend3", "qfcs80", "random"]
-    for bad in ("qfcs6+blend3", "qfcs600+blend3", "qfcs60+nearest_ish", "qocs60"):
+    for bad in ("qfcs6+blend3", "qfcs600+blend3", "qfcs60+nearest_ish", "qocs60", "qocs@members"):
         with pytest.raises(SystemExit):
             rq.parse(["--methods", bad])
 
@@ -335,3 +345,8 @@ def test_each_within_orders_record_auroc_is_rendered_per_result_row():
     text = rq.markdown(line, "x.jsonl")
     assert "| protocol / dev set | blend3 | relevance |" in text
     assert "| concentrated/alpaca | 0.88 ± 0.01 | 0.73 ± 0.01 |" in text
+    assert "sample.cluster_score members" not in text  # no cluster AUROC by order measured: no table
+    line["results"]["concentrated/alpaca"]["within_cluster_auroc"] = {"blend3": stat(0.97)}
+    text = rq.markdown(line, "x.jsonl")
+    assert "| protocol / dev set | valuation | blend3 |" in text
+    assert "| concentrated/alpaca | 0.50 ± 0.00 | 0.97 ± 0.01 |" in text

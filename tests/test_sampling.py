@@ -148,11 +148,13 @@ def test_cluster_uniform_is_deterministic_by_seed():
 
 
 def select_with(method: str, subset_size: float, pool: list[dict], assignments=None, losses=None, scores=None,
-                within: str = "nearest", ifd=None, record_scores=None, relevance=None, blend=None) -> list[str]:
+                within: str = "nearest", ifd=None, record_scores=None, relevance=None, blend=None,
+                cluster_score: str = "value", exclude: float = 0.3) -> list[str]:
     from shed.stages.sample import Inputs, select
 
     params = Params()
     params.sample.method, params.sample.subset_size, params.sample.within = method, subset_size, within
+    params.sample.cluster_score, params.sample.exclude = cluster_score, exclude
     params.sample.blend = blend or params.sample.blend
     inputs = Inputs(pool, pd.DataFrame() if assignments is None else assignments,
                     pd.DataFrame() if scores is None else scores, losses=losses, ifd=ifd, record_scores=record_scores,
@@ -501,6 +503,38 @@ def test_blend_weighs_each_listed_signal_alike_relevance_included():
     assert take(["value", "loss"]) == ["r4", "r3", "r5"]
     assert take(["relevance"]) == ["r5", "r4", "r3"]
     assert take(["value", "loss", "relevance"]) == ["r4", "r5", "r3"]  # relevance puts r5 ahead of r3
+
+
+def test_member_scores_are_one_minus_the_members_mean_percentile_rank_over_the_pool():
+    from shed.sampling import member_scores
+
+    members = {0: ["a", "b"], 1: ["c", "d"], 2: ["e"]}
+    keys = {"a": 0.1, "b": 0.2, "c": 0.3, "d": math.nan, "e": 0.2}
+    # percentile ranks a 0, b and e (tied) 3/8, c 3/4, d 1 (a NaN key last)
+    assert member_scores(members, keys) == pytest.approx({0: 1 - 3 / 16, 1: 1 - 7 / 8, 2: 1 - 3 / 8})
+
+
+@pytest.mark.parametrize("method", ["qocs", "qwcs", "qfcs"])
+def test_cluster_score_members_ranks_the_clusters_by_the_within_signal_not_their_value(method):
+    # cluster 1 scores higher (WITHIN_SCORES) but holds the three highest losses: by its members it ranks last
+    # (qfcs, half left out: the lower cluster whole, then no record more, as 3 must remain)
+    losses = [0.1, 0.2, 0.3, 0.7, 0.8, 0.9]
+    take = lambda cluster_score: select_with(method, 3, WITHIN_POOL, WITHIN_ASSIGN, scores=WITHIN_SCORES,  # noqa: E731
+                                             within="loss", losses=losses, cluster_score=cluster_score, exclude=0.5)
+    assert set(take("value")) == {"r3", "r4", "r5"}
+    assert set(take("members")) == {"r0", "r1", "r2"}
+
+
+def test_cluster_score_members_needs_a_within_signal():
+    from shed.config import validate
+    from shed.fileio import ShedError
+
+    params = Params()
+    params.sample.cluster_score = "members"
+    with pytest.raises(ShedError, match="sample.cluster_score.*sample.within"):
+        validate(params, "params.yaml")
+    params.sample.within = "loss"
+    validate(params, "params.yaml")
 
 
 def test_sample_blend_names_known_signals_each_once():
