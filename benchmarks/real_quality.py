@@ -98,15 +98,15 @@ KEEP = Path(os.environ["SHED_QUALITY_KEEP"]) if os.environ.get("SHED_QUALITY_KEE
 # A method is a sample.method, with "+<sample.within>" for qocs and qwcs (e.g. qocs+loss; +blend3: within blend
 # over value, loss and relevance, tables.BLENDS) and QFCS's sample.exclude as two digits (qfcs60: 0.6, whatever
 # --set sample.exclude says); "@members" ranks the clusters by their members' within signal instead of their value
-# (sample.cluster_score members; qocs+blend3@members); qocs@meanloss is a reference: QOCS on clusters scored by
-# their members' mean base-model loss (no valuation), in process.
+# (sample.cluster_score members; qocs+blend3@members); qocs@meanloss and qocs+blendlr@members are references: QOCS
+# on clusters scored by their members' mean base-model loss, or their loss and relevance (no valuation).
 METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
            "qocs+relevance", "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qfcs+blend3",
-           "qocs+ifd", "qocs@meanloss", "qfcs", "qfcs+value", "qfcs+blend",
+           "qocs+ifd", "qocs@meanloss", "qfcs", "qfcs+value", "qfcs+blend", "qocs+blendlr",
            "random", "cluster_uniform", "length", "perplexity", "ifd", "dsir")
 DEFAULT_METHODS = ("qocs", "qwcs", "qocs+value", "qwcs+value", "qocs+loss", "qwcs+loss", "qocs+blend", "qwcs+blend",
                    "qwcs+relevance", "qocs+blend3", "qwcs+blend3", "qfcs60+blend3", "qocs+blend3@members",
-                   "qwcs+blend3@members", "qfcs60+blend3@members", "qocs@meanloss", "random",
+                   "qwcs+blend3@members", "qfcs60+blend3@members", "qocs+blendlr@members", "qocs@meanloss", "random",
                    "cluster_uniform", "length", "perplexity", "ifd", "dsir")
 VALUATIONS, scored = tables.VALUATIONS, tables.scored
 DEV_READERS = {"dsir"}  # read the dev set
@@ -402,7 +402,9 @@ def targets(summary: dict, protocol: str) -> dict:
     if protocol != "concentrated":
         return {}
     out = {"cluster_auroc>=0.9": bool((summary["cluster_auroc"]["mean"] or 0) >= 0.9)}
-    ranked = {name: r["mean"] for name, r in summary.get("within_cluster_auroc", {}).items() if r["mean"] is not None}
+    # the orders that read the valuation (blendlr, the reference without it, does not)
+    ranked = {name: r["mean"] for name, r in summary.get("within_cluster_auroc", {}).items()
+              if r["mean"] is not None and "value" in tables.BLENDS.get(name, [name])}
     if ranked:
         best = max(sorted(ranked), key=ranked.get)
         out[f"cluster_auroc(@members, {best})>=0.9"] = bool(ranked[best] >= 0.9)

@@ -128,7 +128,8 @@ def with_valuation(raw: dict, valuation: str) -> dict:
 
 
 # A benchmark's "+blend" names: sample.within blend with these sample.blend signals.
-BLENDS = {"blend": ["value", "loss"], "blend3": ["value", "loss", "relevance"]}
+# blendlr (a reference): blend3 without the valuation.
+BLENDS = {"blend": ["value", "loss"], "blend3": ["value", "loss", "relevance"], "blendlr": ["loss", "relevance"]}
 # "qfcs60": QFCS with sample.exclude 0.6, whatever the params say.
 QFCS_SHARE = re.compile(r"qfcs(\d\d)")
 

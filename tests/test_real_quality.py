@@ -350,3 +350,12 @@ def test_each_within_orders_record_auroc_is_rendered_per_result_row():
     text = rq.markdown(line, "x.jsonl")
     assert "| protocol / dev set | valuation | blend3 |" in text
     assert "| concentrated/alpaca | 0.50 ± 0.00 | 0.97 ± 0.01 |" in text
+
+
+def test_the_cluster_target_by_order_counts_only_orders_that_read_the_valuation():
+    stat = lambda x: {"mean": x, "std": 0.0, "values": [x]}  # noqa: E731
+    summary = {"cluster_auroc": stat(0.8),
+               "within_cluster_auroc": {"blendlr": stat(0.99), "blend3": stat(0.85), "value": stat(0.88), "loss": stat(1)}}
+    assert rq.targets(summary, "concentrated") == {"cluster_auroc>=0.9": False,
+                                                   "cluster_auroc(@members, value)>=0.9": False}
+    assert rq.targets(summary, "scattered") == {}
