@@ -495,6 +495,27 @@ def read_saved(path: str) -> dict:
 
 # --- tables -----------------------------------------------------------------------------------------
 
+def share_sweep(result: dict, methods: list[str]) -> list[str]:
+    """A table per QFCS variant run at two or more shares left out (qfcs30+blend3, qfcs60+blend3, ...): each row's
+    harmful share by share, beside the perplexity filter's (means over seeds)."""
+    lines: list[str] = []
+    variants: dict[str, dict[int, str]] = {}
+    for m in methods:
+        share = tables.QFCS_SHARE.match(m)
+        if share:
+            variants.setdefault(m[share.end():], {})[int(share.group(1))] = m
+    for rest, by_share in variants.items():
+        if len(by_share) < 2:
+            continue
+        cols = [by_share[k] for k in sorted(by_share)] + ["perplexity"]
+        lines += ["", f"QFCS{rest}'s share left out (sample.exclude), swept: harmful share of each 10% (means over "
+                  "seeds):", "", "| protocol / dev set | " + " | ".join(f"{k / 100:g}" for k in sorted(by_share))
+                  + " | perplexity |", "|---|" + "---|" * len(cols)]
+        for key, r in result["results"].items():
+            lines.append(f"| {key} | " + " | ".join(_percent(r["harmful_share"].get(m)) for m in cols) + " |")
+    return lines
+
+
 def _pm(stat: dict | None, digits: int = 3) -> str:
     if not stat or stat["mean"] is None:
         return "n/a"
@@ -587,6 +608,7 @@ def markdown(result: dict, source: str | None) -> str:
             cells.append(_pm(r["harmful_share"].get(m)) + (f" ({_v(ratio['mean'], 2)})" if ratio else ""))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("| pool | " + " | ".join(_pm(result["results"][k]["pool_harmful_share"]) for k in keys) + " |")
+    lines += share_sweep(result, methods)
     for k in keys:
         shares = result["results"][k].get("kind_share")
         if not shares:

@@ -359,3 +359,16 @@ def test_the_cluster_target_by_order_counts_only_orders_that_read_the_valuation(
     assert rq.targets(summary, "concentrated") == {"cluster_auroc>=0.9": False,
                                                    "cluster_auroc(@members, value)>=0.9": False}
     assert rq.targets(summary, "scattered") == {}
+
+
+def test_a_qfcs_variant_run_at_several_shares_gets_a_sweep_table_beside_perplexity():
+    line = _saved_run(["instruction", "input", "output"],
+                      ["qfcs30+blend3", "qfcs60+blend3", "qfcs60+blend3@members", "perplexity"], "concentrated", 0.05)
+    line["results"]["concentrated/alpaca"]["harmful_share"]["qfcs60+blend3"]["mean"] = 0.0
+    text = rq.markdown(line, "x.jsonl")
+    assert "QFCS+blend3's share left out (sample.exclude), swept" in text
+    assert "| protocol / dev set | 0.3 | 0.6 | perplexity |" in text
+    assert "| concentrated/alpaca | 5.0% | 0.0% | 5.0% |" in text
+    assert "QFCS+blend3@members's share" not in text  # one share only: no sweep
+    line = _saved_run(["instruction", "input", "output"], ["qfcs60+blend3", "perplexity"], "concentrated", 0.05)
+    assert "swept" not in rq.markdown(line, "x.jsonl")
