@@ -571,3 +571,35 @@ def test_sample_stage_orders_by_relevance_from_the_loss_given_the_instruction_an
     chosen = [json.loads(line)["id"] for line in (tmp_path / "data/curated/records.jsonl").read_text().splitlines()]
     assert chosen == expected
     assert json.loads((tmp_path / "data/curated/manifest.json").read_text())["within"] == "relevance"
+
+
+def test_sample_stage_ranks_clusters_by_their_members_relevance_and_records_it(tmp_path, monkeypatch, tiny_lm,
+                                                                                one_thread):
+    import json
+
+    from shed.losses import response_losses
+    from shed.sampling import member_scores, relevance
+    from shed.stages.sample import main
+
+    model, tokenizer = tiny_lm
+    write_sample_inputs(tmp_path, model, tokenizer)
+    (tmp_path / "data/shapley/scores.csv").write_text("cluster,score\n0,0.9\n1,0.1\n")  # value would take cluster 0
+    monkeypatch.chdir(tmp_path)
+    params = Params()
+    params.sample.method, params.sample.within, params.sample.subset_size = "qocs", "relevance", 2
+    params.sample.cluster_score = "members"
+    params.train.template, params.shapley.device = "qa", "cpu"
+    main(params)
+    given = response_losses(model, tokenizer, RECORDS, "qa", 0, 2)
+    alone = response_losses(model, tokenizer, RECORDS, "qa", 0, 2, unconditional=True)
+    keys = {i: -v for i, v in zip([r["id"] for r in RECORDS], relevance(given, alone))}
+    members = {0: ["r0", "r2", "r4"], 1: ["r1", "r3"]}
+    scores = member_scores(members, keys)
+    top = max(scores, key=lambda c: (scores[c], -c))
+    assert top == 1  # the members' relevance, not the Shapley scores, decided
+    expected = sorted(members[top], key=lambda i: keys[i])[:2]
+    chosen = [json.loads(line)["id"] for line in (tmp_path / "data/curated/records.jsonl").read_text().splitlines()]
+    assert chosen == expected
+    manifest = json.loads((tmp_path / "data/curated/manifest.json").read_text())
+    assert (manifest["within"], manifest["cluster_score"]) == ("relevance", "members")
+    assert json.loads((tmp_path / "metrics/sample.json").read_text())["cluster_score"] == "members"
