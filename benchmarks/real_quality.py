@@ -592,7 +592,7 @@ def markdown(result: dict, source: str | None) -> str:
     checks = {k: v for k, v in result.get("targets", {}).items() if v}
     if checks:
         lines += ["", "Targets for source-concentrated harm (on the means): " + "; ".join(
-            f"{key}: " + ", ".join(f"{name} {'met' if ok else 'missed'}" for name, ok in v.items())
+            f"{key}: " + ", ".join(f"{name} {'met' if ok else 'missed'}" for name, ok in sorted(v.items()))
             for key, v in checks.items()) + "."]
     keys = list(result["results"])
     shares = {m for r in result["results"].values() for m in r["harmful_share"]}
